@@ -1,0 +1,98 @@
+"""Log-linear attention on one device: the public ops and the dispatch between backends.
+
+Backends: ``"reference"`` (the materialized O(T^2) oracle; the token recurrence when a state goes
+in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels, when
+installed). ``"auto"`` picks triton for CUDA tensors when available, torch otherwise.
+"""
+
+from __future__ import annotations
+
+from ctxpar.kernels import reference, torch_chunked
+from ctxpar.kernels.inputs import canonicalize
+from ctxpar.kernels.levels import num_levels
+from ctxpar.kernels.state import FenwickState
+
+BACKENDS = ("auto", "torch", "reference", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "FenwickState",
+    "available_backends",
+    "log_linear_gdn",
+    "log_linear_gdn_step",
+    "log_linear_mamba2",
+    "log_linear_mamba2_step",
+    "num_levels",
+]
+
+
+def _mamba2_scale(k_dim):
+    return 1.0
+
+
+def _gdn_scale(k_dim):
+    return k_dim**-0.5
+
+
+def log_linear_mamba2(q, k, v, g, level_scales, *, scale=None, initial_state=None, output_final_state=False,
+                      cu_seqlens=None, cp=None, backend="auto"):
+    """o_t = scale sum_{s<=t} lambda_t[level(t,s)] exp(G_t - G_s) (q_t . k_s) v_s.
+
+    q, k: [B, T, Hk, K]; v: [B, T, H, V]; g: [B, T, H] float32, <= 0; level_scales: [B, T, H, L].
+    Returns (o [B, T, H, V], FenwickState or None).
+    """
+    args = (q, k, v, g, None, level_scales)
+    return _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, _mamba2_scale)
+
+
+def log_linear_gdn(q, k, v, g, beta, level_scales, *, scale=None, initial_state=None, output_final_state=False,
+                   cu_seqlens=None, cp=None, backend="auto"):
+    """o_t = scale sum_{s<=t} lambda_t[level(t,s)] (q_t^T A_t ... A_{s+1} k_s) beta_s v_s,
+    A_r = exp(g_r) (I - beta_r k_r k_r^T). beta: [B, T, H]; scale defaults to K ** -0.5."""
+    args = (q, k, v, g, beta, level_scales)
+    return _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, _gdn_scale)
+
+
+def log_linear_mamba2_step(q, k, v, g, level_scales, state=None, *, scale=None):
+    """One decoding token: q, k [B, Hk, K]; v [B, H, V]; g [B, H]; level_scales [B, H, L]."""
+    return _step((q, k, v, g, None, level_scales), state, scale, _mamba2_scale)
+
+
+def log_linear_gdn_step(q, k, v, g, beta, level_scales, state=None, *, scale=None):
+    """One decoding token of the log-linear gated delta rule (shapes as log_linear_mamba2_step)."""
+    return _step((q, k, v, g, beta, level_scales), state, scale, _gdn_scale)
+
+
+def available_backends(device_type: str = "cpu") -> dict[str, str | None]:
+    """{backend: None if it can run here, else why not}."""
+    reasons = {"torch": None, "reference": None, "triton": "the Triton kernels are not part of this build"}
+    return reasons
+
+
+def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, default_scale):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if cp is not None:
+        return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                            cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
+    if backend == "auto":
+        backend = "torch"
+    reason = available_backends(args[0].device.type)[backend]
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
+    c = canonicalize(*args, scale, initial_state, cu_seqlens, default_scale=default_scale)
+    inputs = (c.q, c.k, c.v, c.g, c.beta, c.lam, c.spans)
+    if backend == "torch":
+        o, state = torch_chunked.chunked(*inputs, c.initial_state, output_final_state)
+    elif c.initial_state is None and not output_final_state:
+        o, state = reference.materialized(*inputs), None
+    else:
+        o, state = reference.recurrent(*inputs, c.initial_state, output_final_state)
+    return o.to(c.out_dtype), state
+
+
+def _step(args, state, scale, default_scale):
+    one_token = [None if x is None else x.unsqueeze(1) for x in args]
+    c = canonicalize(*one_token, scale, state, None, default_scale=default_scale)
+    o, state = reference.recurrent(c.q, c.k, c.v, c.g, c.beta, c.lam, c.spans, c.initial_state, True)
+    return o[:, 0].to(c.out_dtype), state
