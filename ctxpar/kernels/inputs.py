@@ -32,6 +32,8 @@ class Canonical:
 
 def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlens, *, default_scale):
     """Check every input (clear errors, one rule each) and return the canonical form."""
+    if initial_state is not None and not isinstance(initial_state, FenwickState):
+        raise TypeError(f"initial_state must be a FenwickState, got {type(initial_state).__name__}")
     _check_shapes(q, k, v, g, beta, level_scales)
     _check_dtypes(q, k, v, g, beta, level_scales)
     _check_devices(q, k, v, g, beta, level_scales, initial_state, cu_seqlens)
@@ -112,8 +114,6 @@ def _spans(batch, length, cu_seqlens):
 def _check_state(state, spans, heads, k_dim, v_dim):
     if state is None:
         return
-    if not isinstance(state, FenwickState):
-        raise TypeError(f"initial_state must be a FenwickState, got {type(state).__name__}")
     n, h, _, kd, vd = state.buckets.shape
     if n != len(spans):
         raise ValueError(f"initial_state holds {n} sequences but the input has {len(spans)}")

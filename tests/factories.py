@@ -1,0 +1,31 @@
+"""Fresh random inputs for the attention ops (a new draw on every call: tests never reuse data)."""
+
+import torch
+
+from ctxpar.kernels.levels import num_levels
+
+
+def attention_inputs(B, T, H, K, V, *, Hk=None, gdn=False, levels=None, dtype=torch.float64, device="cpu",
+                     extra_levels=0, generator=None):
+    """q, k, v, g, beta (None for Mamba-2), level_scales in the public layout.
+
+    Keys are L2-normalised for Gated DeltaNet so the delta-rule transitions stay contractive,
+    decays are mild so long sequences keep signal, and lambda is positive and away from 1 so a
+    wrong level index shows.
+    """
+    Hk = H if Hk is None else Hk
+    L = (levels or num_levels(T)) + extra_levels
+    rand = lambda *shape: torch.randn(*shape, dtype=dtype, device=device, generator=generator)  # noqa: E731
+    q, k = rand(B, T, Hk, K), rand(B, T, Hk, K)
+    if gdn:
+        k = k / k.norm(dim=-1, keepdim=True)
+    v = rand(B, T, H, V)
+    g_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    g = -torch.rand(B, T, H, dtype=g_dtype, device=device, generator=generator) * 0.3
+    beta = torch.rand(B, T, H, dtype=dtype, device=device, generator=generator) if gdn else None
+    lam = torch.rand(B, T, H, L, dtype=dtype, device=device, generator=generator) * 1.5 + 0.25
+    return q, k, v, g, beta, lam
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
