@@ -1,0 +1,110 @@
+"""Building blocks shared by both mixers: norms, SwiGLU, the short causal conv, the level scales."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32: bf16 sums of squares lose too much over wide rows.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm(y * silu(z)), normalised per group of ``group`` channels (one head)."""
+
+    def __init__(self, dim: int, group: int, eps: float = 1e-5):
+        super().__init__(dim, eps)
+        self.group = group
+
+    def forward(self, y, z):
+        x = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.flatten(-2) * self.weight.float()).to(y.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv over time, then SiLU. x: [B, T, C].
+
+    Under context parallelism the first ``width - 1`` inputs come from the previous rank's slice,
+    which ``causal_conv1d_cp`` fetches (a halo exchange with autograd).
+    """
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x, cp=None):
+        if cp is not None:
+            from ctxpar.comm.halo import causal_conv1d_cp
+
+            return F.silu(causal_conv1d_cp(x, self.weight, self.bias, cp.group))
+        return F.silu(causal_conv1d(x, self.weight, self.bias))
+
+
+def causal_conv1d(x, weight, bias):
+    """Single-device depthwise causal conv: x [B, T, C], weight [C, 1, W] -> [B, T, C]."""
+    xt = F.pad(x.transpose(1, 2), (weight.shape[-1] - 1, 0))
+    return F.conv1d(xt, weight.to(x.dtype), bias.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+
+
+class LevelScales(nn.Module):
+    """lambda = softplus(Lp * (W_lambda x)) per head and level: [B, T, H, L].
+
+    ``gain`` (Lp) starts at one and W_lambda near zero, so every level starts at softplus(0) = ln 2:
+    the block begins as a uniformly weighted Mamba-2 / GDN and learns which scales matter.
+    """
+
+    def __init__(self, dim: int, heads: int, levels: int, init_std: float):
+        super().__init__()
+        self.heads, self.levels = heads, levels
+        self.proj = nn.Linear(dim, heads * levels, bias=False)
+        self.gain = nn.Parameter(torch.ones(heads, levels))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.proj.weight, std=self.init_std)
+        nn.init.ones_(self.gain)
+
+    def forward(self, x):
+        logits = self.proj(x).unflatten(-1, (self.heads, self.levels))
+        return F.softplus(self.gain * logits.float())
+
+
+def decay(dt, dt_bias, a_log):
+    """g = -softplus(dt + bias) * exp(A_log) in float32 (g <= 0), and the step softplus(dt + bias)."""
+    step = F.softplus(dt.float() + dt_bias)
+    return -step * a_log.exp(), step
+
+
+def init_decay(heads: int, dt_min: float = 1e-3, dt_max: float = 1e-1):
+    """Mamba-2's initialisation: dt log-uniform in [dt_min, dt_max] (stored as inverse softplus), A in [1, 16]."""
+    dt = torch.exp(torch.rand(heads) * (torch.log(torch.tensor(dt_max)) - torch.log(torch.tensor(dt_min))))
+    dt = (dt * dt_min).clamp(min=1e-4)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    a_log = torch.log(torch.empty(heads).uniform_(1, 16))
+    return nn.Parameter(dt_bias), nn.Parameter(a_log)

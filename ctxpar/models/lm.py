@@ -1,0 +1,113 @@
+"""Causal language model: embedding, N x (mixer + SwiGLU) pre-norm blocks, tied output head.
+
+The head never materialises full-vocabulary logits for a whole sequence: ``token_nll`` and
+``token_stats`` walk the tokens in tiles and recompute each tile's logits in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ctxpar.models.config import ModelConfig
+from ctxpar.models.layers import RMSNorm, SwiGLU
+from ctxpar.models.mixers import MIXERS
+
+IGNORE = -100
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXERS[cfg.arch](cfg)
+        self.mlp = None
+        if cfg.ffn_width:
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width)
+
+    def forward(self, x, cp=None):
+        x = x + self.mixer(self.mixer_norm(x), cp)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.activation_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self):
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+        for block in self.layers:
+            block.mixer.levels.reset_parameters()  # W_lambda starts small, not at init_std
+            # GPT-2's residual scaling: each block's writes shrink with depth so the stream stays O(1).
+            outs = [block.mixer.out_proj] + ([block.mlp.down] if block.mlp is not None else [])
+            for out in outs:
+                nn.init.normal_(out.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    @property
+    def head_weight(self):
+        return self.embed.weight  # tied
+
+    def forward(self, input_ids, cp=None):
+        """input_ids [B, T] (this rank's slice under CP) -> final hidden states [B, T, d_model]."""
+        x = self.embed(input_ids)
+        for block in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cp, use_reentrant=False)
+            else:
+                x = block(x, cp)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return hidden @ self.head_weight.to(hidden.dtype).t()
+
+    def num_params(self, embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.embed.weight.numel()
+
+
+def token_nll(model: CausalLM, hidden, labels, tile: int = 8192):
+    """(sum of next-token NLL over labelled tokens, number of labelled tokens), both float32 scalars.
+
+    Tiles of ``tile`` tokens; each tile's logits are recomputed in backward, so peak memory is one
+    tile x vocab, whatever the sequence length.
+    """
+    h, y = hidden.flatten(0, -2), labels.flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), tile):
+        total = total + checkpoint(_tile_nll, model, h[start : start + tile], y[start : start + tile], use_reentrant=False)
+    return total, (y != IGNORE).sum().float()
+
+
+def _tile_nll(model, h, y):
+    return F.cross_entropy(model.logits(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def token_stats(model: CausalLM, hidden, labels, tile: int = 8192):
+    """Per-token NLL and argmax-correctness [B, T] (NaN / False where the label is ignored)."""
+    h, y = hidden.flatten(0, -2), labels.flatten()
+    nll, correct = [], []
+    for start in range(0, y.numel(), tile):
+        logits = model.logits(h[start : start + tile]).float()
+        yt = y[start : start + tile]
+        n = F.cross_entropy(logits, yt.clamp(min=0), reduction="none")
+        nll.append(n.masked_fill(yt == IGNORE, float("nan")))
+        correct.append((logits.argmax(-1) == yt) & (yt != IGNORE))
+    return torch.cat(nll).view_as(labels), torch.cat(correct).view_as(labels)

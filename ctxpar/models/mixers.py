@@ -1,0 +1,80 @@
+"""Log-linear token mixers: Mamba-2 and Gated DeltaNet blocks around the public ops.
+
+Both take ``cp`` (a CPContext or None): with it, x is this rank's slice of the sequence, the short
+conv fetches its halo from the previous rank and the op exchanges Fenwick states; nothing else in
+the block looks across tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctxpar.kernels import log_linear_gdn, log_linear_mamba2
+from ctxpar.models.config import ModelConfig
+from ctxpar.models.layers import GatedRMSNorm, LevelScales, ShortConv, decay, init_decay
+
+
+class LogLinearMamba2(nn.Module):
+    """in_proj -> (z, x, B, C, dt); short conv on x/B/C; log-linear SSD; gated RMSNorm; out_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, P, Hk, N = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.state_dim
+        self.sizes = [H * P, H * P, Hk * N, Hk * N, H]  # z, x, B, C, dt
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.sizes), bias=False)
+        self.conv = ShortConv(H * P + 2 * Hk * N, cfg.conv_width)
+        self.levels = LevelScales(cfg.d_model, H, cfg.num_levels, cfg.lambda_init_std)
+        self.dt_bias, self.A_log = init_decay(H)
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(H * P, P, cfg.norm_eps)
+        self.out_proj = nn.Linear(H * P, cfg.d_model, bias=False)
+
+    def forward(self, u, cp=None):
+        cfg = self.cfg
+        z, xbc, dt = self.in_proj(u).split([self.sizes[0], sum(self.sizes[1:4]), self.sizes[4]], dim=-1)
+        x, b, c = self.conv(xbc, cp).split(self.sizes[1:4], dim=-1)
+        x = x.unflatten(-1, (cfg.n_heads, cfg.head_dim))
+        g, step = decay(dt, self.dt_bias, self.A_log)
+        # Mamba-2's discretisation: the input enters scaled by the same step that sets its decay.
+        v = x * step.unsqueeze(-1).to(x.dtype)
+        q = c.unflatten(-1, (cfg.n_groups, cfg.state_dim))
+        k = b.unflatten(-1, (cfg.n_groups, cfg.state_dim))
+        y, _ = log_linear_mamba2(q, k, v, g, self.levels(u), cp=cp, backend=cfg.backend)
+        y = y + x * self.D.unsqueeze(-1).to(x.dtype)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+
+class LogLinearGDN(nn.Module):
+    """q/k/v projections; short conv; L2-normalised q, k; beta = sigmoid; log-linear gated delta rule;
+    per-head RMSNorm gated by an output projection; o_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, V, Hk, K = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.state_dim
+        self.sizes = [Hk * K, Hk * K, H * V]  # q, k, v
+        self.qkv = nn.Linear(cfg.d_model, sum(self.sizes), bias=False)
+        self.gates = nn.Linear(cfg.d_model, 2 * H + H * V, bias=False)  # dt, beta, output gate
+        self.conv = ShortConv(sum(self.sizes), cfg.conv_width)
+        self.levels = LevelScales(cfg.d_model, H, cfg.num_levels, cfg.lambda_init_std)
+        self.dt_bias, self.A_log = init_decay(H)
+        self.norm = GatedRMSNorm(H * V, V, cfg.norm_eps)
+        self.out_proj = nn.Linear(H * V, cfg.d_model, bias=False)
+
+    def forward(self, u, cp=None):
+        cfg = self.cfg
+        H = cfg.n_heads
+        q, k, v = self.conv(self.qkv(u), cp).split(self.sizes, dim=-1)
+        dt, beta, gate = self.gates(u).split([H, H, H * cfg.head_dim], dim=-1)
+        q = F.normalize(q.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
+        k = F.normalize(k.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
+        v = v.unflatten(-1, (H, cfg.head_dim))
+        g, _ = decay(dt, self.dt_bias, self.A_log)
+        o, _ = log_linear_gdn(q, k, v, g, beta.sigmoid(), self.levels(u), cp=cp, backend=cfg.backend)
+        return self.out_proj(self.norm(o.flatten(-2), gate))
+
+
+MIXERS = {"mamba2": LogLinearMamba2, "gdn": LogLinearGDN}
