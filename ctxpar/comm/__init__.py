@@ -1,0 +1,1 @@
+"""Process groups, autograd-safe collectives and rank discovery; imports nothing else of ctxpar."""
