@@ -13,7 +13,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: Literal["mamba2", "gdn"] = "mamba2"
-    vocab_size: int = Field(gt=0)
+    vocab_size: int = Field(0, ge=0, description="0: the training data's tokenizer decides")
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0, description="value heads H")

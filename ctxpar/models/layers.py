@@ -61,7 +61,7 @@ class ShortConv(nn.Module):
         if cp is not None:
             from ctxpar.comm.halo import causal_conv1d_cp
 
-            return F.silu(causal_conv1d_cp(x, self.weight, self.bias, cp.group))
+            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group))
         return F.silu(causal_conv1d(x, self.weight, self.bias))
 
 

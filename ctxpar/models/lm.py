@@ -40,6 +40,8 @@ class Block(nn.Module):
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -80,6 +82,19 @@ class CausalLM(nn.Module):
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embedding else n - self.embed.weight.numel()
+
+    def flops_per_token(self, seq_len: int, chunk: int = 64) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), an estimate for MFU.
+
+        Matmuls: 6 per weight (the tied head counted as a matmul). Mixing, per head and token:
+        the intra-chunk pairs (2C(K + V)), the state update (2KV) and about log2(T/C)/2 node reads
+        (2KV each) of the chunk tree.
+        """
+        cfg = self.cfg
+        dense = 6 * (self.num_params(embedding=False) + cfg.vocab_size * cfg.d_model)
+        reads = 1 + math.log2(max(seq_len / chunk, 1)) / 2
+        per_head = 2 * chunk * (cfg.state_dim + cfg.head_dim) + 2 * cfg.state_dim * cfg.head_dim * reads
+        return dense + 3 * cfg.n_layers * cfg.n_heads * per_head
 
 
 def token_nll(model: CausalLM, hidden, labels, tile: int = 8192):

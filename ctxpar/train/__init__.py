@@ -1,0 +1,1 @@
+"""Training: recipes, data, the DP x CP trainer, checkpoints, telemetry and evaluation."""

@@ -1,0 +1,189 @@
+"""The training loop: one process per rank, the job described by the environment (see ``cli``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from ctxpar.models import CausalLM, token_nll
+from ctxpar.models.io import load_weights
+from ctxpar.train import checkpoint
+from ctxpar.train.config import Recipe, dump
+from ctxpar.train.data import Data
+from ctxpar.train.parallel import Layout, cp_mean, cpu_threads, mean_over_world, setup, teardown
+from ctxpar.train.telemetry import NVML, Metrics, StepTimer, allocator_peak_gib, peak_flops, plot_loss
+
+
+class LMLoss(nn.Module):
+    """Model + tiled loss in one module, so DDP sees the whole forward (the head reuses the embedding)."""
+
+    def __init__(self, model: CausalLM, tile: int):
+        super().__init__()
+        self.model, self.tile = model, tile
+
+    def forward(self, inputs, labels, cp=None):
+        return token_nll(self.model, self.model(inputs, cp), labels, self.tile)
+
+
+def train(recipe: Recipe) -> dict:
+    """Train on this rank; every rank of the job calls it. Returns the run summary (empty off rank 0)."""
+    layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend)
+    try:
+        return Trainer(recipe, layout).run()
+    finally:
+        teardown(layout)
+
+
+def build_model(recipe: Recipe, data: Data) -> CausalLM:
+    cfg = recipe.model
+    if cfg.vocab_size == 0:
+        cfg = cfg.model_copy(update={"vocab_size": data.tokenizer.vocab_size})
+    return CausalLM(cfg)
+
+
+def autocast(recipe: Recipe, device: torch.device):
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, layout: Layout):
+        self.recipe, self.layout, tc = recipe, layout, recipe.train
+        if layout.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(tc.threads, layout.local_world_size))
+        self.local_batch, self.accum = _micro_batches(tc.batch_size, tc.micro_batch_size, layout.dp_size)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.data = Data(recipe.data, tc.seed)
+        self.model = build_model(recipe, self.data).to(layout.device)
+        self.model.activation_checkpointing = tc.activation_checkpointing
+        if tc.init_from:
+            from safetensors.torch import load_file
+
+            load_weights(self.model, load_file(f"{tc.init_from}/model.safetensors", device=str(layout.device)))
+        loss = LMLoss(self.model, tc.loss_tile)
+        self.loss = DDP(loss, device_ids=_device_ids(layout)) if layout.distributed else loss
+        self.optimizer = make_optimizer(self.model, recipe)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(recipe))
+        self.run_dir = recipe.run_dir
+        self.start_step = self._resume()
+
+    def _resume(self) -> int:
+        if self.layout.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(dump(self.recipe))
+        self.layout.barrier()
+        last = checkpoint.latest(self.run_dir) if self.recipe.train.resume else None
+        step = 0 if last is None else checkpoint.load(last, self.model, self.optimizer, self.scheduler, self.layout)
+        if step and self.layout.is_main:
+            print(f"resuming from {last} (step {step})", flush=True)
+        return step
+
+    def step(self, step: int) -> tuple[float, float]:
+        """One optimizer step; returns (loss, gradient norm before clipping)."""
+        tc, lay = self.recipe.train, self.layout
+        inputs, labels = self.data.batch(step, tc.batch_size, tc.seq_len)
+        rows = slice(lay.dp_rank * self.local_batch, (lay.dp_rank + 1) * self.local_batch)
+        inputs, labels = lay.split(inputs[rows]).to(lay.device), lay.split(labels[rows]).to(lay.device)
+        cp, total = lay.cp_context(), 0.0
+        for i, (x, y) in enumerate(zip(inputs.chunk(self.accum), labels.chunk(self.accum))):
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or not lay.distributed else self.loss.no_sync()
+            with sync:
+                with autocast(self.recipe, lay.device):
+                    loss = cp_mean(*self.loss(x, y, cp), lay) / self.accum
+                loss.backward()
+            total += loss.item()
+        clip = self.recipe.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_over_world(total, lay), grad_norm
+
+    def run(self) -> dict:
+        tc, lay = self.recipe.train, self.layout
+        tokens_per_step = tc.batch_size * tc.seq_len
+        flops = self.model.flops_per_token(tc.seq_len) * tokens_per_step / lay.world_size
+        peak, nvml = peak_flops(lay.device, self.recipe.telemetry.peak_tflops), NVML(lay.device, self.recipe.telemetry.nvml)
+        metrics = Metrics(self.run_dir / "metrics.jsonl", self.start_step) if lay.is_main else None
+        bar = tqdm(total=tc.steps, initial=self.start_step, disable=not (lay.is_main and self.recipe.telemetry.progress_bar),
+                   dynamic_ncols=True)
+        losses, start, timer = [], time.perf_counter(), StepTimer(lay.device)
+        for step in range(self.start_step, tc.steps):
+            loss, grad_norm = self.step(step)
+            dt = timer.lap()
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                      "step_s": dt, "tokens_per_s": tokens_per_step / dt,
+                      "mfu": flops / dt / peak if peak else None, "mem_peak_gib": allocator_peak_gib(lay.device),
+                      **nvml.read()}
+            if metrics:
+                metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                checkpoint.save(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
+        bar.close()
+        wall = time.perf_counter() - start
+        if self.start_step < tc.steps:
+            checkpoint.save(self.run_dir, tc.steps, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
+        return self._finish(losses, wall)
+
+    def _finish(self, losses: list[float], wall: float) -> dict:
+        from ctxpar.train.evaluate import evaluate
+
+        lay = self.layout
+        results = evaluate(self.model, self.data, self.recipe, lay, self.run_dir / "eval")
+        summary = {"run_dir": str(self.run_dir), "steps": self.recipe.train.steps, "resumed_from": self.start_step,
+                   "params": self.model.num_params(), "loss_first": losses[0] if losses else None,
+                   "loss_last": losses[-1] if losses else None, "train_wall_s": wall, **results}
+        if lay.is_main:
+            plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary if lay.is_main else {}
+
+
+def _micro_batches(batch_size: int, micro: int, dp: int) -> tuple[int, int]:
+    """(sequences per DP rank, micro-batches per step)."""
+    if batch_size % dp:
+        raise ValueError(f"train.batch_size {batch_size} must be divisible by the data-parallel size {dp}")
+    local = batch_size // dp
+    micro = micro or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch_size {micro} must divide the per-rank batch {local}")
+    return local, local // micro
+
+
+def _device_ids(layout: Layout):
+    return [layout.device.index] if layout.device.type == "cuda" else None
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; weight matrices decay; norms, biases, conv filters, decay rates and level gains do not."""
+    oc = recipe.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() == 2], "weight_decay": oc.weight_decay},
+        {"params": [p for p in params if p.dim() != 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+
+
+def lr_schedule(recipe: Recipe):
+    """Multiplier of the base lr: linear warmup, then cosine down to min_lr_ratio at the last step."""
+    oc, steps = recipe.optim, recipe.train.steps
+
+    def factor(step: int) -> float:
+        if step < oc.warmup_steps:
+            return (step + 1) / oc.warmup_steps
+        progress = min(1.0, (step - oc.warmup_steps) / max(1, steps - oc.warmup_steps))
+        return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
