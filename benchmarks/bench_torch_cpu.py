@@ -1,7 +1,9 @@
 """CPU scaling of the torch backend: fwd+bwd time and peak memory from T = 1K to 32K.
 
 Each T runs in its own process so the peak resident memory (ru_maxrss) belongs to that T alone;
-the figure reported is the peak during fwd+bwd minus the resident memory just before it.
+the figure reported is the peak during fwd+bwd minus the resident memory just before it. The
+bytes autograd saves between forward and backward are counted exactly too (saved-tensor hooks,
+each storage once): unlike RSS and time, they do not depend on what else runs on the machine.
 
     python benchmarks/bench_torch_cpu.py [--out results.json] [--max-t 32768]
 """
@@ -32,14 +34,24 @@ def measure(T: int, variant: str, repeats: int) -> dict:
     lam = torch.rand(1, T, H, num_levels(T))
     leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta, lam)]
 
-    def step():
+    def forward():
         if variant == "gdn":
-            o, _ = log_linear_gdn(q, k, v, g, beta, lam, backend="torch")
-        else:
-            o, _ = log_linear_mamba2(q, k, v, g, lam, backend="torch")
-        o.sum().backward()
+            return log_linear_gdn(q, k, v, g, beta, lam, backend="torch")[0]
+        return log_linear_mamba2(q, k, v, g, lam, backend="torch")[0]
+
+    def step():
+        forward().sum().backward()
         for x in leaves:
             x.grad = None
+
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        forward()
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up, and the peak
@@ -50,7 +62,7 @@ def measure(T: int, variant: str, repeats: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {"variant": variant, "T": T, "fwdbwd_s": sorted(times)[len(times) // 2],
-            "peak_delta_MiB": (peak - before) / 1024}
+            "peak_delta_MiB": (peak - before) / 1024, "saved_MiB": sum(storages.values()) / 2**20}
 
 
 def main():
@@ -71,13 +83,15 @@ def main():
             rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         T *= 2
     base = {r["variant"]: r for r in rows if r["T"] == 1024}
-    print(f"{'variant':8} {'T':>6} {'fwd+bwd s':>10} {'s / (T log2 T)':>15} {'peak MiB':>9} {'MiB / T (x1K)':>14}")
+    print(f"{'variant':8} {'T':>6} {'fwd+bwd s':>10} {'s/(T log T)':>12} {'peak MiB':>9} {'peak/T':>7}"
+          f" {'saved MiB':>10} {'saved/T':>8}")
     for r in rows:
         b = base[r["variant"]]
         r["time_vs_TlogT"] = (r["fwdbwd_s"] / (r["T"] * math.log2(r["T"]))) / (b["fwdbwd_s"] / (1024 * 10))
         r["mem_vs_T"] = (r["peak_delta_MiB"] / r["T"]) / (b["peak_delta_MiB"] / 1024)
-        print(f"{r['variant']:8} {r['T']:6d} {r['fwdbwd_s']:10.3f} {r['time_vs_TlogT']:15.2f} "
-              f"{r['peak_delta_MiB']:9.1f} {r['mem_vs_T']:14.2f}")
+        r["saved_vs_T"] = (r["saved_MiB"] / r["T"]) / (b["saved_MiB"] / 1024)
+        print(f"{r['variant']:8} {r['T']:6d} {r['fwdbwd_s']:10.3f} {r['time_vs_TlogT']:12.2f} "
+              f"{r['peak_delta_MiB']:9.1f} {r['mem_vs_T']:7.2f} {r['saved_MiB']:10.1f} {r['saved_vs_T']:8.2f}")
     with open(args.out, "w") as f:
         json.dump({"H": H, "K": K, "V": V, "dtype": "float32", "rows": rows}, f, indent=1)
 

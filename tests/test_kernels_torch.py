@@ -220,3 +220,25 @@ def test_auto_backend_on_cpu_is_the_torch_backend():
     o_auto, _ = run("mamba2", inputs)
     o_ref, _ = run("mamba2", inputs, backend="reference")
     assert rel_err(o_auto, o_ref) < 1e-10
+
+
+def saved_for_backward_bytes(variant, T):
+    """Bytes autograd keeps between forward and backward (each storage counted once)."""
+    inputs = attention_inputs(1, T, 2, 16, 16, gdn=variant == "gdn", dtype=torch.float32)
+    inputs = [None if x is None else x.requires_grad_(True) for x in inputs]
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run(variant, inputs, backend="torch")
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_activations_grow_linearly_in_T(variant):
+    """No T x T tensor and no T x log T activations: bytes per token stay flat from 1K to 8K."""
+    small, large = (saved_for_backward_bytes(variant, T) / T for T in (1024, 8192))
+    assert large <= 1.05 * small, (small, large)
