@@ -1,0 +1,31 @@
+"""Triton kernels for log-linear Mamba-2 (chunkwise, segment tree over chunks).
+
+Stages, one file each: chunk_state (each chunk's end state), tree (up-sweep into a Fenwick array
+of nodes; down-sweep of their gradients), output (intra-chunk block + node reads), node_grad (the
+read nodes' gradients), query_grad (dq, dlambda), source_grad (dk, dv); function.py ties them into
+one autograd Function and handles the Fenwick states.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here (CUDA, or the Triton interpreter), else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+
+
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, **kwargs):
+    """``torch_chunked.chunked``'s contract; q, k may keep their Hk <= H heads (not expanded)."""
+    from ctxpar.kernels.triton.function import chunked as run
+
+    return run(q, k, v, g, beta, lam, spans, initial_state, output_final_state, **kwargs)

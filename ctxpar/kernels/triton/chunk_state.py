@@ -1,0 +1,55 @@
+"""Stage 1 (counterpart: ``torch_chunked.chunk_stage``'s U): each chunk's own end state.
+
+U_c = sum_{s in c} exp(G_last - G_s) k_s v_s^T, one program per (slot, head, K x V tile); the
+program of tile 0 also writes the chunk's total log decay, from which the caller takes the
+chunk-level cumulative decays.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import chunk_rows, local_decay, slot_info
+
+
+@triton.jit
+def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, HK, K, V,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kb, vb = tile // tl.cdiv(V, BV), tile % tl.cdiv(V, BV)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    gl = local_decay(g, rows, valid, H, h)
+    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+    rk = kb * BK + tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    group = h // (H // HK)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+    kd = kt.to(tl.float32) * tl.exp(total - gl)[:, None]
+    u = tl.dot(tl.trans(kd), vt.to(tl.float32), input_precision=PREC)
+    tile_off = rk[:, None] * V + rv[None, :]
+    tl.store(states + (i * H + h).to(tl.int64) * K * V + tile_off, u, mask=(rk[:, None] < K) & (rv[None, :] < V))
+    if tile == 0:
+        tl.store(totals + i * H + h, total)
+
+
+def chunk_states(k, v, g, layout, prec):
+    """k [rows, Hk, K], v [rows, H, V], g [rows, H] -> (states [S, H, K, V] f32, totals [S, H] f32)."""
+    H, K, V = v.shape[1], k.shape[2], v.shape[2]
+    S = layout.num_slots
+    states = torch.empty(S, H, K, V, device=v.device, dtype=torch.float32)
+    totals = torch.empty(S, H, device=v.device, dtype=torch.float32)
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    grid = (S, H, triton.cdiv(K, BK) * triton.cdiv(V, BV))
+    chunk_state_kernel[grid](k, v, g, layout.docs, layout.slot_doc, layout.slot_chunk, states, totals,
+                             H, k.shape[1], K, V, C=layout.chunk, BK=BK, BV=BV, PREC=prec)
+    return states, totals
+
+
+def cumulative_decay(totals, layout):
+    """float64 [S, H]: sum of g from each document's first token to the end of each slot's chunk."""
+    running = totals.double().cumsum(0)
+    first = layout.docs[:, 5]
+    before_doc = running[first] - totals[first].double()
+    return running - before_doc[layout.slot_doc.long()]

@@ -1,0 +1,106 @@
+"""Device helpers shared by the kernel stages (see layout.py for the tables they read).
+
+Conventions: tokens are rows of the flattened [B * T] axis; q, k are [rows, Hk, K] (head h reads
+group h // (H // Hk)), v [rows, H, V], g [rows, H], lam [rows, H, L]. Chunk states, tree nodes and
+their gradients are float32 [slots, H, K, V]; initial-state nodes [N, H, NI, K, V]; chunk-level
+cumulative decays ``gc`` float64 [slots, H] (sum of g from the document's first token to the end of
+the slot's chunk: float64 keeps differences exact at a million tokens). Padded positions of a chunk
+(before t0 or past the end) load as zero tokens with g = 0.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def slot_info(docs, slot_doc, slot_chunk, i):
+    """(document, chunk index, first token row, t0, length, c0, c_last, first slot) of slot i."""
+    n = tl.load(slot_doc + i).to(tl.int64)
+    c = tl.load(slot_chunk + i)
+    row = docs + n * 6
+    return n, c, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
+def chunk_rows(c, token_start, t0, length, C: tl.constexpr):
+    """Token rows of chunk c and which of its C positions hold real tokens."""
+    pos = c * C + tl.arange(0, C)
+    valid = (pos >= t0) & (pos < t0 + length)
+    return token_start + pos - t0, valid
+
+
+@triton.jit
+def local_decay(g, rows, valid, H, h):
+    """Cumulative log decay from the chunk start (inclusive), [C] float32."""
+    return tl.cumsum(tl.load(g + rows * H + h, mask=valid, other=0.0), 0)
+
+
+@triton.jit
+def local_levels(C: tl.constexpr, LOG_C: tl.constexpr):
+    """[C, C] level of each (query, source) offset pair inside one aligned chunk."""
+    r = tl.arange(0, C)
+    x = r[:, None] ^ r[None, :]
+    lev = tl.zeros([C, C], dtype=tl.int32)
+    for b in tl.static_range(LOG_C):
+        lev += ((x >> b) > 0).to(tl.int32)
+    return lev
+
+
+@triton.jit
+def intra_scales(lam, rows, valid, lev, H, h, L, C: tl.constexpr, LOG_C: tl.constexpr):
+    """[C, C] lam_t[level(t, s)] for the pairs of one chunk."""
+    scale = tl.zeros([C, C], dtype=tl.float32)
+    for j in tl.static_range(LOG_C + 1):
+        lam_j = tl.load(lam + (rows * H + h) * L + j, mask=valid & (j < L), other=0.0).to(tl.float32)
+        scale = tl.where(lev == j, lam_j[:, None], scale)
+    return scale
+
+
+@triton.jit
+def intra_decay(gl, valid, C: tl.constexpr):
+    """[C, C] exp(G_t - G_s) for s <= t (both real), else 0."""
+    r = tl.arange(0, C)
+    keep = (r[:, None] >= r[None, :]) & valid[:, None] & valid[None, :]
+    return tl.where(keep, tl.exp(tl.where(keep, gl[:, None] - gl[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def level_scale(lam, rows, valid, H, h, L, level):
+    """[C] lam_t[level] of the chunk's tokens."""
+    return tl.load(lam + (rows * H + h) * L + level, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def gc_before(gc, i, c, c0, H, h):
+    """Cumulative decay up to the end of the chunk before slot i's (0 for a document's first chunk)."""
+    return tl.load(gc + (i - 1) * H + h, mask=c > c0, other=0.0)
+
+
+@triton.jit
+def node_at(c, height, c0, first_slot):
+    """The node a chunk with bit ``height`` set reads: it ends at chunk e = (c >> height << height) - 1.
+
+    Returns (e is a slot of this document, slot index); otherwise it is the initial state's node.
+    """
+    e = ((c >> height) << height) - 1
+    in_slots = e >= c0
+    return in_slots, tl.where(in_slots, first_slot + e - c0, 0)
+
+
+@triton.jit
+def state_offsets(slot, n, h, height, H, NI, K, V, rk, rv):
+    """Element offsets of a [BK, BV] tile of slot ``slot`` and of initial node (n, height)."""
+    tile = rk[:, None] * V + rv[None, :]
+    in_slot = (slot * H + h).to(tl.int64) * K * V + tile
+    in_init = ((n * H + h) * NI + height).to(tl.int64) * K * V + tile
+    return in_slot, in_init
+
+
+@triton.jit
+def load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, mask, HAS_INIT: tl.constexpr):
+    """[BK, BV] tile of a tree node: a slot of this document, or an initial-state node (zero if none)."""
+    o_slot, o_init = state_offsets(slot, n, h, height, H, NI, K, V, rk, rv)
+    x = tl.load(states + o_slot, mask=mask & in_slots, other=0.0)
+    if HAS_INIT:
+        x += tl.load(init + o_init, mask=mask & (in_slots == 0), other=0.0)
+    return x

@@ -1,0 +1,283 @@
+"""The autograd Function over the kernel stages, and the glue for Fenwick states.
+
+Inside the Function everything is chunk-level: chunk states, the tree (with the initial state's
+chunk-level buckets as nodes in front of each document), outputs, and the tree nodes the final
+state is made of. The parts that touch single tokens of one chunk per document (the initial
+state's sub-chunk buckets, the final state's sub-chunk buckets and the carries to the last token)
+are a few small differentiable torch ops around it.
+
+Gradient of g: every factor exp(G_t - G_s) ties a query t to a source s, so dG_t = q_t . dq_t -
+k_t . dk_t and dg is its reversed cumulative sum per document. Two inputs/outputs of the Function
+are states located at a chunk end rather than at a token pair, and add their own terms there: the
+sub-chunk initial buckets injected into the first chunk's state (a source at the end of that chunk)
+and the final state's tree nodes (read at the end of the node's last chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctxpar.kernels.levels import bucket_range, level_of, live_bits
+from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
+from ctxpar.kernels.triton.layout import build_layout
+from ctxpar.kernels.triton.node_grad import node_grads
+from ctxpar.kernels.triton.output import outputs
+from ctxpar.kernels.triton.query_grad import query_grads
+from ctxpar.kernels.triton.source_grad import source_grads
+from ctxpar.kernels.triton.tree import down_sweep, up_sweep
+
+DEFAULT_CHUNK = 64
+DEFAULT_GROUP = 16
+
+
+class Plan:
+    """Host-side bookkeeping of one call: the layout plus which states enter and leave where."""
+
+    def __init__(self, layout, extra_docs, finals):
+        self.layout = layout
+        self.extra_docs = extra_docs  # documents whose first chunk state gets sub-chunk initial buckets
+        self.finals = finals  # [(doc, height, node end chunk e)] tree nodes of the final states
+        C = layout.chunk
+        docs = range(layout.num_docs)
+        self.first_slot = [int(x) for x in layout.docs[:, 5].cpu()] if layout.num_docs else []
+        end_row = lambda n, pos: layout.token_start[n] + pos - layout.starts[n]  # noqa: E731
+        last_pos = [layout.starts[n] + _length(layout, n) for n in docs]
+        self.extra_rows = [end_row(n, min((layout.c0[n] + 1) * C, last_pos[n]) - 1) for n in extra_docs]
+        self.final_in_slots = [e >= layout.c0[n] for n, _, e in finals]
+        self.final_index = [self.first_slot[n] + e - layout.c0[n] if s else (n, h)
+                            for (n, h, e), s in zip(finals, self.final_in_slots)]
+        self.final_rows = [end_row(n, (e + 1) * C - 1) if s else None for (n, h, e), s in zip(finals, self.final_in_slots)]
+
+
+def _length(layout, n):
+    return int(layout.docs[n, 2])
+
+
+class LogLinearMamba2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, lam, init_nodes, leaf_extra, plan, prec):
+        layout = plan.layout
+        states, totals = chunk_states(k, v, g, layout, prec)
+        gc = cumulative_decay(totals, layout)
+        if leaf_extra is not None:
+            states.index_add_(0, _index(plan.first_slot, plan.extra_docs, states.device), leaf_extra)
+        up_sweep(states, init_nodes, gc, layout)
+        o = outputs(q, k, v, g, lam, states, init_nodes, gc, layout, prec)
+        final = _gather_finals(states, init_nodes, plan)
+        ctx.save_for_backward(q, k, v, g, lam, init_nodes, leaf_extra, states, gc)
+        ctx.plan, ctx.prec = plan, prec
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, lam, init_nodes, leaf_extra, states, gc = ctx.saved_tensors
+        plan, prec = ctx.plan, ctx.prec
+        layout = plan.layout
+        do = do.contiguous()
+        grads = torch.zeros_like(states)
+        init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
+        if dfinal is not None and plan.finals:
+            _scatter_finals(dfinal, grads, init_grads, plan)
+        node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
+        down_sweep(grads, gc, layout)
+        if init_grads is not None:
+            _push_to_initial_nodes(grads, init_grads, gc, plan)
+        dq, dlam, dG = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, dG, layout, prec)
+        d_extra = None
+        if leaf_extra is not None:
+            d_extra = grads[_index(plan.first_slot, plan.extra_docs, grads.device)]
+            rows = torch.tensor(plan.extra_rows, device=dG.device)
+            dG.index_add_(0, rows, -(d_extra * leaf_extra).sum((-1, -2)))
+        if dfinal is not None and plan.finals:
+            final = _gather_finals(states, init_nodes, plan)
+            for j, row in enumerate(plan.final_rows):
+                if row is not None:
+                    dG[row] += (dfinal[j] * final[j]).sum((-1, -2))
+        dg = _reverse_cumsum_per_document(dG, layout)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
+
+
+def _index(values, picks, device):
+    return torch.tensor([values[p] for p in picks], dtype=torch.long, device=device)
+
+
+def _gather_finals(states, init_nodes, plan):
+    if not plan.finals:
+        return states.new_zeros(0, *states.shape[1:])
+    rows = [states[i] if s else init_nodes[i[0], :, i[1]] for i, s in zip(plan.final_index, plan.final_in_slots)]
+    return torch.stack(rows)
+
+
+def _scatter_finals(dfinal, grads, init_grads, plan):
+    for j, (i, s) in enumerate(zip(plan.final_index, plan.final_in_slots)):
+        if s:
+            grads[i] += dfinal[j]
+        else:
+            init_grads[i[0], :, i[1]] += dfinal[j]
+
+
+def _push_to_initial_nodes(grads, init_grads, gc, plan):
+    """Initial node (n, h) is the left child of the parent ending at chunk ((c0 >> h) + 1) 2^h - 1."""
+    layout = plan.layout
+    for n in range(layout.num_docs):
+        c0, c_last = layout.c0[n], layout.c_last[n]
+        for h in live_bits(c0):
+            parent = (((c0 >> h) + 1) << h) - 1
+            if h < init_grads.shape[2] and parent <= c_last:
+                slot = plan.first_slot[n] + parent - c0
+                init_grads[n, :, h] += torch.exp(gc[slot]).float()[:, None, None] * grads[slot]
+
+
+def _reverse_cumsum_per_document(dG, layout):
+    """dg_r = sum of dG_t over t >= r in r's document (documents tile the flattened rows)."""
+    total = dG.double().flip(0).cumsum(0).flip(0)
+    total = torch.cat([total, total.new_zeros(1, total.shape[1])])
+    ends = layout.docs[:, 0] + layout.docs[:, 2]
+    after = torch.repeat_interleave(ends, layout.docs[:, 2])
+    return (total[:-1] - total[after]).float()
+
+
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False,
+            chunk_size=DEFAULT_CHUNK, group_size=DEFAULT_GROUP):
+    """``torch_chunked.chunked``'s contract on the Triton kernels; q, k may keep Hk < H heads.
+
+    q, k: [B, T, Hk, K] (already scaled); v: [B, T, H, V]; g: [B, T, H]; lam: [B, T, H, L];
+    spans: [(batch, start, end)]. Float64 inputs run in float32. Returns (o [B, T, H, V],
+    FenwickState or None).
+    """
+    if beta is not None:
+        raise NotImplementedError("log-linear GDN Triton kernels: issue 4")
+    out_dtype = v.dtype
+    if v.dtype == torch.float64:
+        q, k, v, lam = (x.float() for x in (q, k, v, lam))
+    g = g.float()
+    B, T, H, V = v.shape
+    C = chunk_size
+    log_c = C.bit_length() - 1
+    starts = list(initial_state.positions) if initial_state is not None else [0] * len(spans)
+    layout = build_layout(spans, starts, T, C, group_size, v.device)
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    fq, fk, fv, fg, flam = (flat(x) for x in (q, k, v, g, lam))
+    buckets = None if initial_state is None else initial_state.buckets.float()
+    docs = _Docs(spans, starts, layout, fq, fk, fv, fg, flam, H)
+
+    init_nodes, leaf_extra, extra_docs = None, None, []
+    if buckets is not None:
+        init_nodes = _initial_nodes(buckets, layout, log_c)
+        extra_docs = [n for n in range(len(spans)) if starts[n] % C]
+        if extra_docs:
+            leaf_extra = torch.stack([docs.first_chunk_extra(n, buckets[n], log_c) for n in extra_docs])
+    finals = _final_nodes(layout, log_c) if output_final_state else []
+    plan = Plan(layout, extra_docs, finals)
+    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    o, final_nodes = LogLinearMamba2.apply(fq, fk, fv, fg, flam, init_nodes, leaf_extra, plan, prec)
+    if extra_docs:
+        o = o.index_add(0, *docs.first_chunk_reads(extra_docs, buckets, log_c))
+    o = o.reshape(B, T, H, V).to(out_dtype)
+    state = docs.final_state(final_nodes, plan, buckets, log_c) if output_final_state else None
+    return o, state
+
+
+def _initial_nodes(buckets, layout, log_c):
+    """[N, H, NI, K, V]: the initial buckets of bits log2 C + h, the tree nodes before chunk c0."""
+    ni = max(max(layout.c0).bit_length(), 1)
+    nodes = buckets[:, :, log_c : log_c + ni]
+    missing = ni - nodes.shape[2]
+    if missing:
+        nodes = torch.cat([nodes, nodes.new_zeros(*nodes.shape[:2], missing, *nodes.shape[3:])], dim=2)
+    return nodes.contiguous()
+
+
+def _final_nodes(layout, log_c):
+    """[(doc, height, node end chunk)] for the chunk-level bits of each document's end position."""
+    out = []
+    for n in range(layout.num_docs):
+        ce = (layout.starts[n] + _length(layout, n)) >> log_c
+        out += [(n, h, ((ce >> h) << h) - 1) for h in live_bits(ce)]
+    return out
+
+
+class _Docs:
+    """Per-document token slices for the sub-chunk glue (positions are absolute: t0 + offset)."""
+
+    def __init__(self, spans, starts, layout, q, k, v, g, lam, heads):
+        self.spans, self.starts, self.layout = spans, starts, layout
+        self.q, self.k, self.v, self.g, self.lam = q, k, v, g, lam
+        self.heads_of = torch.arange(heads, device=q.device) // (heads // q.shape[1])
+
+    def rows(self, n, lo, hi):
+        """Flattened rows of document n's absolute positions [lo, hi)."""
+        base = self.layout.token_start[n] - self.starts[n]
+        return slice(base + lo, base + hi)
+
+    def log_decay(self, n, lo, hi):
+        """float64 [hi - lo, H]: G at positions [lo, hi) from the document's start position."""
+        return self.g[self.rows(n, self.starts[n], hi)].double().cumsum(0)[lo - self.starts[n] :]
+
+    def first_chunk_end(self, n, log_c):
+        t0 = self.starts[n]
+        return min(((t0 >> log_c) + 1) << log_c, t0 + self.length(n))
+
+    def length(self, n):
+        return self.spans[n][2] - self.spans[n][1]
+
+    def first_chunk_extra(self, n, buckets, log_c):
+        """exp(G at the first chunk's last token) * (sum of the sub-chunk initial buckets)."""
+        t0, end = self.starts[n], self.first_chunk_end(n, log_c)
+        sub = buckets[:, [b for b in live_bits(t0) if b < log_c]].sum(1)
+        return torch.exp(self.log_decay(n, end - 1, end)[0]).float()[:, None, None] * sub
+
+    def first_chunk_reads(self, extra_docs, buckets, log_c):
+        """(rows, outputs) of the first chunk's queries reading the sub-chunk initial buckets."""
+        rows, outs = [], []
+        for n in extra_docs:
+            t0, end = self.starts[n], self.first_chunk_end(n, log_c)
+            r = self.rows(n, t0, end)
+            q = self.q[r][:, self.heads_of].float()  # [m, H, K]
+            decay = torch.exp(self.log_decay(n, t0, end)).float()  # [m, H]
+            positions = torch.arange(t0, end, device=q.device)
+            out = 0
+            for b in [b for b in live_bits(t0) if b < log_c]:
+                level = level_of(positions, bucket_range(t0, b)[0])
+                lam = self.lam[r].float().gather(2, level[:, None, None].expand(-1, q.shape[1], 1))[..., 0]
+                out = out + (lam * decay)[..., None] * torch.einsum("thk,hkv->thv", q, buckets[n, :, b])
+            rows.append(torch.arange(r.start, r.stop, device=q.device))
+            outs.append(out.to(self.v.dtype))
+        return torch.cat(rows), torch.cat(outs)
+
+    def final_state(self, final_nodes, plan, buckets, log_c):
+        states = []
+        for n in range(len(self.spans)):
+            t0, t_end = self.starts[n], self.starts[n] + self.length(n)
+            g_last = self.log_decay(n, t_end - 1, t_end)[0]
+            nb = {}
+            for j, (m, h, e) in enumerate(plan.finals):
+                if m == n:
+                    end = ((e + 1) << log_c) - 1
+                    g_node = self.log_decay(n, end, end + 1)[0] if plan.final_in_slots[j] else 0.0
+                    nb[h + log_c] = torch.exp(g_last - g_node).float()[:, None, None] * final_nodes[j]
+            for b in [b for b in live_bits(t_end) if b < log_c]:
+                nb[b] = self._sub_chunk_bucket(n, t_end, b, g_last, buckets)
+            zero = final_nodes.new_zeros(self.v.shape[1], self.k.shape[2], self.v.shape[2])
+            stacked = torch.stack([nb.get(b, zero) for b in range(t_end.bit_length())], dim=1)
+            states.append(FenwickState(stacked[None], (t_end,)))
+        return FenwickState.stack(states)
+
+    def _sub_chunk_bucket(self, n, t_end, b, g_last, buckets):
+        """Bucket of bit b < log2 C of t_end: its tokens, plus initial buckets nested in it."""
+        t0 = self.starts[n]
+        lo, hi = bucket_range(t_end, b)
+        out = 0
+        if hi > max(lo, t0):
+            r = self.rows(n, max(lo, t0), hi)
+            carry = torch.exp(g_last - self.log_decay(n, max(lo, t0), hi)).float()  # [m, H]
+            k = self.k[r][:, self.heads_of].float()
+            out = torch.einsum("shk,sh,shv->hkv", k, carry, self.v[r].float())
+        if buckets is not None:
+            for b0 in live_bits(t0):
+                lo0, hi0 = bucket_range(t0, b0)
+                if lo <= lo0 and hi0 <= hi:
+                    out = out + torch.exp(g_last).float()[:, None, None] * buckets[n, :, b0]
+        return out

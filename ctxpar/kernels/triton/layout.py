@@ -1,0 +1,103 @@
+"""Host-side index tables shared by every kernel stage.
+
+Chunks of C tokens are aligned to absolute positions (a document's first token sits at position
+t0, its initial-state length), so every document owns chunks c0 = t0 // C .. c_last. All chunks of
+all documents are laid out flat ("slots"); slot ``off[n] + (c - c0[n])`` is chunk c of document n.
+
+The segment tree lives in those slots as a Fenwick array: after the up-sweep, slot c holds the
+node of height ``ones(c)`` (trailing one bits of c) that ends at chunk c. Those are exactly the
+left children of the tree, i.e. every node a query ever reads, so the tree needs no memory beyond
+one K x V state per chunk. Sweeps over height h touch the slots with ``ones(c) >= h + 1`` (up) or
+``== h`` (down): with the slots sorted by ``ones`` descending, each is a contiguous range.
+
+Document table columns (int64): token start in the flattened [B * T] rows, t0, length, c0, c_last,
+first slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DOC_FIELDS = 6
+
+
+@dataclass
+class Layout:
+    chunk: int
+    docs: torch.Tensor  # [N, DOC_FIELDS] int64
+    slot_doc: torch.Tensor  # [S] int32: document of each slot
+    slot_chunk: torch.Tensor  # [S] int64: absolute chunk index of each slot
+    by_height: torch.Tensor  # [S] int32: slots sorted by ones(chunk), descending
+    at_least: list[int]  # at_least[h] = number of slots with ones(chunk) >= h
+    groups: torch.Tensor  # [G, 2] int64: (document, group index) of the node-gradient groups
+    group_size: int
+    heights: int  # bit_length of the largest chunk index: heights a read can reach
+    starts: list[int]  # per document t0 (host ints)
+    c0: list[int]
+    c_last: list[int]
+    token_start: list[int]
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_doc.shape[0]
+
+    @property
+    def num_docs(self) -> int:
+        return self.docs.shape[0]
+
+    def slots_up(self, h: int) -> torch.Tensor:
+        """Parents built at height h -> h + 1: slots with ones >= h + 1."""
+        return self.by_height[: self.at_least[h + 1]]
+
+    def slots_down(self, h: int) -> torch.Tensor:
+        """Left nodes of height exactly h, which receive their parent's gradient."""
+        return self.by_height[self.at_least[h + 1] : self.at_least[h]]
+
+
+def trailing_ones(c: torch.Tensor) -> torch.Tensor:
+    lowest_zero = (c + 1) & -(c + 1)  # 2 ** ones(c)
+    return torch.log2(lowest_zero.double()).round().long()
+
+
+def build_layout(spans, starts, row_length, chunk, group_size, device) -> Layout:
+    """spans: [(batch, start, end)]; starts: t0 per span (0 without an initial state)."""
+    b, s, e = (torch.tensor([x[i] for x in spans], dtype=torch.int64) for i in range(3))
+    t0 = torch.tensor(starts, dtype=torch.int64)
+    length = e - s
+    c0 = t0 // chunk
+    c_last = (t0 + length - 1) // chunk
+    count = c_last - c0 + 1
+    off = torch.cumsum(count, 0) - count
+    docs = torch.stack([b * row_length + s, t0, length, c0, c_last, off], dim=1)
+
+    slot_doc = torch.repeat_interleave(torch.arange(len(spans)), count)
+    slot_chunk = c0[slot_doc] + torch.arange(int(count.sum())) - off[slot_doc]
+    ones = trailing_ones(slot_chunk)
+    by_height = torch.argsort(ones, descending=True, stable=True)
+    heights = int(c_last.max()).bit_length()
+    at_least = [int((ones >= h).sum()) for h in range(heights + 2)]
+
+    g_first, g_last = c0 // group_size, c_last // group_size
+    g_count = g_last - g_first + 1
+    g_doc = torch.repeat_interleave(torch.arange(len(spans)), g_count)
+    g_index = g_first[g_doc] + torch.arange(int(g_count.sum())) - (torch.cumsum(g_count, 0) - g_count)[g_doc]
+    groups = torch.stack([g_doc, g_index], dim=1)
+
+    to = lambda x, dt: x.to(device=device, dtype=dt)  # noqa: E731
+    return Layout(
+        chunk=chunk,
+        docs=to(docs, torch.int64),
+        slot_doc=to(slot_doc, torch.int32),
+        slot_chunk=to(slot_chunk, torch.int64),
+        by_height=to(by_height, torch.int32),
+        at_least=at_least,
+        groups=to(groups, torch.int64),
+        group_size=group_size,
+        heights=heights,
+        starts=[int(x) for x in t0],
+        c0=[int(x) for x in c0],
+        c_last=[int(x) for x in c_last],
+        token_start=[int(x) for x in docs[:, 0]],
+    )

@@ -1,0 +1,59 @@
+"""Stage 3 (counterparts: ``torch_chunked.intra_output`` + ``read_tree``): the output of each chunk.
+
+One program per (slot, head, V tile): the intra-chunk block (levels <= log2 C, lambda gathered per
+pair) plus one node read per set bit h of the chunk index, node ((c >> h) - 1, h) carried to each
+query by exp(G_t - G_node_end) and weighed by lambda level log2(C) + 1 + h.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
+                                          local_decay, local_levels, node_at, slot_info)
+
+
+@triton.jit
+def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chunk, heights, H, HK, K, V, L, NI,
+                  C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                  HAS_INIT: tl.constexpr):
+    i, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    rk = tl.arange(0, KP)
+    rv = vb * BV + tl.arange(0, BV)
+    group = h // (H // HK)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    v_mask = valid[:, None] & (rv[None, :] < V)
+    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    gl = local_decay(g, rows, valid, H, h)
+    lev = local_levels(C, LOG_C)
+    w = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C) * intra_decay(gl, valid, C)
+    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    acc = tl.dot(scores * w, vt, input_precision=PREC)
+
+    before = gc_before(gc, i, c, c0, H, h)
+    node_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    for height in range(0, heights):
+        if (c >> height) & 1:
+            in_slots, slot = node_at(c, height, c0, first)
+            gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+            node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
+            carry = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * tl.exp(gl + (before - gc_node).to(tl.float32))
+            acc += carry[:, None] * tl.dot(qt, node, input_precision=PREC)
+    tl.store(o + (rows[:, None] * H + h) * V + rv[None, :], acc.to(o.dtype.element_ty), mask=v_mask)
+
+
+def outputs(q, k, v, g, lam, states, init, gc, layout, prec):
+    """-> o [rows, H, V] in v's dtype (every real row written)."""
+    H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
+    o = torch.empty_like(v)
+    BV = min(64, triton.next_power_of_2(V))
+    grid = (layout.num_slots, H, triton.cdiv(V, BV))
+    output_kernel[grid](q, k, v, g, lam, states, states if init is None else init, gc, o, layout.docs,
+                        layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
+                        1 if init is None else init.shape[2], C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
+                        KP=triton.next_power_of_2(K), BV=BV, PREC=prec, HAS_INIT=init is not None)
+    return o

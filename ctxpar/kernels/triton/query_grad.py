@@ -1,0 +1,85 @@
+"""Backward stage 3a (mirror of the output pass): dq, dlambda and the query side of dG.
+
+One program per (slot, q/k group, block of HPB heads of that group): the intra-chunk block
+(dq += (lam exp(dG) * do v^T) k; dlambda of levels <= log2 C as per-level row sums of
+exp(dG) * q k^T * do v^T) and one node read per set bit h of c (dq += w * do N^T,
+dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). dq is summed over the block's heads in
+registers and written as one partial per head block. dG_t gets q_t . dq_t (per head).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
+                                          local_decay, local_levels, node_at, slot_info)
+
+
+@triton.jit
+def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs, slot_doc, slot_chunk, heights,
+                      R, H, HK, K, V, L, NI, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                      VP: tl.constexpr, HPB: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
+    i, gs = tl.program_id(0), tl.program_id(1)
+    splits = H // HK // HPB
+    group, split = gs // splits, gs % splits
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
+    v_mask = valid[:, None] & (rv[None, :] < V)
+    node_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    lev = local_levels(C, LOG_C)
+    dq_sum = tl.zeros([C, KP], dtype=tl.float32)
+    for j in range(HPB):
+        h = group * (H // HK) + split * HPB + j
+        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        gl = local_decay(g, rows, valid, H, h)
+        decay = intra_decay(gl, valid, C)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
+        dq_h = tl.dot(dp * decay * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C), kt, input_precision=PREC)
+        pair = scores * dp * decay
+        lam_rows = dlam + (rows * H + h) * L
+        for level in tl.static_range(LOG_C + 1):
+            tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
+        before = gc_before(gc, i, c, c0, H, h)
+        for height in range(0, heights):
+            if (c >> height) & 1:
+                in_slots, slot = node_at(c, height, c0, first)
+                gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+                node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
+                carry = tl.exp(gl + (before - gc_node).to(tl.float32))
+                y = tl.dot(dot_, tl.trans(node), input_precision=PREC)
+                dq_h += (level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry)[:, None] * y
+                tl.store(lam_rows + LOG_C + 1 + height, carry * tl.sum(qt * y, 1), mask=valid)
+        tl.store(dg + rows * H + h, tl.sum(qt * dq_h, 1), mask=valid)
+        dq_sum += dq_h
+    tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
+
+
+def heads_per_program(heads_per_group, slots, target=16384):
+    """Heads one program loops over: few enough that (slots x head blocks) fills the GPU."""
+    hpb = heads_per_group
+    while hpb > 1 and slots * (heads_per_group // hpb) < target and hpb % 2 == 0:
+        hpb //= 2
+    return hpb
+
+
+def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
+    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (q . dq, per head)."""
+    R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
+    HK = q.shape[1]
+    hpb = heads_per_program(H // HK, layout.num_slots)
+    splits = H // HK // hpb
+    dq = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
+    dlam = torch.zeros(R, H, L, device=v.device, dtype=torch.float32)
+    dg = torch.empty(R, H, device=v.device, dtype=torch.float32)
+    query_grad_kernel[(layout.num_slots, HK * splits)](
+        q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, layout.docs, layout.slot_doc,
+        layout.slot_chunk, layout.heights, R, H, HK, K, V, L, 1 if init is None else init.shape[2], C=layout.chunk,
+        LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), HPB=hpb,
+        PREC=prec, HAS_INIT=init is not None)
+    return dq.sum(0) if splits > 1 else dq[0], dlam, dg

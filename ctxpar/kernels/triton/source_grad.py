@@ -1,0 +1,69 @@
+"""Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the source side of dG.
+
+One program per (slot, q/k group, block of heads): the intra-chunk block (dk += (A' * do v^T)^T q,
+dv += (A' * q k^T)^T do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of
+the down-swept node gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T.
+dk is summed over the block's heads; dG_t -= k_t . dk_t (per head) completes q . dq - k . dk.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels,
+                                          slot_info)
+from ctxpar.kernels.triton.query_grad import heads_per_program
+
+
+@triton.jit
+def source_grad_kernel(q, k, v, g, lam, do, grads, dk, dv, dg, docs, slot_doc, slot_chunk, R, H, HK, K, V, L,
+                       C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
+                       HPB: tl.constexpr, PREC: tl.constexpr):
+    i, gs = tl.program_id(0), tl.program_id(1)
+    splits = H // HK // HPB
+    group, split = gs // splits, gs % splits
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
+    v_mask = valid[:, None] & (rv[None, :] < V)
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    lev = local_levels(C, LOG_C)
+    dk_sum = tl.zeros([C, KP], dtype=tl.float32)
+    for j in range(HPB):
+        h = group * (H // HK) + split * HPB + j
+        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        gl = local_decay(g, rows, valid, H, h)
+        w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
+        dv_h = tl.dot(tl.trans(scores * w), dot_, input_precision=PREC)
+        dk_h = tl.dot(tl.trans(dp * w), qt, input_precision=PREC)
+        total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+        to_end = tl.where(valid, tl.exp(total - gl), 0.0)
+        du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
+        dv_h += to_end[:, None] * tl.dot(kt, du, input_precision=PREC)
+        dk_h += to_end[:, None] * tl.dot(vt, tl.trans(du), input_precision=PREC)
+        tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
+        dg_ptr = dg + rows * H + h
+        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) - tl.sum(kt * dk_h, 1), mask=valid)
+        dk_sum += dk_h
+    tl.store(dk + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dk_sum, mask=qk_mask)
+
+
+def source_grads(q, k, v, g, lam, do, grads, dg, layout, prec):
+    """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place."""
+    R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
+    HK = q.shape[1]
+    hpb = heads_per_program(H // HK, layout.num_slots)
+    splits = H // HK // hpb
+    dk = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    source_grad_kernel[(layout.num_slots, HK * splits)](
+        q, k, v, g, lam, do, grads, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk, R, H, HK, K, V, L,
+        C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
+        VP=triton.next_power_of_2(V), HPB=hpb, PREC=prec)
+    return (dk.sum(0) if splits > 1 else dk[0]), dv

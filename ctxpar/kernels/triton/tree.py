@@ -1,0 +1,81 @@
+"""Stage 2 (counterpart: ``torch_chunked.build_tree``): the segment tree over chunks, in place.
+
+Up-sweep, height h = 0, 1, ...: every slot j with ones(j) >= h + 1 becomes the parent of its two
+height-h children, ``slot[j] += exp(gc[j] - gc[j - 2^h]) * slot[j - 2^h]`` (the right child already
+sits in slot j). A left child that ends before the document's first chunk is the initial state's
+node of that height (carried with decay exp(gc[j]), since initial nodes sit at t0).
+
+Down-sweep (backward), height h = top .. 0: each left node of height h receives its parent's
+gradient, ``d[j] += exp(gc[j + 2^h] - gc[j]) * d[j + 2^h]``, so that afterwards slot c holds the
+gradient of chunk c's own end state. One launch per height; programs tile K x V.
+"""
+
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import load_node, slot_info
+
+
+@triton.jit
+def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI, K, V,
+              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
+    j = tl.load(slots + tl.program_id(0)).to(tl.int64)
+    h, tile = tl.program_id(1), tl.program_id(2)
+    rk = tile // tl.cdiv(V, BV) * BK + tl.arange(0, BK)
+    rv = tile % tl.cdiv(V, BV) * BV + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, j)
+    left_in_slots = c - (1 << height) >= c0
+    left = tl.where(left_in_slots, j - (1 << height), 0)
+    gc_left = tl.load(gc + left * H + h, mask=left_in_slots, other=0.0)
+    decay = tl.exp((tl.load(gc + j * H + h) - gc_left).to(tl.float32))
+    x = load_node(states, init, left_in_slots, left, n, h, height, H, NI, K, V, rk, rv, mask, HAS_INIT)
+    ptr = states + (j * H + h) * K * V + rk[:, None] * V + rv[None, :]
+    tl.store(ptr, tl.load(ptr, mask=mask) + decay * x, mask=mask)
+
+
+@triton.jit
+def down_kernel(grads, gc, slots, docs, slot_doc, slot_chunk, height, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    j = tl.load(slots + tl.program_id(0)).to(tl.int64)
+    h, tile = tl.program_id(1), tl.program_id(2)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, j)
+    if c + (1 << height) <= c_last:
+        parent = j + (1 << height)
+        rk = tile // tl.cdiv(V, BV) * BK + tl.arange(0, BK)
+        rv = tile % tl.cdiv(V, BV) * BV + tl.arange(0, BV)
+        mask = (rk[:, None] < K) & (rv[None, :] < V)
+        decay = tl.exp((tl.load(gc + parent * H + h) - tl.load(gc + j * H + h)).to(tl.float32))
+        tile_off = rk[:, None] * V + rv[None, :]
+        d_parent = tl.load(grads + (parent * H + h) * K * V + tile_off, mask=mask)
+        ptr = grads + (j * H + h) * K * V + tile_off
+        tl.store(ptr, tl.load(ptr, mask=mask) + decay * d_parent, mask=mask)
+
+
+def _grid(count, states):
+    H, K, V = states.shape[1:]
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    return (count, H, triton.cdiv(K, BK) * triton.cdiv(V, BV)), BK, BV
+
+
+def up_sweep(states, init, gc, layout):
+    """In place: chunk states [S, H, K, V] -> Fenwick array of tree nodes. init: [N, H, NI, K, V] or None."""
+    H, K, V = states.shape[1:]
+    for h in range(layout.heights):
+        slots = layout.slots_up(h)
+        if slots.numel() == 0:
+            break
+        grid, BK, BV = _grid(slots.numel(), states)
+        up_kernel[grid](states, states if init is None else init, gc, slots, layout.docs, layout.slot_doc,
+                        layout.slot_chunk, h, H, 1 if init is None else init.shape[2], K, V,
+                        BK=BK, BV=BV, HAS_INIT=init is not None)
+
+
+def down_sweep(grads, gc, layout):
+    """In place: gradients of the read nodes -> gradient of every chunk's end state."""
+    H, K, V = grads.shape[1:]
+    for h in reversed(range(layout.heights)):
+        slots = layout.slots_down(h)
+        if slots.numel() == 0:
+            continue
+        grid, BK, BV = _grid(slots.numel(), grads)
+        down_kernel[grid](grads, gc, slots, layout.docs, layout.slot_doc, layout.slot_chunk, h, H, K, V, BK=BK, BV=BV)
