@@ -1,0 +1,209 @@
+"""CPContext: this rank's place in a context-parallel op, and the op itself.
+
+Forward on rank r:
+  1. the summary of the piece that crosses out (its state from a zero state at its first position,
+     plus the product of its transitions) - the only thing the other ranks need;
+  2. start the exchange of summaries (all-gather or log P);
+  3. meanwhile: the local op on every local piece, the crossing-in piece from a zero state at its
+     true position, and the queries of that piece carried back to its start;
+  4. wait; the joined prefix is the Fenwick state at the first token; add what the queries read
+     from it (the output is linear in that state, so this equals running from it).
+Backward is autograd through all of it, the exchange included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ctxpar.cp import exchange, local
+from ctxpar.cp.plan import ENDED, Layout, Piece, Span, layout
+from ctxpar.cp.summary import Shape, Summary, compact, join, to_state
+from ctxpar.cp.transport import DistTransport, SimGroup, SimTransport
+from ctxpar.kernels import FenwickState, log_linear_gdn, log_linear_mamba2
+from ctxpar.kernels.inputs import canonicalize
+from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK
+
+
+class CPContext:
+    """This rank's slice of a sequence (or of a packed batch of documents) split across ``group``.
+
+    ``cu_seqlens``: the GLOBAL packed document offsets (host ints, read once here), or None for
+    ``B`` sequences that each span all ranks. ``slice_lengths``: tokens per rank (default: equal
+    slices); each a multiple of the chunk (64). ``scheme``: ``"allgather"`` (one collective, P
+    summaries received) or ``"logp"`` (ceil(log2 P) pairwise rounds, one summary each).
+
+    ``initial_state`` given to the op is the GLOBAL one (one sequence per document, or per batch
+    row with equal positions), passed identically on every rank: the rank holding a document's first
+    token consumes it, so its gradient lands there. The final state returned holds one sequence
+    per local piece, at the end of this rank's slice.
+    """
+
+    def __init__(self, group=None, cu_seqlens=None, scheme="allgather", *, slice_lengths=None,
+                 chunk_size=DEFAULT_CHUNK):
+        self._setup(DistTransport(group if group is not None else dist.group.WORLD), cu_seqlens, scheme,
+                    slice_lengths, chunk_size)
+
+    @classmethod
+    def simulated(cls, sim: SimGroup, rank: int, cu_seqlens=None, scheme="allgather", *, slice_lengths=None,
+                  chunk_size=DEFAULT_CHUNK) -> "CPContext":
+        """Rank ``rank`` of the simulated group ``sim`` (see ``ctxpar.cp.simulate``)."""
+        self = cls.__new__(cls)
+        self._setup(SimTransport(sim, rank), cu_seqlens, scheme, slice_lengths, chunk_size)
+        return self
+
+    def _setup(self, transport, cu_seqlens, scheme, slice_lengths, chunk_size):
+        if scheme not in exchange.SCHEMES:
+            raise ValueError(f"scheme must be one of {exchange.SCHEMES}, got {scheme!r}")
+        self.transport, self.scheme, self.chunk_size = transport, scheme, chunk_size
+        self.rank, self.world_size = transport.rank, transport.size
+        self.cu_seqlens = None if cu_seqlens is None else [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+        if self.cu_seqlens is not None and slice_lengths is None:
+            total = self.cu_seqlens[-1]
+            if total % self.world_size:
+                raise ValueError(f"{total} packed tokens do not split into {self.world_size} equal slices")
+            slice_lengths = [total // self.world_size] * self.world_size
+        self.slice_lengths = None if slice_lengths is None else [int(n) for n in slice_lengths]
+        if self.slice_lengths is not None:
+            self._check_slices(self.slice_lengths)
+        self._layouts = {}
+
+    def _check_slices(self, lengths):
+        if len(lengths) != self.world_size:
+            raise ValueError(f"slice_lengths has {len(lengths)} entries for {self.world_size} ranks")
+        bad = [n for n in lengths if n <= 0 or n % self.chunk_size]
+        if bad:
+            raise ValueError(f"every slice length must be a positive multiple of the chunk ({self.chunk_size}), got {lengths}")
+        if self.cu_seqlens is not None and sum(lengths) != self.cu_seqlens[-1]:
+            raise ValueError(f"slices hold {sum(lengths)} tokens but cu_seqlens packs {self.cu_seqlens[-1]}")
+
+    @property
+    def offset(self) -> int | None:
+        """This rank's first global token (None until the slice length is known)."""
+        return None if self.slice_lengths is None else sum(self.slice_lengths[: self.rank])
+
+    def bytes_sent(self) -> int:
+        return self.transport.bytes_sent()
+
+    def layout(self, local_length: int, starts: tuple[int, ...] | None = None) -> Layout:
+        """The host structure for a slice of ``local_length`` tokens (cached); ``starts``: each
+        document's initial-state length."""
+        lengths = self.slice_lengths or [local_length] * self.world_size
+        if lengths is not self.slice_lengths:
+            self._check_slices(lengths)
+        if lengths[self.rank] != local_length:
+            raise ValueError(f"rank {self.rank} holds {local_length} tokens, its slice is {lengths[self.rank]}")
+        total = sum(lengths)
+        docs = [(0, total)] if self.cu_seqlens is None else list(zip(self.cu_seqlens, self.cu_seqlens[1:]))
+        starts = starts or (0,) * len(docs)
+        key = (local_length, starts)
+        if key not in self._layouts:
+            offsets = [sum(lengths[:r]) for r in range(self.world_size + 1)]
+            self._layouts[key] = layout(self.rank, offsets, docs, list(starts))
+        return self._layouts[key]
+
+    # --- the op -----------------------------------------------------------------------------
+
+    def attention(self, q, k, v, g, beta, level_scales, *, scale, initial_state, output_final_state, cu_seqlens,
+                  backend, default_scale):
+        B, T, H, V = v.shape
+        self._check_call(B, cu_seqlens)
+        lay = self.layout(T, self._starts(initial_state, B))
+        local_cu = None if self.cu_seqlens is None else lay.local_cu_seqlens
+        c = canonicalize(q, k, v, g, beta, level_scales, scale, None, local_cu, default_scale=default_scale)
+        shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
+        boundaries = {}
+        comm = exchange.make(self.scheme, self.transport, lay, shape)
+        comm.start(self._own_summary(c, lay, initial_state, boundaries))
+
+        # Overlapped with the exchange: everything that does not need the incoming state.
+        op = log_linear_mamba2 if beta is None else log_linear_gdn
+        args = (q, k, v, g, level_scales) if beta is None else (q, k, v, g, beta, level_scales)
+        o, final = op(*args, scale=scale, initial_state=self._local_states(c, lay, initial_state),
+                      output_final_state=output_final_state, cu_seqlens=local_cu, backend=backend)
+        piece = lay.crosses_in
+        if piece is not None and piece not in boundaries:
+            boundaries[piece] = local.boundary(*_inputs(c, piece), piece.position, True, self.chunk_size)
+
+        incoming, tie = comm.finish()
+        if piece is not None:
+            o = o + self._reads(c, piece, boundaries[piece], incoming, T).to(o.dtype)
+            if output_final_state:
+                final = self._carry_final(final, piece, boundaries[piece], incoming, B)
+        return (o if tie is None else o + tie), final
+
+    def _check_call(self, batch, cu_seqlens):
+        if cu_seqlens is None:
+            return
+        if self.cu_seqlens is None:
+            raise ValueError("with cp, build the CPContext from the global cu_seqlens (CPContext(group, cu_seqlens))")
+        host = not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device.type == "cpu"
+        if host and [int(x) for x in torch.as_tensor(cu_seqlens).tolist()] != self.cu_seqlens:
+            raise ValueError("cu_seqlens differs from the global cu_seqlens the CPContext was built from")
+
+    def _starts(self, state: FenwickState | None, batch: int) -> tuple[int, ...] | None:
+        if state is None:
+            return None
+        if self.cu_seqlens is None:
+            if len(set(state.positions)) != 1 or state.num_sequences != batch:
+                raise ValueError(f"with cp and no cu_seqlens, initial_state needs {batch} sequences at one position, "
+                                 f"got positions {state.positions}")
+            return state.positions[:1]
+        if state.num_sequences != len(self.cu_seqlens) - 1:
+            raise ValueError(f"initial_state holds {state.num_sequences} sequences; with cp it is the global state "
+                             f"of all {len(self.cu_seqlens) - 1} documents")
+        return state.positions
+
+    def _own_summary(self, c, lay: Layout, initial_state, boundaries) -> Summary:
+        piece, span = lay.crosses_out, lay.summaries[lay.rank]
+        if piece is None:
+            return Summary(ENDED, c.v.new_zeros(c.v.shape[0], c.v.shape[2], 0, c.k.shape[-1], c.v.shape[-1]), None)
+        bd = local.boundary(*_inputs(c, piece), piece.position, piece.crosses_in, self.chunk_size)
+        boundaries[piece] = bd
+        own = compact(Span(piece.position, span.b), bd.buckets, bd.trans)
+        if piece.crosses_in or piece.position == 0:
+            return own
+        # The document starts here from the caller's initial state: pass that on too.
+        before = _user_state(initial_state, piece, self.cu_seqlens).to(c.v.dtype)
+        return join(compact(Span(0, piece.position), before.buckets, None), own)
+
+    def _local_states(self, c, lay: Layout, initial_state) -> FenwickState | None:
+        """The local op's initial states: zero at the true position for the piece that crosses in
+        (its incoming state is added after the exchange), the caller's for documents starting here."""
+        if initial_state is None and lay.crosses_in is None:
+            return None
+        rows = c.v.shape[0]
+        states = []
+        for piece in lay.pieces:
+            if piece.crosses_in or initial_state is None:
+                states.append(FenwickState.zeros(rows, c.v.shape[2], c.k.shape[-1], c.v.shape[-1],
+                                                 (piece.position,) * rows, dtype=c.v.dtype, device=c.v.device))
+            else:
+                states.append(_user_state(initial_state, piece, self.cu_seqlens))
+        return FenwickState.stack(states)
+
+    def _reads(self, c, piece: Piece, bd: local.Boundary, incoming: Summary, length: int) -> torch.Tensor:
+        state = to_state(incoming, c.v.shape[0])
+        lam = c.lam[:, piece.start : piece.end].transpose(1, 2)
+        reads = local.state_reads(bd.queries, lam, piece.position, state.buckets).transpose(1, 2)
+        return F.pad(reads, (0, 0, 0, 0, piece.start, length - piece.end))
+
+    def _carry_final(self, final: FenwickState, piece: Piece, bd, incoming: Summary, rows: int) -> FenwickState:
+        """The crossing-in piece's final state came from a zero start: join the incoming state in."""
+        n = rows if self.cu_seqlens is None else 1
+        end = piece.position + piece.end - piece.start
+        own = compact(Span(piece.position, end), final.buckets[:n], bd.trans)
+        carried = to_state(join(incoming, own), n)
+        rest = FenwickState(final.buckets[n:], final.positions[n:])
+        return FenwickState.stack([carried, rest]) if rest.num_sequences else carried
+
+
+def _inputs(c, piece: Piece):
+    """Canonical q, k, v, g, beta of one piece, [R, H, n, ...]."""
+    cut = lambda x: None if x is None else x[:, piece.start : piece.end].transpose(1, 2)  # noqa: E731
+    return cut(c.q), cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
+
+
+def _user_state(state: FenwickState, piece: Piece, cu_seqlens) -> FenwickState:
+    return state if cu_seqlens is None else state.select(piece.doc)

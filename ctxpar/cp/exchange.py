@@ -1,0 +1,104 @@
+"""The two summary exchanges. Both give each rank the exclusive prefix join of the ranks before it
+(the Fenwick state at its first token of the document that crosses in), and both run in the
+background between ``start`` and ``finish`` while the rank computes its local output.
+
+Autograd through the collectives obliges every rank to run backward through every call, in the
+same order (see ``ctxpar.comm.collectives``). Hence the ``tie``: zero times what arrived, added to
+the op's output, so a rank that needs nothing it received still reaches the call in backward; in
+the log P scheme each round's message is also tied to the previous round's arrival, so backward
+visits the rounds in reverse order on every rank.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from ctxpar.cp.plan import Layout, hypercube_rounds
+from ctxpar.cp.summary import Shape, Summary, join, pack, unpack
+
+SCHEMES = ("allgather", "logp")
+
+
+def _tie(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else 0 * x.sum()
+
+
+def _padded(flat: torch.Tensor, numel: int) -> torch.Tensor:
+    # Zero-length messages are awkward for some backends; one zero element costs nothing.
+    return F.pad(flat, (0, max(numel, 1) - flat.numel()))
+
+
+class AllGather:
+    """One collective: every rank's summary (padded to the largest) to every rank; the receiver
+    folds the summaries from the start of its document."""
+
+    def __init__(self, transport, layout: Layout, shape: Shape):
+        self.transport, self.layout, self.shape = transport, layout, shape
+        self.numel = max(shape.numel(s) for s in layout.summaries)
+
+    def start(self, own: Summary) -> None:
+        self._pending = self.transport.start_all_gather(_padded(pack(own), self.numel))
+
+    def finish(self) -> tuple[Summary | None, torch.Tensor]:
+        gathered = self._pending.wait()
+        rank, spans = self.layout.rank, self.layout.summaries
+        if self.layout.crosses_in is None:
+            return None, _tie(gathered)
+        first = max(q for q in range(rank) if spans[q].complete)
+        prefix = None
+        for q in range(first, rank):
+            prefix = join(prefix, unpack(gathered[q], spans[q], self.shape))
+        return prefix, _tie(gathered)
+
+
+class Hypercube:
+    """ceil(log2 P) rounds of pairwise swaps with partner rank ^ 2**k (see ``plan.hypercube_rounds``).
+    Every message is one aligned block's summary, so a rank sends ceil(log2 P) summaries. The
+    rounds depend on each other, so they run on a helper thread while the caller computes."""
+
+    def __init__(self, transport, layout: Layout, shape: Shape):
+        self.transport, self.layout, self.shape = transport, layout, shape
+        self.rounds = hypercube_rounds(layout.summaries)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def start(self, own: Summary) -> None:
+        self._future = self._pool.submit(self._run, own, torch.is_grad_enabled())
+
+    def finish(self) -> tuple[Summary | None, torch.Tensor | None]:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown()
+
+    def _run(self, own: Summary, grad: bool):
+        if own.buckets.is_cuda:  # the CUDA device is per thread
+            torch.cuda.set_device(own.buckets.device)
+        rank, size = self.transport.rank, self.transport.size
+        total, prefix, last = own, None, None
+        with torch.set_grad_enabled(grad):
+            for k, sent in enumerate(self.rounds):
+                p = rank ^ (1 << k)
+                if p >= size:
+                    continue
+                message = _padded(pack(total), self.shape.numel(sent[rank]))
+                if last is not None:
+                    message = message + _tie(last)
+                spec = ((max(self.shape.numel(sent[p]), 1),), message.dtype)
+                last = self.transport.exchange({p: message}, {p: spec})[p]
+                other = unpack(last, sent[p], self.shape)
+                if p < rank:
+                    prefix, total = join(other, prefix), join(other, total)
+                else:
+                    total = join(total, other)
+        return (prefix if self.layout.crosses_in is not None else None), _tie(last)
+
+
+def make(scheme: str, transport, layout: Layout, shape: Shape):
+    if scheme == "allgather":
+        return AllGather(transport, layout, shape)
+    if scheme == "logp":
+        return Hypercube(transport, layout, shape)
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
