@@ -1,0 +1,124 @@
+"""The Triton log-linear Mamba-2 kernels against the oracles, on the interpreter (CPU) or a GPU.
+
+Tiny shapes with C = 16 so that trees are several levels deep; fresh random inputs every run.
+Every stage is also checked against its counterpart in ``torch_chunked``.
+"""
+
+import pytest
+import torch
+
+from ctxpar.kernels import reference, torch_chunked
+from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels.triton import chunked, unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+C = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, HK, K, V, L, dtype=torch.float64):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    q, k, v = rand(B, T, HK, K), rand(B, T, HK, K) * 0.3, rand(B, T, H, V)
+    g = -torch.rand(B, T, H, dtype=dtype, device=DEVICE) * 0.3
+    lam = torch.rand(B, T, H, L, dtype=dtype, device=DEVICE) + 0.5
+    return q, k, v, g, lam
+
+
+def reference_run(q, k, v, g, lam, spans, init, final):
+    groups = v.shape[2] // q.shape[2]
+    qe, ke = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
+    if init is None and not final:
+        return reference.materialized(qe, ke, v, g, None, lam, spans), None
+    return reference.recurrent(qe, ke, v, g, None, lam, spans, init, final)
+
+
+CASES = {
+    # name: (B, T, H, Hk, K, V, L, spans, initial positions or None, final state)
+    "one_sequence_ragged_end": (1, 150, 2, 2, 16, 32, 9, [(0, 0, 150)], None, False),
+    "batch_hk1": (2, 70, 4, 1, 32, 16, 8, [(0, 0, 70), (1, 0, 70)], None, True),
+    "hk_divisor": (1, 40, 4, 2, 16, 16, 7, [(0, 0, 40)], None, False),
+    "packed_documents": (1, 130, 2, 1, 16, 16, 8, [(0, 0, 37), (0, 37, 41), (0, 41, 130)], None, True),
+    "initial_state_chunk_and_sub_chunk_bits": (1, 90, 2, 2, 16, 16, 9, [(0, 0, 90)], [91], True),
+    "packed_with_states": (1, 100, 2, 1, 16, 16, 9, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [75, 32, 5], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_against_reference(case):
+    B, T, H, HK, K, V, L, spans, positions, final = CASES[case]
+    q, k, v, g, lam = make_inputs(B, T, H, HK, K, V, L)
+    init = None
+    if positions is not None:
+        nbits = max(p.bit_length() for p in positions)
+        init = FenwickState(torch.randn(len(spans), H, nbits, K, V, dtype=torch.float64, device=DEVICE) * 0.3,
+                            positions)
+    leaves = [q, k, v, g, lam] + ([init.buckets] if init is not None else [])
+    for x in leaves:
+        x.requires_grad_()
+    do = torch.randn_like(v)
+
+    def loss_of(o, state):
+        loss = (o * do).sum()
+        return loss + (state.buckets * d_state).sum() if final else loss
+
+    ref_o, ref_state = reference_run(q, k, v, g, lam, spans, init, final)
+    d_state = torch.randn_like(ref_state.buckets) if final else None
+    ref_grads = torch.autograd.grad(loss_of(ref_o, ref_state), leaves)
+
+    o, state = chunked(q, k, v, g, None, lam, spans, init, final, chunk_size=C, group_size=2)
+    assert not torch.isnan(o).any()
+    assert rel(o, ref_o) < 1e-5
+    if final:
+        assert state.positions == ref_state.positions
+        assert rel(state.buckets, ref_state.buckets) < 1e-5
+    grads = torch.autograd.grad(loss_of(o, state), leaves)
+    for name, a, b in zip(["q", "k", "v", "g", "level_scales", "initial_state"], grads, ref_grads):
+        assert not torch.isnan(a).any(), name
+        assert rel(a, b) < 1e-5, (name, rel(a, b))
+    if init is not None:  # buckets of unset bits receive zero gradient
+        assert (grads[5].transpose(1, 2)[~init.live_mask()] == 0).all()
+
+
+def test_float32_and_torch_backend_agree():
+    q, k, v, g, lam = make_inputs(1, 96, 2, 2, 16, 16, 8, dtype=torch.float32)
+    spans = [(0, 0, 96)]
+    o, _ = chunked(q, k, v, g, None, lam, spans, chunk_size=C)
+    expected, _ = torch_chunked.chunked(q, k, v, g, None, lam, spans, chunk_size=C)
+    assert o.dtype == torch.float32
+    assert rel(o, expected) < 1e-5
+
+
+def test_stages_match_torch_chunked():
+    """chunk_state == chunk_stage's U, and after the up-sweep slot c holds build_tree's node of
+    height ones(c) ending at chunk c."""
+    from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
+    from ctxpar.kernels.triton.layout import build_layout, trailing_ones
+    from ctxpar.kernels.triton.tree import up_sweep
+
+    H, K, V, NC = 2, 16, 16, 11
+    q, k, v, g, lam = make_inputs(1, NC * C, H, H, K, V, 8, dtype=torch.float32)
+    layout = build_layout([(0, 0, NC * C)], [0], NC * C, C, 2, DEVICE)
+    states, totals = chunk_states(k[0], v[0], g[0], layout, "ieee")
+    per_chunk = lambda x: x[0].transpose(0, 1).unflatten(1, (NC, C))[None]  # noqa: E731
+    stage = torch_chunked.chunk_stage(per_chunk(q), per_chunk(k), per_chunk(v), per_chunk(g), None)
+    assert rel(states.transpose(0, 1), stage["U"][0]) < 1e-5
+
+    up_sweep(states, None, cumulative_decay(totals, layout), layout)
+    tree = torch_chunked.build_tree(stage["U"], stage["M"], 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
+    for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
+        if h < tree.heights:
+            node = tree.node(h, torch.tensor([(c + 1 >> h) - 1]))[0, :, 0]
+            assert rel(states[c], node) < 1e-5, (c, h)
+
+
+def test_gated_deltanet_is_issue_4():
+    q, k, v, g, lam = make_inputs(1, 16, 1, 1, 16, 16, 5, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="issue 4"):
+        chunked(q, k, v, g, torch.rand_like(g), lam, [(0, 0, 16)])
