@@ -40,18 +40,14 @@ class Plan:
         self.finals = finals  # [(doc, height, node end chunk e)] tree nodes of the final states
         C = layout.chunk
         docs = range(layout.num_docs)
-        self.first_slot = [int(x) for x in layout.docs[:, 5].cpu()] if layout.num_docs else []
+        self.first_slot = layout.first_slot
         end_row = lambda n, pos: layout.token_start[n] + pos - layout.starts[n]  # noqa: E731
-        last_pos = [layout.starts[n] + _length(layout, n) for n in docs]
+        last_pos = [layout.starts[n] + layout.lengths[n] for n in docs]
         self.extra_rows = [end_row(n, min((layout.c0[n] + 1) * C, last_pos[n]) - 1) for n in extra_docs]
         self.final_in_slots = [e >= layout.c0[n] for n, _, e in finals]
         self.final_index = [self.first_slot[n] + e - layout.c0[n] if s else (n, h)
                             for (n, h, e), s in zip(finals, self.final_in_slots)]
         self.final_rows = [end_row(n, (e + 1) * C - 1) if s else None for (n, h, e), s in zip(finals, self.final_in_slots)]
-
-
-def _length(layout, n):
-    return int(layout.docs[n, 2])
 
 
 class LogLinearMamba2(torch.autograd.Function):
@@ -135,7 +131,7 @@ def _reverse_cumsum_per_document(dG, layout):
     total = dG.double().flip(0).cumsum(0).flip(0)
     total = torch.cat([total, total.new_zeros(1, total.shape[1])])
     ends = layout.docs[:, 0] + layout.docs[:, 2]
-    after = torch.repeat_interleave(ends, layout.docs[:, 2])
+    after = torch.repeat_interleave(ends, layout.docs[:, 2], output_size=dG.shape[0])
     return (total[:-1] - total[after]).float()
 
 
@@ -194,7 +190,7 @@ def _final_nodes(layout, log_c):
     """[(doc, height, node end chunk)] for the chunk-level bits of each document's end position."""
     out = []
     for n in range(layout.num_docs):
-        ce = (layout.starts[n] + _length(layout, n)) >> log_c
+        ce = (layout.starts[n] + layout.lengths[n]) >> log_c
         out += [(n, h, ((ce >> h) << h) - 1) for h in live_bits(ce)]
     return out
 

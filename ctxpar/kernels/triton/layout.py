@@ -11,7 +11,7 @@ one K x V state per chunk. Sweeps over height h touch the slots with ``ones(c) >
 ``== h`` (down): with the slots sorted by ``ones`` descending, each is a contiguous range.
 
 Document table columns (int64): token start in the flattened [B * T] rows, t0, length, c0, c_last,
-first slot.
+first slot. Host copies of those columns spare the kernels' callers device syncs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Layout:
     c0: list[int]
     c_last: list[int]
     token_start: list[int]
+    lengths: list[int]
+    first_slot: list[int]
 
     @property
     def num_slots(self) -> int:
@@ -100,4 +102,6 @@ def build_layout(spans, starts, row_length, chunk, group_size, device) -> Layout
         c0=[int(x) for x in c0],
         c_last=[int(x) for x in c_last],
         token_start=[int(x) for x in docs[:, 0]],
+        lengths=[int(x) for x in length],
+        first_slot=[int(x) for x in off],
     )

@@ -12,6 +12,8 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import chunk_rows, gc_before, level_scale, local_decay, node_at, state_offsets
 
+NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
+
 
 @triton.jit
 def node_grad_kernel(q, do, g, lam, gc, grads, init_grads, docs, groups, heights, H, HK, K, V, L, NI,
@@ -61,4 +63,4 @@ def node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec):
                            layout.groups, layout.heights, H, q.shape[1], K, V, L,
                            1 if init_grads is None else init_grads.shape[2], C=layout.chunk,
                            LOG_C=layout.chunk.bit_length() - 1, GROUP=layout.group_size, BK=BK, BV=BV,
-                           PREC=prec, HAS_INIT=init_grads is not None)
+                           num_warps=NUM_WARPS, PREC=prec, HAS_INIT=init_grads is not None)

@@ -12,6 +12,8 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
                                           local_decay, local_levels, node_at, slot_info)
 
+NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
+
 
 @triton.jit
 def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chunk, heights, H, HK, K, V, L, NI,
@@ -37,7 +39,7 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
-        if (c >> height) & 1:
+        if ((c >> height) & 1) == 1:
             in_slots, slot = node_at(c, height, c0, first)
             gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
@@ -55,5 +57,5 @@ def outputs(q, k, v, g, lam, states, init, gc, layout, prec):
     output_kernel[grid](q, k, v, g, lam, states, states if init is None else init, gc, o, layout.docs,
                         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
                         1 if init is None else init.shape[2], C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-                        KP=triton.next_power_of_2(K), BV=BV, PREC=prec, HAS_INIT=init is not None)
+                        KP=triton.next_power_of_2(K), BV=BV, num_warps=NUM_WARPS, PREC=prec, HAS_INIT=init is not None)
     return o

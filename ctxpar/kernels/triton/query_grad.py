@@ -14,6 +14,8 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
                                           local_decay, local_levels, node_at, slot_info)
 
+NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
+
 
 @triton.jit
 def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs, slot_doc, slot_chunk, heights,
@@ -28,34 +30,34 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs,
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
     lev = local_levels(C, LOG_C)
     dq_sum = tl.zeros([C, KP], dtype=tl.float32)
     for j in range(HPB):
         h = group * (H // HK) + split * HPB + j
-        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
         gl = local_decay(g, rows, valid, H, h)
         decay = intra_decay(gl, valid, C)
         dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
-        dq_h = tl.dot(dp * decay * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C), kt, input_precision=PREC)
+        dq_h = tl.dot(dp * decay * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C), kt.to(tl.float32), input_precision=PREC)
         pair = scores * dp * decay
         lam_rows = dlam + (rows * H + h) * L
         for level in tl.static_range(LOG_C + 1):
             tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
         before = gc_before(gc, i, c, c0, H, h)
         for height in range(0, heights):
-            if (c >> height) & 1:
+            if ((c >> height) & 1) == 1:
                 in_slots, slot = node_at(c, height, c0, first)
                 gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
                 node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
                 carry = tl.exp(gl + (before - gc_node).to(tl.float32))
-                y = tl.dot(dot_, tl.trans(node), input_precision=PREC)
+                y = tl.dot(dot_.to(tl.float32), tl.trans(node), input_precision=PREC)
                 dq_h += (level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry)[:, None] * y
-                tl.store(lam_rows + LOG_C + 1 + height, carry * tl.sum(qt * y, 1), mask=valid)
-        tl.store(dg + rows * H + h, tl.sum(qt * dq_h, 1), mask=valid)
+                tl.store(lam_rows + LOG_C + 1 + height, carry * tl.sum(qt.to(tl.float32) * y, 1), mask=valid)
+        tl.store(dg + rows * H + h, tl.sum(qt.to(tl.float32) * dq_h, 1), mask=valid)
         dq_sum += dq_h
     tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
 
@@ -81,5 +83,5 @@ def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
         q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, layout.docs, layout.slot_doc,
         layout.slot_chunk, layout.heights, R, H, HK, K, V, L, 1 if init is None else init.shape[2], C=layout.chunk,
         LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), HPB=hpb,
-        PREC=prec, HAS_INIT=init is not None)
+        num_warps=NUM_WARPS, PREC=prec, HAS_INIT=init is not None)
     return dq.sum(0) if splits > 1 else dq[0], dlam, dg

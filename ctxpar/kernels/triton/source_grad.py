@@ -14,6 +14,8 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
                                           slot_info)
 from ctxpar.kernels.triton.query_grad import heads_per_program
 
+NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
+
 
 @triton.jit
 def source_grad_kernel(q, k, v, g, lam, do, grads, dk, dv, dg, docs, slot_doc, slot_chunk, R, H, HK, K, V, L,
@@ -28,28 +30,28 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, dk, dv, dg, docs, slot_doc, s
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
     lev = local_levels(C, LOG_C)
     dk_sum = tl.zeros([C, KP], dtype=tl.float32)
     for j in range(HPB):
         h = group * (H // HK) + split * HPB + j
-        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
         gl = local_decay(g, rows, valid, H, h)
         w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
         dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
-        dv_h = tl.dot(tl.trans(scores * w), dot_, input_precision=PREC)
-        dk_h = tl.dot(tl.trans(dp * w), qt, input_precision=PREC)
+        dv_h = tl.dot(tl.trans(scores * w), dot_.to(tl.float32), input_precision=PREC)
+        dk_h = tl.dot(tl.trans(dp * w), qt.to(tl.float32), input_precision=PREC)
         total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
         to_end = tl.where(valid, tl.exp(total - gl), 0.0)
         du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
-        dv_h += to_end[:, None] * tl.dot(kt, du, input_precision=PREC)
-        dk_h += to_end[:, None] * tl.dot(vt, tl.trans(du), input_precision=PREC)
+        dv_h += to_end[:, None] * tl.dot(kt.to(tl.float32), du, input_precision=PREC)
+        dk_h += to_end[:, None] * tl.dot(vt.to(tl.float32), tl.trans(du), input_precision=PREC)
         tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
         dg_ptr = dg + rows * H + h
-        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) - tl.sum(kt * dk_h, 1), mask=valid)
+        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) - tl.sum(kt.to(tl.float32) * dk_h, 1), mask=valid)
         dk_sum += dk_h
     tl.store(dk + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dk_sum, mask=qk_mask)
 
@@ -65,5 +67,5 @@ def source_grads(q, k, v, g, lam, do, grads, dg, layout, prec):
     source_grad_kernel[(layout.num_slots, HK * splits)](
         q, k, v, g, lam, do, grads, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk, R, H, HK, K, V, L,
         C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        VP=triton.next_power_of_2(V), HPB=hpb, PREC=prec)
+        VP=triton.next_power_of_2(V), HPB=hpb, num_warps=NUM_WARPS, PREC=prec)
     return (dk.sum(0) if splits > 1 else dk[0]), dv

@@ -1,0 +1,177 @@
+"""ctxpar's Triton log-linear Mamba-2 side by side with the anchors, on one GPU, in one process.
+
+Shape: H = 32, K = 128 shared by all heads (Hk = 1), V = 64, bf16, g float32; T in 4K (B = 8),
+8K (B = 4), 32K, 128K, 512K, 1M (B = 1). Anchors as /work/shared/anchors/bench_kernels.py times
+them: flash-linear-attention's chunk_log_linear_attn (it caps T at 128K) and chunk_simple_gla
+(per-head q/k), and PyTorch SDPA causal softmax, flash and cuDNN (H = 32, D = 64, up to 128K).
+Each row: forward and forward+backward median time (triton.testing.do_bench), tokens per second
+of forward+backward, peak memory of one forward+backward. A failing row is recorded, not fatal.
+
+    python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
+    TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py
+"""
+
+import json
+import math
+import os
+
+import torch
+import triton
+
+DT = torch.bfloat16
+DEV = "cuda"
+H, K, V = 32, 128, 64
+DEFAULT_TS = "4096,8192,32768,131072,524288,1048576"
+ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
+results = []
+
+
+def batch_of(T):
+    return max(1, 32768 // T)
+
+
+def peak_gib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def run_case(name, T, make, call):
+    if ONLY and not any(name.startswith(o) for o in ONLY):
+        return
+    B = batch_of(T)
+    row = dict(name=name, T=T, B=B, H=H)
+    try:
+        torch.cuda.empty_cache()
+        inputs = make(B, T)
+        out = call(*inputs)
+        do = torch.randn_like(out)
+
+        def fwd_bwd():
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.grad = None
+            call(*inputs).backward(do)
+
+        fwd_bwd()
+        with torch.no_grad():
+            fwd = triton.testing.do_bench(lambda: call(*inputs), warmup=10, rep=100, return_mode="median")
+        fb = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
+        row.update(fwd_ms=fwd, fwdbwd_ms=fb, fwdbwd_Mtok_s=B * T / fb / 1e3, fwd_Mtok_s=B * T / fwd / 1e3,
+                   peak_GiB=peak_gib(fwd_bwd))
+        del inputs, out, do
+    except Exception as e:  # one failing row must not stop the others
+        row["error"] = repr(e)[:300]
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "bench_ops.json"), "w") as f:  # survives a timeout
+        json.dump(results, f, indent=1)
+
+
+def mamba2_inputs(B, T, heads_qk):
+    q = torch.randn(B, T, heads_qk, K, device=DEV, dtype=DT).requires_grad_()
+    k = torch.randn(B, T, heads_qk, K, device=DEV, dtype=DT).requires_grad_()
+    v = (torch.randn(B, T, H, V, device=DEV, dtype=DT) * 0.1).requires_grad_()
+    dt = torch.nn.functional.softplus(torch.randn(B, T, H, device=DEV) - 4)
+    g = (-torch.exp(torch.rand(H, device=DEV)) * dt).requires_grad_()
+    return q, k, v, g
+
+
+def log_linear_inputs(B, T):
+    q, k, v, g = mamba2_inputs(B, T, 1)
+    lam = torch.randn(B, T, H, int(math.log2(T)) + 1, device=DEV, dtype=DT).requires_grad_()
+    return q, k, v, g, lam
+
+
+def ctxpar_call(q, k, v, g, lam):
+    from ctxpar.kernels.triton import chunked
+
+    B, T = q.shape[:2]
+    return chunked(q, k, v, g, None, lam, [(b, 0, T) for b in range(B)])[0]
+
+
+def sdpa_inputs(B, T):
+    return [torch.randn(B, H, T, 64, device=DEV, dtype=DT).requires_grad_() for _ in range(3)]
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return call
+
+
+def fla_ops():
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only, as the anchors: FLA refuses gated bwd on Hopper < 3.7.1
+        from fla.ops.log_linear_attn import chunk_log_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as e:
+        print("flash-linear-attention not importable:", e, flush=True)
+        return None, None
+    return (lambda q, k, v, g, lam: chunk_log_linear_attn(q, k, v, g, lam)[0],
+            lambda q, k, v, g: chunk_simple_gla(q, k, v, g)[0])
+
+
+def main():
+    from torch.nn.attention import SDPBackend
+
+    print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    fla_log_linear, fla_simple_gla = fla_ops()
+    for T in [int(x) for x in os.environ.get("TS", DEFAULT_TS).split(",")]:
+        run_case("ctxpar_triton_loglinear_mamba2", T, log_linear_inputs, ctxpar_call)
+        if fla_log_linear is not None and T <= 131072:
+            run_case("fla_loglinear_mamba2", T, log_linear_inputs, fla_log_linear)
+        if fla_simple_gla is not None:
+            run_case("fla_simple_gla_mamba2", T, lambda B, T: mamba2_inputs(B, T, H), fla_simple_gla)
+        if T <= 131072:
+            run_case("sdpa_flash_hd64", T, sdpa_inputs, sdpa(SDPBackend.FLASH_ATTENTION))
+            run_case("sdpa_cudnn_hd64", T, sdpa_inputs, sdpa(SDPBackend.CUDNN_ATTENTION))
+    write(os.environ.get("OUT", "."))
+
+
+def write(out):
+    try:
+        plot(os.path.join(out, "bench_ops.png"))
+    except Exception as e:  # the table matters more than the picture
+        print("plot failed:", repr(e))
+    print("\n%-32s %8s %2s %9s %9s %8s %7s" % ("op", "T", "B", "fwd_ms", "fb_ms", "Mtok/s", "GiB"))
+    for r in results:
+        if "error" in r:
+            print("%-32s %8d %2d ERROR %s" % (r["name"], r["T"], r["B"], r["error"][:90]))
+        else:
+            print("%-32s %8d %2d %9.3f %9.3f %8.2f %7.2f" % (r["name"], r["T"], r["B"], r["fwd_ms"], r["fwdbwd_ms"],
+                                                           r["fwdbwd_Mtok_s"], r["peak_GiB"]))
+
+
+def plot(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = [r for r in results if r["name"] == name and "error" not in r]
+        ax.plot([r["T"] for r in rows], [r["fwdbwd_Mtok_s"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per sequence T (B = 8, 4 at 4K, 8K)")
+    ax.set_ylabel("forward + backward, Mtok/s")
+    ax.set_title("H200, bf16, H=32, K=128 (Hk=1), V=64")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
