@@ -1,0 +1,190 @@
+"""Context parallelism in simulated mode (P virtual ranks on threads of one process): outputs,
+final states and gradients of every input equal the single-process result (float64, torch
+backend), for both variants and both exchange schemes; plus the communication volume.
+
+The same checks run on gloo processes in test_cp_dist.py; ``check_ranks`` below is shared.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctxpar.cp import SCHEMES, CPContext, SimGroup, simulate
+from ctxpar.kernels import FenwickState, log_linear_gdn, log_linear_mamba2, num_levels
+from tests.factories import attention_inputs, rel_err
+
+VARIANTS = ("mamba2", "gdn")
+H, K, V = 2, 4, 3
+TOL = 1e-10
+
+
+def op(variant, xs, **kwargs):
+    q, k, v, g, beta, lam = xs
+    if variant == "gdn":
+        return log_linear_gdn(q, k, v, g, beta, lam, backend="torch", **kwargs)
+    return log_linear_mamba2(q, k, v, g, lam, backend="torch", **kwargs)
+
+
+def cases(P, n=64):
+    """(name, slice length, global cu_seqlens or None, batch rows), adapted to P ranks."""
+    T = P * n
+    span3 = [0, 10, min(10 + 2 * n + 30, T - 1), T] if T > 40 else [0, T]
+    return [
+        ("one long document", n, None, 1),
+        ("two rows, one document each", n, None, 2),
+        ("a document cut mid-slice", n, [0, n // 2 + (P // 2) * n + 7, T], 1),
+        ("many short documents", n, sorted({*range(0, T, 23), 1, T}), 1),
+        ("documents spanning three ranks", n, span3, 1),
+    ]
+
+
+def inputs(variant, B, T, init):
+    """Global leaves: q, k, v, g, beta, lam, and an initial state (or None) at positions ``init``."""
+    xs = attention_inputs(B, T, H, K, V, gdn=variant == "gdn", levels=num_levels(T + max(init or [0])))
+    xs = [None if x is None else x.requires_grad_() for x in xs]
+    state = None
+    if init is not None:
+        nbits = max(p.bit_length() for p in init)
+        state = FenwickState(torch.randn(len(init), H, nbits, K, V, dtype=torch.float64, requires_grad=True), init)
+    return xs, state
+
+
+def leaves(xs, state):
+    return [x for x in xs if x is not None] + ([state.buckets] if state is not None else [])
+
+
+def reference(variant, xs, state, cu, do):
+    o, _ = op(variant, xs, cu_seqlens=cu, initial_state=state)
+    return o, torch.autograd.grad((o * do).sum(), leaves(xs, state))
+
+
+def rank_slice(xs, rank, n):
+    return [None if x is None else x[:, rank * n : (rank + 1) * n] for x in xs]
+
+
+def check_ranks(variant, scheme, P, n, cu, B, init=None, final=False):
+    """Every rank's output, gradient share and (``final``) final state vs one process, simulated."""
+    xs, state = inputs(variant, B, P * n, init)
+    o_ref, grads_ref = reference(variant, xs, state, cu, do := torch.randn(B, P * n, H, V, dtype=torch.float64))
+
+    def rank(ctx):
+        return op(variant, rank_slice(xs, ctx.rank, n), cu_seqlens=cu, cp=ctx, initial_state=state,
+                  output_final_state=final)
+
+    results = simulate(P, rank, cu_seqlens=cu, scheme=scheme)
+    o = torch.cat([r[0] for r in results], 1)
+    grads = torch.autograd.grad((o * do).sum(), leaves(xs, state))
+    assert rel_err(o, o_ref) < TOL
+    for got, want in zip(grads, grads_ref):
+        assert rel_err(got, want) < TOL
+    if final:
+        for r, (_, got) in enumerate(results):
+            want = prefix_final_state(variant, xs, state, cu, (r + 1) * n, n)
+            assert got.positions == want.positions
+            assert rel_err(got.buckets, want.with_bits(got.buckets.shape[2]).buckets) < TOL
+
+
+def prefix_final_state(variant, xs, state, cu, end, n):
+    """One process's final states of the documents that meet [end - n, end), cut at ``end``."""
+    head = [None if x is None else x[:, :end] for x in xs]
+    docs = [0, end] if cu is None else [c for c in cu if c < end] + [end]
+    if cu is not None and state is not None:
+        state = FenwickState(state.buckets[: len(docs) - 1], state.positions[: len(docs) - 1])
+    _, final = op(variant, head, cu_seqlens=None if cu is None else docs, initial_state=state, output_final_state=True)
+    if cu is None:
+        return final
+    meet = [i for i in range(len(docs) - 1) if docs[i + 1] > end - n]
+    return FenwickState(final.buckets[meet], tuple(final.positions[i] for i in meet))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
+def test_ranks_equal_one_process(P, variant, scheme):
+    for name, n, cu, B in cases(P):
+        check_ranks(variant, scheme, P, n, cu, B)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_initial_and_final_states(variant, scheme):
+    """A global initial state enters at each document's first rank; every rank's final state is the
+    one-process state at its slice end; the state's gradient (summed over ranks) matches."""
+    check_ranks(variant, scheme, 3, 64, None, 2, init=(100, 100), final=True)
+    check_ranks(variant, scheme, 4, 64, [0, 50, 70, 200, 256], 1, init=(5, 0, 77, 1), final=True)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    P=st.integers(1, 6),
+    n=st.sampled_from([64, 128]),
+    cuts=st.lists(st.integers(1, 6 * 128 - 1), max_size=6),
+    variant=st.sampled_from(VARIANTS),
+    scheme=st.sampled_from(SCHEMES),
+)
+def test_random_ranks_slices_and_documents(P, n, cuts, variant, scheme):
+    T = P * n
+    cu = sorted({0, T, *(c for c in cuts if c < T)})
+    check_ranks(variant, scheme, P, n, cu if len(cu) > 2 else None, 1)
+
+
+def test_unequal_slices():
+    sizes = [128, 64, 192]
+    xs, _ = inputs("gdn", 1, sum(sizes), None)
+    cu = [0, 100, 300, 384]
+    o_ref, _ = op("gdn", xs, cu_seqlens=cu)
+    offsets = [0, 128, 192, 384]
+
+    def rank(ctx):
+        part = [None if x is None else x[:, offsets[ctx.rank] : offsets[ctx.rank + 1]] for x in xs]
+        return op("gdn", part, cu_seqlens=cu, cp=ctx)[0]
+
+    o = torch.cat(simulate(3, rank, cu_seqlens=cu, slice_lengths=sizes, scheme="logp"), 1)
+    assert rel_err(o, o_ref) < TOL
+
+
+def test_invalid_slices_and_schemes_are_refused():
+    sim = SimGroup(2)
+    with pytest.raises(ValueError, match="multiple of the chunk"):
+        CPContext.simulated(sim, 0, cu_seqlens=[0, 100, 200])
+    with pytest.raises(ValueError, match="scheme"):
+        CPContext.simulated(sim, 0, scheme="ring")
+    ctx = CPContext.simulated(sim, 0)
+    xs, _ = inputs("mamba2", 1, 96, None)
+    with pytest.raises(ValueError, match="multiple of the chunk"):
+        op("mamba2", xs, cp=ctx)
+    with pytest.raises(ValueError, match="global cu_seqlens"):
+        op("mamba2", xs, cp=ctx, cu_seqlens=[0, 50, 96])
+
+
+# --- communication volume ---------------------------------------------------------------------
+
+
+def bytes_per_rank(variant, scheme, P, n):
+    """Forward bytes each simulated rank sends for one long document of P * n tokens."""
+    xs, _ = inputs(variant, 1, P * n, None)
+    results = simulate(P, lambda ctx: (op(variant, rank_slice(xs, ctx.rank, n), cp=ctx), ctx.bytes_sent()),
+                       scheme=scheme)
+    return [sent for _, sent in results]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bytes_per_rank_do_not_depend_on_T(variant, scheme):
+    assert bytes_per_rank(variant, scheme, 4, 64) == bytes_per_rank(variant, scheme, 4, 512)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_log_p_volume_grows_as_log_p(variant):
+    """Each rank sends ceil(log2 P) summaries of one aligned block each, at most one bucket plus a
+    transition; the all-gather sends P - 1 of them."""
+    trans = 1 if variant == "mamba2" else K
+    summary = 8 * H * (K * V + trans * trans)
+    for P in (2, 8, 64):
+        logp = bytes_per_rank(variant, "logp", P, 64)
+        assert max(logp) <= math.ceil(math.log2(P)) * summary
+        assert max(logp) >= (math.ceil(math.log2(P)) - 1) * summary
+    assert max(bytes_per_rank(variant, "allgather", 8, 64)) == 7 * summary
