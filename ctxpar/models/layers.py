@@ -15,9 +15,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32: bf16 sums of squares lose too much over wide rows.
-        xf = x.float()
+        xf = fp32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * fp32(self.weight)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -28,9 +28,9 @@ class GatedRMSNorm(RMSNorm):
         self.group = group
 
     def forward(self, y, z):
-        x = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group))
+        x = (fp32(y) * F.silu(fp32(z))).unflatten(-1, (-1, self.group))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.flatten(-2) * self.weight.float()).to(y.dtype)
+        return (x.flatten(-2) * fp32(self.weight)).to(y.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -61,7 +61,9 @@ class ShortConv(nn.Module):
         if cp is not None:
             from ctxpar.comm.halo import causal_conv1d_cp
 
-            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group))
+            # CPContext has no public process group yet; its transport holds the one it was given.
+            group = cp.transport.group
+            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), group))
         return F.silu(causal_conv1d(x, self.weight, self.bias))
 
 
@@ -92,13 +94,18 @@ class LevelScales(nn.Module):
 
     def forward(self, x):
         logits = self.proj(x).unflatten(-1, (self.heads, self.levels))
-        return F.softplus(self.gain * logits.float())
+        return F.softplus(self.gain * fp32(logits))
 
 
 def decay(dt, dt_bias, a_log):
     """g = -softplus(dt + bias) * exp(A_log) in float32 (g <= 0), and the step softplus(dt + bias)."""
-    step = F.softplus(dt.float() + dt_bias)
+    step = F.softplus(fp32(dt) + dt_bias)
     return -step * a_log.exp(), step
+
+
+def fp32(x):
+    """x in float32, or wider (float64 stays float64 for exact tests); decays must not be bf16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def init_decay(heads: int, dt_min: float = 1e-3, dt_max: float = 1e-1):

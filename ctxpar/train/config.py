@@ -16,6 +16,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from ctxpar.models.config import ModelConfig
 
 DEFAULT_RECIPE = "quickstart.yaml"
+# Other names a key is known by; an override under the alias replaces the key itself.
+ALIASES = {"sequence_parallel_size": "context_parallel_size"}
 
 
 class _Section(BaseModel):
@@ -69,7 +71,7 @@ class OptimConfig(_Section):
 class ParallelConfig(_Section):
     nproc: int | Literal["auto"] = Field("auto", description="ranks to launch without a launcher; auto: GPUs, or 2 on CPU")
     context_parallel_size: int = Field(
-        1, gt=0, validation_alias=AliasChoices("context_parallel_size", "sequence_parallel_size")
+        1, gt=0, validation_alias=AliasChoices("context_parallel_size", *[k for k, v in ALIASES.items() if v == "context_parallel_size"])
     )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
@@ -137,7 +139,7 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {p!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    node[ALIASES.get(leaf, leaf)] = yaml.safe_load(value)
 
 
 def _default_text() -> str:

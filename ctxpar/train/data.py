@@ -37,13 +37,14 @@ class PasskeyTask:
         enc = self.tok.encode
         self.preamble, self.filler = enc(PREAMBLE), enc(FILLER)
         self.key_is, self.remember = enc("the pass key is"), enc(". remember it .")
+        self.restate = enc("is the pass key .")
         self.question = enc("what is the pass key ? the pass key is")
 
     def sample(self, length: int, gen: torch.Generator, depth: float | None = None):
         """``length`` tokens ending with the key; the key's digits are the targets."""
         key = torch.randint(0, 10, (self.digits,), generator=gen).tolist()
         key_ids = [self.tok.stoi[str(d)] for d in key]
-        needle = self.key_is + key_ids + self.remember
+        needle = self.key_is + key_ids + self.remember + key_ids + self.restate
         tail = self.question + key_ids
         room = length - len(self.preamble) - len(needle) - len(tail)
         if room < 0:
@@ -53,7 +54,11 @@ class PasskeyTask:
         filler = (self.filler * (room // len(self.filler) + 1))[:room]
         cut = round(depth * room)
         ids = self.preamble + filler[:cut] + needle + filler[cut:] + tail
+        # Scored: the key where it repeats inside the needle (a short-range copy, which teaches the
+        # copying circuit early) and the answer at the end (the long-range retrieval).
         target = torch.zeros(length, dtype=torch.bool)
+        repeat = len(self.preamble) + cut + len(self.key_is) + self.digits + len(self.remember)
+        target[repeat : repeat + self.digits] = True
         target[-self.digits :] = True
         return torch.tensor(ids), target
 

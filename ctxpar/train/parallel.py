@@ -62,19 +62,23 @@ class Layout:
 
 
 def setup(cp_size: int, backend: str = "auto") -> Layout:
-    """Join (or create, for one process) the job described by the environment and build the mesh."""
-    info = resolve_launch()
+    """Join the job the environment describes (or one already initialised) and build the mesh."""
+    if dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        info = LaunchInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_world_size(), "", 0, "torchrun")
+        device = _single_device(info) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        info = resolve_launch()
+        if info.world_size == 1:
+            return Layout(0, 1, 0, 1, _single_device(info))
+        device = init_process_group_from(info, None if backend == "auto" else backend)
     if info.world_size % cp_size:
         raise ValueError(f"context_parallel_size {cp_size} must divide the number of ranks {info.world_size}")
-    if info.world_size == 1:
-        return Layout(0, 1, 0, 1, _single_device(info))
-    device = init_process_group_from(info, None if backend == "auto" else backend)
     layout = Layout(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
-    dp_size = info.world_size // cp_size
     if cp_size > 1:
         from ctxpar.comm.mesh import build_mesh
 
-        mesh = build_mesh(dp_size, cp_size)
+        mesh = build_mesh(info.world_size // cp_size, cp_size)
         layout.cp_size, layout.cp_rank, layout.cp_group = mesh.cp_size, mesh.cp_rank, mesh.cp_group
         layout.dp_size, layout.dp_rank = mesh.dp_size, mesh.dp_rank
     else:

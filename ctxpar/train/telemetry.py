@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # Dense bf16 tensor-core peaks (FLOP/s) of GPUs we know; others need telemetry.peak_tflops.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -74,6 +75,36 @@ class Metrics:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class Telemetry:
+    """Per-step record on rank 0: JSONL every ``log_every`` steps, tqdm bar, throughput and MFU."""
+
+    def __init__(self, recipe, layout, flops_per_step_per_rank: float, start_step: int):
+        self.layout, self.log_every, self.steps = layout, recipe.train.log_every, recipe.train.steps
+        self.tokens_per_step = recipe.train.batch_size * recipe.train.seq_len
+        self.flops = flops_per_step_per_rank
+        self.peak = peak_flops(layout.device, recipe.telemetry.peak_tflops)
+        self.nvml = NVML(layout.device, recipe.telemetry.nvml)
+        self.metrics = Metrics(recipe.run_dir / "metrics.jsonl", start_step) if layout.is_main else None
+        show = layout.is_main and recipe.telemetry.progress_bar
+        self.bar = tqdm(total=self.steps, initial=start_step, disable=not show, dynamic_ncols=True)
+        self.timer = StepTimer(layout.device)
+
+    def record(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        dt = self.timer.lap()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / dt:.0f}")
+        if self.metrics is None or (step % self.log_every and step != self.steps):
+            return
+        self.metrics.write({
+            "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": dt,
+            "tokens_per_s": self.tokens_per_step / dt, "mfu": self.flops / dt / self.peak if self.peak else None,
+            "mem_peak_gib": allocator_peak_gib(self.layout.device), **self.nvml.read(),
+        })
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class StepTimer:

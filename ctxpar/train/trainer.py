@@ -10,15 +10,15 @@ import time
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
+from ctxpar.comm.preemption import PreemptionGuard, requeue_if_slurm
 from ctxpar.models import CausalLM, token_nll
 from ctxpar.models.io import load_weights
 from ctxpar.train import checkpoint
 from ctxpar.train.config import Recipe, dump
 from ctxpar.train.data import Data
 from ctxpar.train.parallel import Layout, cp_mean, cpu_threads, mean_over_world, setup, teardown
-from ctxpar.train.telemetry import NVML, Metrics, StepTimer, allocator_peak_gib, peak_flops, plot_loss
+from ctxpar.train.telemetry import Telemetry, plot_loss
 
 
 class LMLoss(nn.Module):
@@ -87,6 +87,16 @@ class Trainer:
 
     def step(self, step: int) -> tuple[float, float]:
         """One optimizer step; returns (loss, gradient norm before clipping)."""
+        loss = self.forward_backward(step)
+        clip = self.recipe.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def forward_backward(self, step: int) -> float:
+        """Accumulate the gradient of ``step``'s batch (its loss: the DP mean of CP token means)."""
         tc, lay = self.recipe.train, self.layout
         inputs, labels = self.data.batch(step, tc.batch_size, tc.seq_len)
         rows = slice(lay.dp_rank * self.local_batch, (lay.dp_rank + 1) * self.local_batch)
@@ -100,41 +110,36 @@ class Trainer:
                     loss = cp_mean(*self.loss(x, y, cp), lay) / self.accum
                 loss.backward()
             total += loss.item()
-        clip = self.recipe.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return mean_over_world(total, lay), grad_norm
+        return mean_over_world(total, lay)
 
     def run(self) -> dict:
         tc, lay = self.recipe.train, self.layout
-        tokens_per_step = tc.batch_size * tc.seq_len
-        flops = self.model.flops_per_token(tc.seq_len) * tokens_per_step / lay.world_size
-        peak, nvml = peak_flops(lay.device, self.recipe.telemetry.peak_tflops), NVML(lay.device, self.recipe.telemetry.nvml)
-        metrics = Metrics(self.run_dir / "metrics.jsonl", self.start_step) if lay.is_main else None
-        bar = tqdm(total=tc.steps, initial=self.start_step, disable=not (lay.is_main and self.recipe.telemetry.progress_bar),
-                   dynamic_ncols=True)
-        losses, start, timer = [], time.perf_counter(), StepTimer(lay.device)
+        flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / lay.world_size
+        telemetry = Telemetry(self.recipe, lay, flops, self.start_step)
+        losses, start = [], time.perf_counter()
+        with PreemptionGuard() as guard:
+            last = self._loop(guard, telemetry, losses)
+            if last > self.start_step:
+                checkpoint.save(self.run_dir, last, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
+            if last < tc.steps:  # preempted: checkpoint written; inside the guard, as requeue needs
+                requeue_if_slurm()
+        telemetry.close()
+        if last < tc.steps:
+            return {"preempted_at": last} if lay.is_main else {}
+        return self._finish(losses, time.perf_counter() - start)
+
+    def _loop(self, guard, telemetry, losses: list) -> int:
+        """Steps until the end or until any rank is told to stop; returns the steps completed."""
+        tc, lay = self.recipe.train, self.layout
         for step in range(self.start_step, tc.steps):
             loss, grad_norm = self.step(step)
-            dt = timer.lap()
             losses.append(loss)
-            record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                      "step_s": dt, "tokens_per_s": tokens_per_step / dt,
-                      "mfu": flops / dt / peak if peak else None, "mem_peak_gib": allocator_peak_gib(lay.device),
-                      **nvml.read()}
-            if metrics:
-                metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            telemetry.record(step + 1, loss, grad_norm, self.scheduler.get_last_lr()[0])
+            if guard.should_stop():
+                return step + 1
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 checkpoint.save(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
-        bar.close()
-        wall = time.perf_counter() - start
-        if self.start_step < tc.steps:
-            checkpoint.save(self.run_dir, tc.steps, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
-        return self._finish(losses, wall)
+        return tc.steps
 
     def _finish(self, losses: list[float], wall: float) -> dict:
         from ctxpar.train.evaluate import evaluate

@@ -1,0 +1,193 @@
+"""Training: recipes, data, CP/DP-equivalent steps, exact resume, crash-safe checkpoints."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctxpar.train import checkpoint
+from ctxpar.train.cli import main as train_main
+from ctxpar.train.config import RecipeError, load_recipe, validate
+from ctxpar.train.data import Data
+from ctxpar.train.parallel import Layout, setup
+from ctxpar.train.telemetry import read_metrics
+from ctxpar.train.trainer import Trainer, train
+from tests.distributed import run_distributed
+
+HAS_CP = importlib.util.find_spec("ctxpar.cp") is not None
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(out_dir, **sections):
+    raw = {
+        "name": "tiny",
+        "out_dir": str(out_dir),
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 32, "state_dim": 16, "mlp_hidden": 64,
+                  "max_seq_len": 128},
+        "data": {"source": "passkey", "passkey_digits": 3},
+        "train": {"steps": 6, "seq_len": 128, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "parallel": {"nproc": 1},
+        "eval": {"passkey_depths": [0.5], "samples": 2, "heldout_batches": 1},
+        "telemetry": {"progress_bar": False},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return validate(raw)
+
+
+def single_layout():
+    return Layout(0, 1, 0, 1, torch.device("cpu"))
+
+
+# --- recipes ------------------------------------------------------------------------------------
+
+
+def test_bad_recipe_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 64\n")
+    with pytest.raises(RecipeError, match=r"model\.d_modle"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match=r"train\.stpes"):
+        load_recipe(None, ["train.stpes=3"])
+    with pytest.raises(RecipeError, match=r"optim\.lr"):
+        load_recipe(None, ["optim.lr=-1"])
+
+
+def test_cli_reports_bad_key_and_exits_2(tmp_path, capsys):
+    assert train_main(["--set", "parallel.context_paralel_size=2"]) == 2
+    assert "parallel.context_paralel_size" in capsys.readouterr().err
+
+
+def test_embedded_quickstart_and_alias():
+    embedded = load_recipe()
+    assert embedded == load_recipe(str(REPO / "recipes" / "quickstart.yaml"))
+    assert embedded.parallel.context_parallel_size == 2
+    aliased = load_recipe(None, ["parallel.sequence_parallel_size=1"])
+    assert aliased.parallel.context_parallel_size == 1
+
+
+@pytest.mark.parametrize("name", ["longctx-1m-2gpu.yaml", "finetune-longer.yaml"])
+def test_shipped_recipes_validate(name):
+    load_recipe(str(REPO / "recipes" / name))
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def test_batches_are_a_function_of_the_step():
+    data = Data(tiny_recipe("/unused").data, seed=5)
+    a, b = data.batch(3, 2, 128), data.batch(3, 2, 128)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(data.batch(4, 2, 128)[0], a[0])
+    inputs, labels = a
+    scored = labels != -100
+    assert scored.sum(1).tolist() == [6, 6]  # the key inside the needle and the answer, 3 digits each
+    assert torch.equal(labels[:, :-1][scored[:, :-1]], inputs[:, 1:][scored[:, :-1]])  # labels = next inputs
+
+
+def test_bin_token_file(tmp_path):
+    tokens = np.arange(5000, dtype=np.uint16) % 300
+    tokens.tofile(tmp_path / "tokens.bin")
+    recipe = tiny_recipe(tmp_path, data={"source": "bin", "path": str(tmp_path / "tokens.bin"), "loss_on": "all"})
+    inputs, labels = Data(recipe.data, 0).batch(0, 2, 64)
+    assert torch.equal(labels[:, :-1], inputs[:, 1:]) and torch.equal((inputs[:, 1:] - inputs[:, :-1]) % 300,
+                                                                      torch.ones(2, 63, dtype=torch.long))
+
+
+# --- CP / DP equivalence ------------------------------------------------------------------------
+
+
+def _step_matches_single_process(out_dir: str, cp_sizes: list[int]):
+    """On every rank: one step's loss and gradients under (dp, cp) equal one process's on the batch."""
+    rank = torch.distributed.get_rank()
+    torch.set_num_threads(1)
+    ref = Trainer(tiny_recipe(Path(out_dir) / f"ref{rank}", train={"micro_batch_size": 1}), single_layout())
+    ref_loss = ref.forward_backward(0)
+    for cp in cp_sizes:
+        recipe = tiny_recipe(Path(out_dir) / f"cp{cp}", train={"micro_batch_size": 1},
+                             parallel={"context_parallel_size": cp})
+        trainer = Trainer(recipe, setup(cp))
+        loss = trainer.forward_backward(0)
+        assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss), (cp, loss, ref_loss)
+        for (name, p), q in zip(trainer.model.named_parameters(), ref.model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"cp={cp} {name}")
+
+
+@pytest.mark.slow
+def test_two_ranks_match_single_process(tmp_path):
+    run_distributed(_step_matches_single_process, 2, str(tmp_path), [1, 2] if HAS_CP else [1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CP, reason="needs ctxpar.cp")
+def test_cp2_x_dp2_matches_single_process(tmp_path):
+    run_distributed(_step_matches_single_process, 4, str(tmp_path), [2])
+
+
+# --- checkpoints and resume ---------------------------------------------------------------------
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    train(recipe)
+    uninterrupted = read_metrics(recipe.run_dir / "metrics.jsonl")
+    final = checkpoint.latest(recipe.run_dir)
+    weights = (final / "model.safetensors").read_bytes()
+    # Crash after step 3's checkpoint: the step-6 checkpoint never happened.
+    import shutil
+
+    shutil.rmtree(final)
+    summary = train(recipe)
+    assert summary["resumed_from"] == 3
+    resumed = read_metrics(recipe.run_dir / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in uninterrupted
+    ]
+    assert (checkpoint.latest(recipe.run_dir) / "model.safetensors").read_bytes() == weights
+    assert (recipe.run_dir / "loss.png").exists() and (recipe.run_dir / "eval" / "eval.json").exists()
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import tiny_recipe, single_layout
+from ctxpar.train import checkpoint
+from ctxpar.train.trainer import Trainer
+
+trainer = Trainer(tiny_recipe({out!r}), single_layout())
+save = lambda step: checkpoint.save(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
+                                    single_layout(), keep_last=2)
+trainer.step(0)
+save(1)
+trainer.step(1)
+
+def die(obj, f, *args, **kwargs):  # a partial file, then SIGKILL, in the middle of the write
+    open(f, "wb").write(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = die
+save(2)
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    script = KILL_DURING_SAVE.format(tests=str(REPO / "tests"), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr
+    recipe = tiny_recipe(tmp_path)
+    assert checkpoint.latest(recipe.run_dir).name == "step_00000001"
+    assert (checkpoint.checkpoint_dir(recipe.run_dir) / ".step_00000002.tmp").exists()  # the torn write
+    trainer = Trainer(recipe, single_layout())  # resumes from the intact checkpoint
+    assert trainer.start_step == 1
+    saved = checkpoint.save(trainer.run_dir, 2, trainer.model, trainer.optimizer, trainer.scheduler,
+                            single_layout(), keep_last=2)
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["step_00000001", "step_00000002"]
+    json.loads((saved / "config.json").read_text())
