@@ -83,7 +83,9 @@ def scontrol(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     for name in [name for name in os.environ if name.startswith("SLURM_")]:
         monkeypatch.delenv(name)
-    return log
+    term = signal.getsignal(signal.SIGTERM)  # a requeue ignores SIGTERM from then on
+    yield log
+    signal.signal(signal.SIGTERM, term)
 
 
 def _calls(log: Path) -> list[str]:
@@ -99,6 +101,16 @@ def test_requeue_under_slurm_runs_scontrol_requeue_with_the_job_id(scontrol, mon
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert requeue_if_slurm() is True
     assert _calls(scontrol) == ["requeue 4242"]
+
+
+def test_after_a_requeue_sigterm_stays_ignored_past_the_guard(scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    usr1 = signal.getsignal(signal.SIGUSR1)
+    with PreemptionGuard():
+        requeue_if_slurm()
+    # SLURM answers the requeue with SIGTERM, which must not kill the process on its way out.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGUSR1) == usr1
 
 
 def test_requeue_from_a_task_other_than_0_issues_nothing(scontrol, monkeypatch):

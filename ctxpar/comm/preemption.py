@@ -11,7 +11,7 @@ reaches ranks at different moments, usually in different steps, so no rank may a
             if guard.should_stop():          # collective: every rank gets the same answer
                 save_checkpoint(step + 1)     # every rank, at the same step
                 requeue_if_slurm()            # collective; SLURM restarts the job from its script
-                break                         # and the process exits 0
+                break                         # and the process exits with 0
 
 `should_stop` is a collective call: every rank must call it once per step.
 """
@@ -58,9 +58,12 @@ class PreemptionGuard:
 
     def __exit__(self, *exc_info) -> None:
         for signum, previous in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is the best
-            # approximation of it.
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+            # A handler replaced while the guard was active (requeue_if_slurm ignores SIGTERM)
+            # belongs to whoever replaced it.
+            if signal.getsignal(signum) == self._handle:
+                # None: the previous handler was not installed from Python; the default is the
+                # best approximation of it.
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
@@ -81,16 +84,19 @@ class PreemptionGuard:
 def requeue_if_slurm() -> bool:
     """Under SLURM (SLURM_JOB_ID set), put this job back in the queue; otherwise do nothing.
 
-    Call it on every rank after the checkpoint is written, inside the guard. It waits until every
-    rank got here (so that no rank is still writing when the requeue ends the job), then rank 0
-    runs `scontrol requeue $SLURM_JOB_ID`. SLURM then sends SIGTERM to the job's processes, which
-    the guard absorbs, and starts the batch script again once the node is free (SLURM waits
-    AuthInfo's cred_expire, 121 s by default, before it starts a requeued job). Returns whether
-    the job was requeued; raises RequeueError on rank 0 if scontrol refused.
+    Call it on every rank after the checkpoint is written, then exit. It waits until every rank
+    got here (so that no rank is still writing when the requeue ends the job), then rank 0 runs
+    `scontrol requeue $SLURM_JOB_ID`. SLURM then sends SIGTERM to every process of the job, so
+    from here on this process ignores SIGTERM (SLURM's SIGKILL after KillWait remains) and can
+    exit with 0 rather than die in its teardown. SLURM holds the requeued job for about two
+    minutes (reason BeginTime; 121 s with Slurm 22.05's defaults), then runs the batch script
+    again. Returns whether the job was requeued; raises RequeueError on rank 0 if scontrol
+    refused.
     """
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if dist.is_initialized():
         dist.barrier()
     if _rank() == 0:
