@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,6 +120,96 @@ def test_sbatch_two_gloo_ranks_resolved_from_slurm(slurm, tmp_path):
                                   "local_world_size": 2, "master_addr": state["NodeList"],
                                   "master_port": port, "source": "slurm"}
         assert report["sum"] == 1.0  # 0 + 1: the all-reduce crossed both ranks
+
+
+# --- `ctxpar train` on the quickstart --------------------------------------------------------------
+
+TRAIN_CPU = REPO / "slurm" / "train-cpu.sbatch"
+STEPS = 12
+SIGNAL_AFTER = 3  # the preempted job is signalled once this many steps are logged
+# The embedded quickstart (2 gloo ranks, CP = 2), cut to seconds on 2 cores: fewer steps, every
+# step logged, and one passkey prompt for the final evaluation.
+QUICKSTART = [
+    "train", f"--set=train.steps={STEPS}", "--set=train.log_every=1", "--set=train.ckpt_every=0",
+    "--set=telemetry.progress_bar=false", "--set=eval.samples=1", "--set=eval.passkey_depths=[0.5]",
+    "--set=eval.heldout_batches=0",
+]
+
+
+def quickstart(out_dir: Path) -> list[str]:
+    """`ctxpar` arguments for a quickstart run writing into out_dir/quickstart."""
+    return [*QUICKSTART, f"--set=out_dir={out_dir}"]
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / "quickstart" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def submit_train_cpu(tmp_path: Path) -> tuple[str, Path, Path]:
+    """sbatch slurm/train-cpu.sbatch on the quickstart; returns (job id, log, out_dir)."""
+    out_dir, log = tmp_path / "runs", tmp_path / "job.out"
+    args = quickstart(out_dir)[1:]  # the template runs `ctxpar train`
+    job = sbatch(f"--output={log}", str(TRAIN_CPU), *args, cwd=tmp_path)
+    return job, log, out_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory) -> list[dict]:
+    """The metrics of the quickstart run to the end by sbatch slurm/train-cpu.sbatch."""
+    job, log, out_dir = submit_train_cpu(tmp_path_factory.mktemp("uninterrupted"))
+    state = wait_done(job)
+    assert state["JobState"] == "COMPLETED", log.read_text()
+    return metrics(out_dir)
+
+
+def test_sbatch_train_cpu_runs_the_quickstart_to_the_end(uninterrupted):
+    assert [record["step"] for record in uninterrupted] == list(range(1, STEPS + 1))
+    assert uninterrupted[-1]["loss"] < uninterrupted[0]["loss"]
+
+
+def test_usr1_checkpoints_every_rank_requeues_and_resumes_to_the_same_loss(
+    slurm, uninterrupted, tmp_path
+):
+    job, log, out_dir = submit_train_cpu(tmp_path)
+    wait_for(job, lambda _: len(metrics(out_dir)) >= SIGNAL_AFTER, f"logged {SIGNAL_AFTER} steps")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends
+    wait_for(job, lambda s: s["JobState"] == "PENDING" and s["Restarts"] == "1", "was requeued")
+    # SLURM holds a requeued job for about two minutes (reason BeginTime); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    state = wait_done(job)
+    text = log.read_text()  # both runs: the template appends
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text
+    stopped = int(re.search(r"preempted_at: (\d+)", text).group(1))
+    assert SIGNAL_AFTER <= stopped < STEPS, text
+    assert f"(step {stopped})" in text  # "resuming from .../step_XXXXXXXX (step N)"
+    # One checkpoint at the stop, written by both ranks (each saves its own RNG state), and the
+    # final one.
+    checkpoints = out_dir / "quickstart" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        f"step_{stopped:08d}", f"step_{STEPS:08d}"
+    ]
+    ranks_saved = sorted(path.name for path in (checkpoints / f"step_{stopped:08d}").glob("rng_*"))
+    assert ranks_saved == ["rng_0.pt", "rng_1.pt"]
+    # The resumed run is the uninterrupted one, step for step.
+    resumed = metrics(out_dir)
+    assert [record["step"] for record in resumed] == list(range(1, STEPS + 1))
+    assert [record["loss"] for record in resumed] == [record["loss"] for record in uninterrupted]
+
+
+def test_mpirun_runs_the_quickstart_to_the_end(tmp_path):
+    # mpi4py's own mpirun (beside sys.executable): another MPI would start singletons.
+    bin_dir = Path(sys.executable).parent
+    run = subprocess.run(
+        [str(bin_dir / "mpirun"), "-n", "2", str(bin_dir / "ctxpar"), *quickstart(tmp_path)],
+        env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [record["step"] for record in metrics(tmp_path)] == list(range(1, STEPS + 1))
+    assert (tmp_path / "quickstart" / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+
+
+# --- one rank of test_sbatch_two_gloo_ranks_resolved_from_slurm ---------------------------------
 
 
 def _slurm_rank(out: Path) -> None:
