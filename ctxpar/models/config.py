@@ -16,7 +16,7 @@ class ModelConfig(BaseModel):
     vocab_size: int = Field(0, ge=0, description="0: the training data's tokenizer decides")
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
-    n_heads: int = Field(4, gt=0, description="value heads H")
+    n_heads: int = Field(8, gt=0, description="value heads H")
     n_groups: int = Field(1, gt=0, description="query/key groups Hk; must divide n_heads")
     head_dim: int = Field(64, gt=0, description="value width V per head")
     state_dim: int = Field(64, gt=0, description="query/key width K")

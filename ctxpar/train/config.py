@@ -147,4 +147,5 @@ def _default_text() -> str:
 
 
 def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML, only the keys that were set: reloading it keeps "unset" meaning "default"."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_unset=True), sort_keys=False)

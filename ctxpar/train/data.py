@@ -34,33 +34,32 @@ class PasskeyTask:
     def __init__(self, digits: int = 5, tokenizer: WordTokenizer | None = None):
         self.tok = tokenizer or WordTokenizer()
         self.digits = digits
-        enc = self.tok.encode
+        enc = lambda text: torch.tensor(self.tok.encode(text))  # noqa: E731
         self.preamble, self.filler = enc(PREAMBLE), enc(FILLER)
-        self.key_is, self.remember = enc("the pass key is"), enc(". remember it .")
-        self.restate = enc("is the pass key .")
+        self.key_is, self.remember, self.restate = enc("the pass key is"), enc(". remember it ."), enc("is the pass key .")
         self.question = enc("what is the pass key ? the pass key is")
+        self.digit_ids = torch.tensor([self.tok.stoi[str(d)] for d in range(10)])
 
     def sample(self, length: int, gen: torch.Generator, depth: float | None = None):
         """``length`` tokens ending with the key; the key's digits are the targets."""
-        key = torch.randint(0, 10, (self.digits,), generator=gen).tolist()
-        key_ids = [self.tok.stoi[str(d)] for d in key]
-        needle = self.key_is + key_ids + self.remember + key_ids + self.restate
-        tail = self.question + key_ids
+        key = self.digit_ids[torch.randint(0, 10, (self.digits,), generator=gen)]
+        needle = torch.cat([self.key_is, key, self.remember, key, self.restate])
+        tail = torch.cat([self.question, key])
         room = length - len(self.preamble) - len(needle) - len(tail)
         if room < 0:
             raise ValueError(f"passkey needs at least {length - room} tokens, got {length}")
         if depth is None:
             depth = torch.rand((), generator=gen).item()
-        filler = (self.filler * (room // len(self.filler) + 1))[:room]
+        filler = self.filler.repeat(room // len(self.filler) + 1)[:room]
         cut = round(depth * room)
-        ids = self.preamble + filler[:cut] + needle + filler[cut:] + tail
+        ids = torch.cat([self.preamble, filler[:cut], needle, filler[cut:], tail])
         # Scored: the key where it repeats inside the needle (a short-range copy, which teaches the
         # copying circuit early) and the answer at the end (the long-range retrieval).
         target = torch.zeros(length, dtype=torch.bool)
         repeat = len(self.preamble) + cut + len(self.key_is) + self.digits + len(self.remember)
         target[repeat : repeat + self.digits] = True
         target[-self.digits :] = True
-        return torch.tensor(ids), target
+        return ids, target
 
 
 class MQARTask:

@@ -6,14 +6,16 @@ import contextlib
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctxpar.comm.preemption import PreemptionGuard, requeue_if_slurm
-from ctxpar.models import CausalLM, token_nll
-from ctxpar.models.io import load_weights
+from ctxpar.models import CausalLM, ModelConfig, token_nll
+from ctxpar.models.io import load_config, load_weights
 from ctxpar.train import checkpoint
 from ctxpar.train.config import Recipe, dump
 from ctxpar.train.data import Data
@@ -42,10 +44,29 @@ def train(recipe: Recipe) -> dict:
 
 
 def build_model(recipe: Recipe, data: Data) -> CausalLM:
-    cfg = recipe.model
+    """The recipe's model. With ``train.init_from``, the checkpoint's config with the fields the
+    recipe sets on top (e.g. a longer max_seq_len), holding the checkpoint's weights."""
+    cfg, init = recipe.model, init_checkpoint(recipe.train.init_from)
+    if init is not None:
+        update = {k: getattr(cfg, k) for k in cfg.model_fields_set}
+        cfg = ModelConfig.model_validate({**load_config(init).model_dump(), **update})
     if cfg.vocab_size == 0:
         cfg = cfg.model_copy(update={"vocab_size": data.tokenizer.vocab_size})
-    return CausalLM(cfg)
+    model = CausalLM(cfg)
+    if init is not None:
+        load_weights(model, load_file(str(init / "model.safetensors")))
+    return model
+
+
+def init_checkpoint(path: str | None) -> Path | None:
+    """A model directory, or a run directory (its latest checkpoint)."""
+    if path is None:
+        return None
+    p = Path(path)
+    found = p if (p / "config.json").exists() else checkpoint.latest(p)
+    if found is None:
+        raise FileNotFoundError(f"train.init_from {path!r} holds neither a model (config.json) nor checkpoints/")
+    return found
 
 
 def autocast(recipe: Recipe, device: torch.device):
@@ -63,10 +84,6 @@ class Trainer:
         self.data = Data(recipe.data, tc.seed)
         self.model = build_model(recipe, self.data).to(layout.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
-        if tc.init_from:
-            from safetensors.torch import load_file
-
-            load_weights(self.model, load_file(f"{tc.init_from}/model.safetensors", device=str(layout.device)))
         loss = LMLoss(self.model, tc.loss_tile)
         self.loss = DDP(loss, device_ids=_device_ids(layout)) if layout.distributed else loss
         self.optimizer = make_optimizer(self.model, recipe)

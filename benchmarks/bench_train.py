@@ -1,0 +1,112 @@
+"""Training-step benchmark of the 1M recipe's model: step time, tokens/s, MFU and peak memory per
+GPU at 128K, 512K and 1M tokens per sequence, with the sequence split over the GPUs (CP = GPUs).
+
+    python benchmarks/bench_train.py --gpus 2                    # spawns 2 ranks
+    torchrun --nproc-per-node 2 benchmarks/bench_train.py --gpus 2
+    python benchmarks/bench_train.py --gpus 1 --lengths 131072   # one GPU, no CP
+
+Writes benchmarks/results/bench_train_<gpus>gpu.json (and prints a table). Each length runs
+``--warmup`` untimed and ``--steps`` timed optimizer steps of one sequence (batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ctxpar.train.cli import launch_or_run
+from ctxpar.train.config import load_recipe
+from ctxpar.train.parallel import setup, teardown
+from ctxpar.train.telemetry import NVML, peak_flops
+from ctxpar.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "longctx-1m-2gpu.yaml"
+
+
+def bench_rank(recipe, lengths, warmup, steps, out):
+    """Every rank: time the steps at each length; rank 0 returns the results."""
+    layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend)
+    nvml, rows = NVML(layout.device), []
+    try:
+        for length in lengths:
+            rows.append(_bench_length(recipe, layout, nvml, length, warmup, steps))
+            if layout.is_main:
+                print(_format(rows[-1]), flush=True)
+    finally:
+        teardown(layout)
+    if layout.is_main:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=2))
+        return {"results": str(out)}
+    return {}
+
+
+def _bench_length(recipe, layout, nvml, length, warmup, steps):
+    with tempfile.TemporaryDirectory() as tmp:
+        r = recipe.model_copy(update={
+            "out_dir": tmp,
+            "train": recipe.train.model_copy(update={"seq_len": length, "batch_size": 1, "micro_batch_size": 0,
+                                                     "steps": warmup + steps, "resume": False}),
+        })
+        trainer = Trainer(r, layout)
+        torch.cuda.reset_peak_memory_stats(layout.device)
+        times = []
+        for step in range(warmup + steps):
+            torch.cuda.synchronize(layout.device)
+            t = time.perf_counter()
+            trainer.step(step)
+            torch.cuda.synchronize(layout.device)
+            times.append(time.perf_counter() - t)
+        dt = statistics.median(times[warmup:])
+        flops = trainer.model.flops_per_token(length) * length / layout.world_size
+        peak = peak_flops(layout.device, recipe.telemetry.peak_tflops)
+        mine = {"rank": layout.rank, "peak_alloc_gib": torch.cuda.max_memory_allocated(layout.device) / 2**30,
+                **nvml.read()}
+        per_gpu = [None] * layout.world_size
+        if layout.distributed:
+            dist.all_gather_object(per_gpu, mine)
+        else:
+            per_gpu[0] = mine
+        params = trainer.model.num_params()
+        del trainer
+        torch.cuda.empty_cache()
+    return {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt,
+            "tokens_per_s": length / dt, "mfu": flops / dt / peak if peak else None,
+            "params": params, "per_gpu": per_gpu}
+
+
+def _format(row):
+    mem = ", ".join(f"{g['peak_alloc_gib']:.1f}" for g in row["per_gpu"])
+    mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "n/a"
+    return (f"T={row['seq_len']:>8}  step {row['step_s']:.3f} s  {row['tokens_per_s'] / 1e3:.1f} Ktok/s  "
+            f"MFU {mfu}  peak GiB per GPU [{mem}]")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs = ranks = context-parallel size")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[131072, 524288, 1048576])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--recipe", default=str(RECIPE))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("bench_train needs CUDA GPUs")
+    recipe = load_recipe(args.recipe, [f"parallel.context_parallel_size={args.gpus}", f"parallel.nproc={args.gpus}",
+                                       "telemetry.progress_bar=false", "train.ckpt_every=0"])
+    out = args.out or str(REPO / "benchmarks" / "results" / f"bench_train_{args.gpus}gpu.json")
+    return launch_or_run(bench_rank, recipe, args.gpus, sorted(args.lengths), args.warmup, args.steps, out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
