@@ -115,7 +115,8 @@ class CPContext:
         shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
         boundaries = {}
         comm = exchange.make(self.scheme, self.transport, lay, shape)
-        comm.start(self._own_summary(c, lay, initial_state, boundaries))
+        state = None if initial_state is None else initial_state.buckets
+        comm.start(self._own_summary(c, lay, initial_state, boundaries), _anchor(q, k, v, g, beta, level_scales, state))
 
         # Overlapped with the exchange: everything that does not need the incoming state.
         op = log_linear_mamba2 if beta is None else log_linear_gdn
@@ -197,6 +198,11 @@ class CPContext:
         carried = to_state(join(incoming, own), n)
         rest = FenwickState(final.buckets[n:], final.positions[n:])
         return FenwickState.stack([carried, rest]) if rest.num_sequences else carried
+
+
+def _anchor(*inputs) -> torch.Tensor:
+    """Zero that depends on every input needing grad, through one element of each (see ``exchange``)."""
+    return sum((0 * x[(0,) * x.dim()] for x in inputs if x is not None and x.requires_grad), torch.zeros(()))
 
 
 def _inputs(c, piece: Piece):

@@ -6,7 +6,9 @@ Autograd through the collectives obliges every rank to run backward through ever
 same order (see ``ctxpar.comm.collectives``). Hence the ``tie``: zero times what arrived, added to
 the op's output, so a rank that needs nothing it received still reaches the call in backward; in
 the log P scheme each round's message is also tied to the previous round's arrival, so backward
-visits the rounds in reverse order on every rank.
+visits the rounds in reverse order on every rank. And every message carries ``anchor`` (zero that
+depends on each op input needing grad): ``torch.autograd.grad(loss, inputs)`` skips any call whose
+message leads to none of the requested inputs, which would leave the peers waiting.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class AllGather:
         self.transport, self.layout, self.shape = transport, layout, shape
         self.numel = max(shape.numel(s) for s in layout.summaries)
 
-    def start(self, own: Summary) -> None:
-        self._pending = self.transport.start_all_gather(_padded(pack(own), self.numel))
+    def start(self, own: Summary, anchor: torch.Tensor) -> None:
+        self._pending = self.transport.start_all_gather(_padded(pack(own), self.numel) + anchor)
 
     def finish(self) -> tuple[Summary | None, torch.Tensor]:
         gathered = self._pending.wait()
@@ -64,8 +66,8 @@ class Hypercube:
         self.rounds = hypercube_rounds(layout.summaries)
         self._pool = ThreadPoolExecutor(max_workers=1)
 
-    def start(self, own: Summary) -> None:
-        self._future = self._pool.submit(self._run, own, torch.is_grad_enabled())
+    def start(self, own: Summary, anchor: torch.Tensor) -> None:
+        self._future = self._pool.submit(self._run, own, anchor, torch.is_grad_enabled())
 
     def finish(self) -> tuple[Summary | None, torch.Tensor | None]:
         try:
@@ -73,7 +75,7 @@ class Hypercube:
         finally:
             self._pool.shutdown()
 
-    def _run(self, own: Summary, grad: bool):
+    def _run(self, own: Summary, anchor: torch.Tensor, grad: bool):
         if own.buckets.is_cuda:  # the CUDA device is per thread
             torch.cuda.set_device(own.buckets.device)
         rank, size = self.transport.rank, self.transport.size
@@ -83,7 +85,7 @@ class Hypercube:
                 p = rank ^ (1 << k)
                 if p >= size:
                     continue
-                message = _padded(pack(total), self.shape.numel(sent[rank]))
+                message = _padded(pack(total), self.shape.numel(sent[rank])) + anchor
                 if last is not None:
                     message = message + _tie(last)
                 spec = ((max(self.shape.numel(sent[p]), 1),), message.dtype)

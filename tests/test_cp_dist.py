@@ -1,0 +1,72 @@
+"""Context parallelism on real gloo process groups (P = 1, 2, 3, 4, 8): every rank's output and
+its share of the gradients of q, k, v, g, beta, level_scales and the initial state equal the
+single-process float64 result, for both variants, both schemes and every document layout of
+``test_cp.cases``; and the bytes a rank sends (forward and backward) do not depend on T.
+
+Starting processes dominates the cost, so each world size is one spawn that runs every check.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ctxpar.comm.collectives import comm_stats, reset_comm_stats
+from ctxpar.cp import SCHEMES, CPContext
+from tests.distributed import run_distributed
+from tests.factories import rel_err
+from tests.test_cp import TOL, VARIANTS, H, V, cases, inputs, leaves, op, reference, rank_slice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_cp_on_gloo(world_size):
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    run_distributed(check_world, world_size, seed)
+
+
+def check_world(seed):
+    P = dist.get_world_size()
+    torch.manual_seed(seed)
+    for variant in VARIANTS:
+        for scheme in SCHEMES:
+            for _, n, cu, B in cases(P):
+                check_rank(variant, scheme, n, cu, B)
+            check_rank(variant, scheme, 64, [0, 20, 64 * P], 1, init=(9, 300))
+            check_bytes_do_not_depend_on_T(variant, scheme)
+
+
+def check_rank(variant, scheme, n, cu, B, init=None):
+    rank, P = dist.get_rank(), dist.get_world_size()
+    xs, state = inputs(variant, B, P * n, init)  # the same draw on every rank
+    do = torch.randn(B, P * n, H, V, dtype=torch.float64)
+    o_ref, grads_ref = reference(variant, xs, state, cu, do)
+
+    mine = [None if x is None else x.detach().clone().requires_grad_() for x in rank_slice(xs, rank, n)]
+    my_state = None if state is None else type(state)(state.buckets.detach().clone().requires_grad_(), state.positions)
+    o, _ = op(variant, mine, cu_seqlens=cu, initial_state=my_state, cp=CPContext(None, cu, scheme))
+    grads = torch.autograd.grad((o * rank_slice([do], rank, n)[0]).sum(), leaves(mine, my_state))
+    assert rel_err(o, rank_slice([o_ref], rank, n)[0]) < TOL, (variant, scheme, cu)
+    sliced_ref = rank_slice(grads_ref[: len(mine) - mine.count(None)], rank, n)
+    for got, want in zip(grads, sliced_ref):
+        assert rel_err(got, want) < TOL, (variant, scheme, cu)
+    if state is not None:  # each document's state is consumed (and differentiated) on one rank
+        total = grads[-1].clone()
+        dist.all_reduce(total)
+        assert rel_err(total, grads_ref[-1]) < TOL, (variant, scheme, cu)
+
+
+def check_bytes_do_not_depend_on_T(variant, scheme):
+    rank, P = dist.get_rank(), dist.get_world_size()
+    sent = []
+    for n in (64, 256):
+        xs, _ = inputs(variant, 1, P * n, None)
+        mine = [None if x is None else x.detach().clone().requires_grad_() for x in rank_slice(xs, rank, n)]
+        reset_comm_stats()
+        o, _ = op(variant, mine, cp=CPContext(None, None, scheme))
+        o.square().sum().backward()
+        sent.append(comm_stats())
+    assert sent[0] == sent[1], (variant, scheme, sent)
+    assert (sent[0] > 0) == (P > 1)
