@@ -46,11 +46,18 @@ class CPContext:
                     slice_lengths, chunk_size)
 
     @classmethod
-    def simulated(cls, sim: SimGroup, rank: int, cu_seqlens=None, scheme="allgather", *, slice_lengths=None,
-                  chunk_size=DEFAULT_CHUNK) -> "CPContext":
+    def simulated(cls, sim: SimGroup, rank: int, cu_seqlens=None, scheme="allgather", **kwargs) -> "CPContext":
         """Rank ``rank`` of the simulated group ``sim`` (see ``ctxpar.cp.simulate``)."""
+        return cls.from_transport(SimTransport(sim, rank), cu_seqlens, scheme, **kwargs)
+
+    @classmethod
+    def from_transport(cls, transport, cu_seqlens=None, scheme="allgather", *, slice_lengths=None,
+                       chunk_size=DEFAULT_CHUNK) -> "CPContext":
+        """Over any object with ``rank``, ``size``, ``start_all_gather(x)`` (a handle whose ``wait()``
+        gives ``[size, *x.shape]``), ``exchange(send, recv_shapes)`` and ``bytes_sent()``, with the
+        semantics of ``ctxpar.comm.collectives`` (see ``ctxpar.cp.transport``)."""
         self = cls.__new__(cls)
-        self._setup(SimTransport(sim, rank), cu_seqlens, scheme, slice_lengths, chunk_size)
+        self._setup(transport, cu_seqlens, scheme, slice_lengths, chunk_size)
         return self
 
     def _setup(self, transport, cu_seqlens, scheme, slice_lengths, chunk_size):

@@ -13,6 +13,7 @@ message leads to none of the requested inputs, which would leave the peers waiti
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -59,7 +60,8 @@ class AllGather:
 class Hypercube:
     """ceil(log2 P) rounds of pairwise swaps with partner rank ^ 2**k (see ``plan.hypercube_rounds``).
     Every message is one aligned block's summary, so a rank sends ceil(log2 P) summaries. The
-    rounds depend on each other, so they run on a helper thread while the caller computes."""
+    rounds depend on each other, so they run on a helper thread while the caller computes; on CUDA
+    that thread works on a side stream, so its small joins do not queue behind the local op."""
 
     def __init__(self, transport, layout: Layout, shape: Shape):
         self.transport, self.layout, self.shape = transport, layout, shape
@@ -67,20 +69,26 @@ class Hypercube:
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def start(self, own: Summary, anchor: torch.Tensor) -> None:
+        self._stream = None
+        if own.buckets.is_cuda:
+            self._stream = torch.cuda.Stream(own.buckets.device)
+            self._stream.wait_stream(torch.cuda.current_stream(own.buckets.device))
         self._future = self._pool.submit(self._run, own, anchor, torch.is_grad_enabled())
 
     def finish(self) -> tuple[Summary | None, torch.Tensor | None]:
         try:
-            return self._future.result()
+            result = self._future.result()
         finally:
             self._pool.shutdown()
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        return result
 
     def _run(self, own: Summary, anchor: torch.Tensor, grad: bool):
-        if own.buckets.is_cuda:  # the CUDA device is per thread
-            torch.cuda.set_device(own.buckets.device)
         rank, size = self.transport.rank, self.transport.size
         total, prefix, last = own, None, None
-        with torch.set_grad_enabled(grad):
+        # Grad mode and the CUDA device and stream are per thread: set them from the caller's.
+        with torch.set_grad_enabled(grad), _on(self._stream):
             for k, sent in enumerate(self.rounds):
                 p = rank ^ (1 << k)
                 if p >= size:
@@ -96,6 +104,13 @@ class Hypercube:
                 else:
                     total = join(total, other)
         return (prefix if self.layout.crosses_in is not None else None), _tie(last)
+
+
+def _on(stream):
+    if stream is None:
+        return contextlib.nullcontext()
+    torch.cuda.set_device(stream.device)
+    return torch.cuda.stream(stream)
 
 
 def make(scheme: str, transport, layout: Layout, shape: Shape):
