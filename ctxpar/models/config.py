@@ -24,6 +24,8 @@ class ModelConfig(BaseModel):
     conv_width: int = Field(4, gt=0)
     mlp_hidden: int = Field(-1, description="SwiGLU width; -1: 8/3 d_model rounded to 64; 0: no MLP")
     max_seq_len: int = Field(4096, gt=0, description="longest sequence; fixes the number of lambda levels")
+    dt_min: float = Field(1e-3, gt=0, description="initial decay steps are log-uniform in [dt_min, dt_max]")
+    dt_max: float = Field(1e-1, gt=0)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     lambda_init_std: float = Field(1e-3, description="W_lambda starts small, so every level starts at softplus(0)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,10 +110,10 @@ def fp32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def init_decay(heads: int, dt_min: float = 1e-3, dt_max: float = 1e-1):
+def init_decay(heads: int, dt_min: float, dt_max: float):
     """Mamba-2's initialisation: dt log-uniform in [dt_min, dt_max] (stored as inverse softplus), A in [1, 16]."""
-    dt = torch.exp(torch.rand(heads) * (torch.log(torch.tensor(dt_max)) - torch.log(torch.tensor(dt_min))))
-    dt = (dt * dt_min).clamp(min=1e-4)
+    log_dt = torch.empty(heads).uniform_(math.log(dt_min), math.log(dt_max))
+    dt = log_dt.exp()
     dt_bias = dt + torch.log(-torch.expm1(-dt))
     a_log = torch.log(torch.empty(heads).uniform_(1, 16))
     return nn.Parameter(dt_bias), nn.Parameter(a_log)

@@ -27,7 +27,7 @@ class LogLinearMamba2(nn.Module):
         self.in_proj = nn.Linear(cfg.d_model, sum(self.sizes), bias=False)
         self.conv = ShortConv(H * P + 2 * Hk * N, cfg.conv_width)
         self.levels = LevelScales(cfg.d_model, H, cfg.num_levels, cfg.lambda_init_std)
-        self.dt_bias, self.A_log = init_decay(H)
+        self.dt_bias, self.A_log = init_decay(H, cfg.dt_min, cfg.dt_max)
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(H * P, P, cfg.norm_eps)
         self.out_proj = nn.Linear(H * P, cfg.d_model, bias=False)
@@ -60,7 +60,7 @@ class LogLinearGDN(nn.Module):
         self.gates = nn.Linear(cfg.d_model, 2 * H + H * V, bias=False)  # dt, beta, output gate
         self.conv = ShortConv(sum(self.sizes), cfg.conv_width)
         self.levels = LevelScales(cfg.d_model, H, cfg.num_levels, cfg.lambda_init_std)
-        self.dt_bias, self.A_log = init_decay(H)
+        self.dt_bias, self.A_log = init_decay(H, cfg.dt_min, cfg.dt_max)
         self.norm = GatedRMSNorm(H * V, V, cfg.norm_eps)
         self.out_proj = nn.Linear(H * V, cfg.d_model, bias=False)
 

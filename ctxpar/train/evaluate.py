@@ -26,9 +26,9 @@ def sequence_stats(model: CausalLM, inputs, labels, recipe: Recipe, layout: Layo
     from ctxpar.train.trainer import autocast
 
     x, y = layout.split(inputs).to(layout.device), layout.split(labels).to(layout.device)
-    # Grad mode stays on: the torch backend's no-grad path of read_tree (torch_chunked.py, commit
-    # 7efdbbd) raises NameError on 'arrays'. Switch to torch.no_grad() once that is fixed.
-    with autocast(recipe, layout.device):
+    # Grad mode stays on for the CPU (torch) backend: its no-grad path of read_tree (torch_chunked.py,
+    # commit 7efdbbd) raises NameError on 'arrays'. Use torch.no_grad() everywhere once that is fixed.
+    with torch.set_grad_enabled(layout.device.type == "cpu"), autocast(recipe, layout.device):
         hidden = model(x, layout.cp_context()).detach()
     nll, correct = token_stats(model, hidden, y, recipe.train.loss_tile)
     return gather_sequence(nll, layout).cpu(), gather_sequence(correct, layout).cpu()
@@ -63,7 +63,7 @@ def loss_by_position(model, data: Data, recipe: Recipe, layout: Layout) -> np.nd
     for i in range(recipe.eval.heldout_batches):
         x, y = data.batch(i, batch, tc.seq_len, stream=HELDOUT, loss_on="all")
         rows.append(sequence_stats(model, x, y, recipe, layout)[0])
-    return torch.cat(rows).nanmean(0).numpy() if rows else np.full(tc.seq_len, np.nan)
+    return torch.cat(rows).nanmean(0).numpy()
 
 
 def evaluate(model, data: Data, recipe: Recipe, layout: Layout, out_dir: Path) -> dict:
@@ -73,15 +73,19 @@ def evaluate(model, data: Data, recipe: Recipe, layout: Layout, out_dir: Path) -
         table = passkey_sweep(model, data, recipe, layout)
         results["passkey"] = {str(k): {str(d): a for d, a in row.items()} for k, row in table.items()}
         results["passkey_accuracy"] = float(np.mean([a for row in table.values() for a in row.values()]))
-    position = loss_by_position(model, data, recipe, layout)
-    results["heldout_loss"] = float(np.nanmean(position)) if np.isfinite(position).any() else None
+    position = loss_by_position(model, data, recipe, layout) if recipe.eval.heldout_batches else None
+    if position is not None:
+        results["heldout_loss"] = float(np.nanmean(position))
     if layout.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if "passkey" in results:
             print(format_table(table))
             plot_heatmap(table, out_dir / "passkey.png")
-        plot_by_position(position, out_dir / "loss_by_position.png")
-        (out_dir / "eval.json").write_text(json.dumps({**results, "loss_by_position": _finite(position)}, indent=2))
+        record = dict(results)
+        if position is not None:
+            plot_by_position(position, out_dir / "loss_by_position.png")
+            record["loss_by_position"] = _finite(position)
+        (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
     return results
 
 

@@ -190,10 +190,11 @@ def _device_ids(layout: Layout):
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW; weight matrices decay; norms, biases, conv filters, decay rates and level gains do not."""
     oc = recipe.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decays = lambda name, p: p.dim() == 2 and not name.endswith("levels.gain")  # noqa: E731
     groups = [
-        {"params": [p for p in params if p.dim() == 2], "weight_decay": oc.weight_decay},
-        {"params": [p for p in params if p.dim() != 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if decays(n, p)], "weight_decay": oc.weight_decay},
+        {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
 
