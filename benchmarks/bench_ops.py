@@ -9,6 +9,7 @@ of forward+backward, peak memory of one forward+backward. A failing row is recor
 
     python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
     TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py
+    STAGES=8192,131072 python benchmarks/bench_ops.py   # also each kernel stage of ctxpar alone
 """
 
 import json
@@ -121,6 +122,39 @@ def fla_ops():
             lambda q, k, v, g: chunk_simple_gla(q, k, v, g)[0])
 
 
+def stage_times(T):
+    """Median ms of each ctxpar stage alone (in-place stages rerun on their own output: same work)."""
+    from ctxpar.kernels.triton import function as F
+    from ctxpar.kernels.triton.layout import build_layout
+
+    B = batch_of(T)
+    q, k, v, g, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in log_linear_inputs(B, T))
+    do = torch.randn_like(v)
+    spans = [(b, 0, T) for b in range(B)]
+    ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
+    fwd, bwd = "tf32", "tf32x3"
+    layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)
+    states, totals = F.chunk_states(k, v, g, layout, fwd)
+    gc = F.cumulative_decay(totals, layout)
+    grads = torch.zeros_like(states)
+    _, _, dG = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
+    times = {
+        "layout (host)": ms(lambda: build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)),
+        "chunk_state": ms(lambda: F.chunk_states(k, v, g, layout, fwd)),
+        "cumulative_decay": ms(lambda: F.cumulative_decay(totals, layout)),
+        "tree up": ms(lambda: F.up_sweep(states, None, gc, layout)),
+        "output": ms(lambda: F.outputs(q, k, v, g, lam, states, None, gc, layout, fwd)),
+        "node_grad": ms(lambda: F.node_grads(q, do, g, lam, gc, grads, None, layout, bwd)),
+        "tree down": ms(lambda: F.down_sweep(grads, gc, layout)),
+        "query_grad": ms(lambda: F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)),
+        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, dG, layout, bwd)),
+        "dg cumsum": ms(lambda: F._reverse_cumsum_per_document(dG, layout)),
+    }
+    row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def main():
     from torch.nn.attention import SDPBackend
 
@@ -135,6 +169,11 @@ def main():
         if T <= 131072:
             run_case("sdpa_flash_hd64", T, sdpa_inputs, sdpa(SDPBackend.FLASH_ATTENTION))
             run_case("sdpa_cudnn_hd64", T, sdpa_inputs, sdpa(SDPBackend.CUDNN_ATTENTION))
+    for T in [int(x) for x in os.environ.get("STAGES", "").split(",") if x]:
+        try:
+            stage_times(T)
+        except Exception as e:  # the breakdown is a diagnostic, never fatal
+            print("stage breakdown failed:", repr(e)[:300], flush=True)
     write(os.environ.get("OUT", "."))
 
 
@@ -145,7 +184,10 @@ def write(out):
         print("plot failed:", repr(e))
     print("\n%-32s %8s %2s %9s %9s %8s %7s" % ("op", "T", "B", "fwd_ms", "fb_ms", "Mtok/s", "GiB"))
     for r in results:
-        if "error" in r:
+        if "stages" in r:
+            print("%-32s %8d %2d stages ms: %s" % (r["name"], r["T"], r["B"],
+                                                  ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items())))
+        elif "error" in r:
             print("%-32s %8d %2d ERROR %s" % (r["name"], r["T"], r["B"], r["error"][:90]))
         else:
             print("%-32s %8d %2d %9.3f %9.3f %8.2f %7.2f" % (r["name"], r["T"], r["B"], r["fwd_ms"], r["fwdbwd_ms"],
@@ -160,7 +202,7 @@ def plot(path):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["name"] for r in results):
-        rows = [r for r in results if r["name"] == name and "error" not in r]
+        rows = [r for r in results if r["name"] == name and "fwdbwd_Mtok_s" in r]
         ax.plot([r["T"] for r in rows], [r["fwdbwd_Mtok_s"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -62,19 +62,18 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs,
     tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
 
 
-def heads_per_program(heads_per_group, slots, target=16384):
-    """Heads one program loops over: few enough that (slots x head blocks) fills the GPU."""
-    hpb = heads_per_group
-    while hpb > 1 and slots * (heads_per_group // hpb) < target and hpb % 2 == 0:
-        hpb //= 2
-    return hpb
+def heads_per_program(heads_per_group, max_splits=4):
+    """Heads one program loops over: the group's heads in at most ``max_splits`` blocks, since
+    each block writes its own float32 partial dq (dk) of the whole sequence."""
+    splits = max(s for s in range(1, max_splits + 1) if heads_per_group % s == 0)
+    return heads_per_group // splits
 
 
 def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
     """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (q . dq, per head)."""
     R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     HK = q.shape[1]
-    hpb = heads_per_program(H // HK, layout.num_slots)
+    hpb = heads_per_program(H // HK)
     splits = H // HK // hpb
     dq = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
     dlam = torch.zeros(R, H, L, device=v.device, dtype=torch.float32)

@@ -60,7 +60,7 @@ def source_grads(q, k, v, g, lam, do, grads, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place."""
     R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     HK = q.shape[1]
-    hpb = heads_per_program(H // HK, layout.num_slots)
+    hpb = heads_per_program(H // HK)
     splits = H // HK // hpb
     dk = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
