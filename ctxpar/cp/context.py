@@ -86,6 +86,11 @@ class CPContext:
             raise ValueError(f"slices hold {sum(lengths)} tokens but cu_seqlens packs {self.cu_seqlens[-1]}")
 
     @property
+    def group(self):
+        """The torch.distributed group (None in simulated mode or over a custom transport)."""
+        return getattr(self.transport, "group", None)
+
+    @property
     def offset(self) -> int | None:
         """This rank's first global token (None until the slice length is known)."""
         return None if self.slice_lengths is None else sum(self.slice_lengths[: self.rank])
