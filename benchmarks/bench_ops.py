@@ -132,7 +132,7 @@ def stage_times(T):
     do = torch.randn_like(v)
     spans = [(b, 0, T) for b in range(B)]
     ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
-    fwd, bwd = "tf32", "tf32x3"
+    fwd = bwd = "tf32"
     layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)
     states, totals = F.chunk_states(k, v, g, layout, fwd)
     gc = F.cumulative_decay(totals, layout)

@@ -62,9 +62,7 @@ class LogLinearMamba2(torch.autograd.Function):
         o = outputs(q, k, v, g, lam, states, init_nodes, gc, layout, prec)
         final = _gather_finals(states, init_nodes, plan)
         ctx.save_for_backward(q, k, v, g, lam, init_nodes, leaf_extra, states, gc)
-        # dg is a reversed sum over the document of q.dq - k.dk, two large terms that cancel: over a
-        # million tokens TF32 rounding in dq, dk adds up to percents, so the backward uses 3xTF32.
-        ctx.plan, ctx.prec = plan, "ieee" if prec == "ieee" else "tf32x3"
+        ctx.plan, ctx.prec = plan, prec
         return o, final
 
     @staticmethod
