@@ -1,0 +1,1 @@
+"""Integrations of ctxpar's context parallelism into other training engines."""
