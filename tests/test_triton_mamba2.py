@@ -122,3 +122,22 @@ def test_gated_deltanet_is_issue_4():
     q, k, v, g, lam = make_inputs(1, 16, 1, 1, 16, 16, 5, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="issue 4"):
         chunked(q, k, v, g, torch.rand_like(g), lam, [(0, 0, 16)])
+
+
+def test_public_op_dispatches_to_the_kernels():
+    """log_linear_mamba2(backend="triton") validates, scales q and keeps Hk = 1 unexpanded."""
+    from ctxpar import log_linear_mamba2
+
+    q, k, v, g, lam = make_inputs(1, 100, 4, 1, 16, 16, 8, dtype=torch.float32)
+    cu = torch.tensor([0, 30, 100], device=DEVICE)
+    q.requires_grad_(True)
+    o, state = log_linear_mamba2(q, k, v, g, lam, scale=0.5, cu_seqlens=cu, output_final_state=True,
+                                 backend="triton")
+    (dq,) = torch.autograd.grad(o.square().sum(), q)
+    q64 = q.detach().double().requires_grad_(True)
+    o_ref, s_ref = log_linear_mamba2(q64, k.double(), v.double(), g.double(), lam.double(), scale=0.5,
+                                     cu_seqlens=cu, output_final_state=True, backend="reference")
+    (dq_ref,) = torch.autograd.grad(o_ref.square().sum(), q64)
+    assert o.dtype == torch.float32
+    assert rel(o, o_ref) < 1e-5 and rel(dq, dq_ref) < 1e-5
+    assert state.positions == (30, 70) and rel(state.buckets, s_ref.buckets) < 1e-5

@@ -1,13 +1,14 @@
 """Log-linear attention on one device: the public ops and the dispatch between backends.
 
 Backends: ``"reference"`` (the materialized O(T^2) oracle; the token recurrence when a state goes
-in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels, when
-installed). ``"auto"`` picks triton for CUDA tensors when available, torch otherwise.
+in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels; log-linear
+Mamba-2 so far). ``"auto"`` picks triton for CUDA tensors when it can run them, torch otherwise.
 """
 
 from __future__ import annotations
 
 from ctxpar.kernels import reference, torch_chunked
+from ctxpar.kernels import triton as triton_kernels
 from ctxpar.kernels.inputs import canonicalize
 from ctxpar.kernels.levels import num_levels
 from ctxpar.kernels.state import FenwickState
@@ -63,10 +64,17 @@ def log_linear_gdn_step(q, k, v, g, beta, level_scales, state=None, *, scale=Non
     return _step((q, k, v, g, beta, level_scales), state, scale, _gdn_scale)
 
 
-def available_backends(device_type: str = "cpu") -> dict[str, str | None]:
+def available_backends() -> dict[str, str | None]:
     """{backend: None if it can run here, else why not}."""
-    reasons = {"torch": None, "reference": None, "triton": "the Triton kernels are not part of this build"}
-    return reasons
+    return {"torch": None, "reference": None, "triton": triton_kernels.unavailable_reason()}
+
+
+def _pick(backend, q, beta):
+    if backend != "auto":
+        return backend
+    # The Triton log-linear GDN kernels are issue 4; until then GDN runs on the torch backend.
+    fast = q.is_cuda and beta is None and triton_kernels.unavailable_reason() is None
+    return "triton" if fast else "torch"
 
 
 def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, default_scale):
@@ -75,14 +83,16 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
     if cp is not None:
         return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
-    if backend == "auto":
-        backend = "torch"
-    reason = available_backends(args[0].device.type)[backend]
+    backend = _pick(backend, args[0], args[4])
+    reason = available_backends()[backend]
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
-    c = canonicalize(*args, scale, initial_state, cu_seqlens, default_scale=default_scale)
+    c = canonicalize(*args, scale, initial_state, cu_seqlens, default_scale=default_scale,
+                     native=backend == "triton")
     inputs = (c.q, c.k, c.v, c.g, c.beta, c.lam, c.spans)
-    if backend == "torch":
+    if backend == "triton":
+        o, state = triton_kernels.chunked(*inputs, c.initial_state, output_final_state)
+    elif backend == "torch":
         o, state = torch_chunked.chunked(*inputs, c.initial_state, output_final_state)
     elif c.initial_state is None and not output_final_state:
         o, state = reference.materialized(*inputs), None

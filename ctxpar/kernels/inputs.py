@@ -1,8 +1,10 @@
 """Validation and canonical form of the public ops' inputs, shared by every backend.
 
-Canonical form: q, k expanded to all H heads and multiplied by ``scale``; compute dtype float32
-for half-precision inputs (float64 stays float64); ``spans`` lists the sequences as
-``(batch, start, end)`` - one per batch row, or one per packed document when ``cu_seqlens`` is given.
+Canonical form: q multiplied by ``scale``; ``spans`` lists the sequences as ``(batch, start, end)``
+- one per batch row, or one per packed document when ``cu_seqlens`` is given. The PyTorch backends
+take q, k expanded to all H heads and a compute dtype of float32 for half-precision inputs
+(float64 stays float64); the Triton kernels take q, k with their Hk heads and every tensor in its
+input dtype (``native=True``), since they index the group and accumulate in float32 themselves.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Canonical:
     out_dtype: torch.dtype
 
 
-def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlens, *, default_scale):
+def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlens, *, default_scale, native=False):
     """Check every input (clear errors, one rule each) and return the canonical form."""
     if initial_state is not None and not isinstance(initial_state, FenwickState):
         raise TypeError(f"initial_state must be a FenwickState, got {type(initial_state).__name__}")
@@ -42,9 +44,12 @@ def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlen
     _check_levels(level_scales.shape[-1], spans, initial_state)
     _check_values(q, k, v, g, beta, level_scales, initial_state)
 
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if native:
+        q = q if scale == 1.0 else q * scale
+        return Canonical(q, k, v, g, beta, level_scales, spans, initial_state, v.dtype)
     compute = torch.float64 if v.dtype == torch.float64 else torch.float32
     groups = v.shape[2] // q.shape[2]
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     q = (q.to(compute) * scale).repeat_interleave(groups, dim=2)
     k = k.to(compute).repeat_interleave(groups, dim=2)
     state = None if initial_state is None else initial_state.to(compute)
