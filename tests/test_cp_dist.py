@@ -16,7 +16,7 @@ from ctxpar.comm.collectives import comm_stats, reset_comm_stats
 from ctxpar.cp import SCHEMES, CPContext
 from tests.distributed import run_distributed
 from tests.factories import rel_err
-from tests.test_cp import TOL, VARIANTS, H, V, cases, inputs, leaves, op, reference, rank_slice
+from tests.test_cp import TOL, VARIANTS, H, V, cases, inputs, leaves, op, reference
 
 
 @pytest.mark.slow
@@ -35,6 +35,7 @@ def check_world(seed):
             for _, n, cu, B in cases(P):
                 check_rank(variant, scheme, n, cu, B)
             check_rank(variant, scheme, 64, [0, 20, 64 * P], 1, init=(9, 300))
+            check_two_layers_and_one_requested_input(variant, scheme)
             check_bytes_do_not_depend_on_T(variant, scheme)
 
 
@@ -44,12 +45,12 @@ def check_rank(variant, scheme, n, cu, B, init=None):
     do = torch.randn(B, P * n, H, V, dtype=torch.float64)
     o_ref, grads_ref = reference(variant, xs, state, cu, do)
 
-    mine = [None if x is None else x.detach().clone().requires_grad_() for x in rank_slice(xs, rank, n)]
+    mine = own_leaves(xs, rank, n)
     my_state = None if state is None else type(state)(state.buckets.detach().clone().requires_grad_(), state.positions)
     o, _ = op(variant, mine, cu_seqlens=cu, initial_state=my_state, cp=CPContext(None, cu, scheme))
-    grads = torch.autograd.grad((o * rank_slice([do], rank, n)[0]).sum(), leaves(mine, my_state))
-    assert rel_err(o, rank_slice([o_ref], rank, n)[0]) < TOL, (variant, scheme, cu)
-    sliced_ref = rank_slice(grads_ref[: len(mine) - mine.count(None)], rank, n)
+    grads = torch.autograd.grad((o * mine_of(do, rank, n)).sum(), leaves(mine, my_state))
+    assert rel_err(o, mine_of(o_ref, rank, n)) < TOL, (variant, scheme, cu)
+    sliced_ref = [mine_of(x, rank, n) for x in grads_ref[: len(mine) - mine.count(None)]]
     for got, want in zip(grads, sliced_ref):
         assert rel_err(got, want) < TOL, (variant, scheme, cu)
     if state is not None:  # each document's state is consumed (and differentiated) on one rank
@@ -58,12 +59,41 @@ def check_rank(variant, scheme, n, cu, B, init=None):
         assert rel_err(total, grads_ref[-1]) < TOL, (variant, scheme, cu)
 
 
+def check_two_layers_and_one_requested_input(variant, scheme):
+    """Two chained CP ops (the second's values are the first's output), differentiated for v alone:
+    backward must still run every collective on every rank, in the same order."""
+    rank, P, n = dist.get_rank(), dist.get_world_size(), 64
+    cu = [0, 30, 64 * P - 1, 64 * P] if P > 1 else None
+    xs, _ = inputs(variant, 1, P * n, None)
+
+    def two_layers(xs, **kwargs):
+        o, _ = op(variant, xs, cu_seqlens=cu, **kwargs)
+        return op(variant, [*xs[:2], o, *xs[3:]], cu_seqlens=cu, **kwargs)[0]
+
+    o_ref = two_layers(xs)
+    (grad_ref,) = torch.autograd.grad(o_ref.square().sum(), xs[2])
+    mine = own_leaves(xs, rank, n)
+    o = two_layers(mine, cp=CPContext(None, cu, scheme))
+    (grad,) = torch.autograd.grad(o.square().sum(), mine[2])
+    assert rel_err(o, mine_of(o_ref, rank, n)) < TOL, (variant, scheme)
+    assert rel_err(grad, mine_of(grad_ref, rank, n)) < TOL, (variant, scheme)
+
+
+def mine_of(x, rank, n):
+    return x[:, rank * n : (rank + 1) * n]
+
+
+def own_leaves(xs, rank, n):
+    """This rank's slice of the global inputs, as its own leaves."""
+    return [None if x is None else mine_of(x, rank, n).detach().clone().requires_grad_() for x in xs]
+
+
 def check_bytes_do_not_depend_on_T(variant, scheme):
     rank, P = dist.get_rank(), dist.get_world_size()
     sent = []
     for n in (64, 256):
         xs, _ = inputs(variant, 1, P * n, None)
-        mine = [None if x is None else x.detach().clone().requires_grad_() for x in rank_slice(xs, rank, n)]
+        mine = own_leaves(xs, rank, n)
         reset_comm_stats()
         o, _ = op(variant, mine, cp=CPContext(None, None, scheme))
         o.square().sum().backward()

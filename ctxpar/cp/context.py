@@ -214,7 +214,8 @@ class CPContext:
 
 def _anchor(*inputs) -> torch.Tensor:
     """Zero that depends on every input needing grad, through one element of each (see ``exchange``)."""
-    return sum((0 * x[(0,) * x.dim()] for x in inputs if x is not None and x.requires_grad), torch.zeros(()))
+    needed = [x for x in inputs if x is not None and x.requires_grad and x.numel()]
+    return sum((0 * x[(0,) * x.dim()] for x in needed), torch.zeros(()))
 
 
 def _inputs(c, piece: Piece):
