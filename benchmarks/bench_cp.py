@@ -159,7 +159,7 @@ def ctxpar_rows(args, variant, scheme, mode, T, group, timer, device, baseline):
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     n = T // P
     levels = num_levels(T)
-    mine = [None if x is None else x[:, rank * n : (rank + 1) * n] for x in make_inputs(variant, T, device, 0)]
+    mine = make_inputs(variant, n, device, seed=rank)  # timing only: each rank draws just its slice
     row = dict(impl="ctxpar", variant=variant, scheme=scheme, mode=mode, T=T, P=P, T_per_gpu=n)
     cp = CPContext(group, scheme=scheme)
     run = step_fn(variant, mine, levels, args.backend, cp)
@@ -203,13 +203,13 @@ def fla_rows(args, mode, T, group, timer, device):
 
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     n = T // P
-    inputs = make_inputs("gdn", T, device, 0)
-    mine = [x[:, rank * n : (rank + 1) * n] for x in inputs]
+    mine = make_inputs("gdn", n, device, seed=rank)
     ctx = build_cp_context(torch.tensor([0, T], device=device, dtype=torch.long), group=group)
     row = dict(impl="fla", variant="gdn_linear", scheme="fla_cp", mode=mode, T=T, P=P, T_per_gpu=n)
     row["ms"] = timer(fla_step_fn(mine, ctx))
-    whole = inputs if mode == "strong" else mine
-    baseline = one_gpu_ms(lambda: fla_step_fn(whole, None), timer, group)
+    del mine
+    baseline = one_gpu_ms(lambda: fla_step_fn(make_inputs("gdn", T if mode == "strong" else n, device, 0), None),
+                          timer, group)
     return _scaled(row, baseline)
 
 
