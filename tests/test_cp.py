@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctxpar.cp import SCHEMES, CPContext, SimGroup, simulate
+from ctxpar.cp.plan import hypercube_rounds, layout
 from ctxpar.kernels import FenwickState, log_linear_gdn, log_linear_mamba2, num_levels
 from tests.factories import attention_inputs, rel_err
 
@@ -184,3 +185,19 @@ def test_log_p_volume_grows_as_log_p(variant):
 def test_summaries_travel_in_float32_below_float64(dtype):
     wide = bytes_per_rank("gdn", "allgather", 2, 64)
     assert bytes_per_rank("gdn", "allgather", 2, 64, dtype) == [b // 2 for b in wide]
+
+
+def test_log_p_sends_only_what_short_documents_need():
+    """Documents shorter than a slice: a rank needs only the summary of the document crossing into
+    it, so the liveness pass leaves about one real message per rank at any P (a long document needs
+    nearly ceil(log2 P))."""
+
+    def messages_per_rank(P, cu):
+        docs = list(zip(cu, cu[1:]))
+        lay = layout(0, [64 * r for r in range(P + 1)], docs, [0] * len(docs))
+        rounds = hypercube_rounds(lay.summaries)
+        return sum(r.useful[q] for r in rounds for q in range(P) if q ^ r.step < P) / P
+
+    for P in (8, 64, 1024):
+        assert messages_per_rank(P, [*range(0, 64 * P, 40), 64 * P]) < 2
+        assert messages_per_rank(P, [0, 64 * P]) > math.log2(P) - 1.5

@@ -59,7 +59,7 @@ class AllGather:
 
 class Hypercube:
     """ceil(log2 P) rounds of pairwise swaps with partner rank ^ 2**k (see ``plan.hypercube_rounds``).
-    Every message is one aligned block's summary, so a rank sends ceil(log2 P) summaries. The
+    Every message is one aligned block's summary, so a rank sends at most ceil(log2 P) summaries. The
     rounds depend on each other, so they run on a helper thread while the caller computes; on CUDA
     that thread works on a side stream, so its small joins do not queue behind the local op."""
 
@@ -89,20 +89,22 @@ class Hypercube:
         total, prefix, last = own, None, None
         # Grad mode and the CUDA device and stream are per thread: set them from the caller's.
         with torch.set_grad_enabled(grad), _on(self._stream):
-            for k, sent in enumerate(self.rounds):
-                p = rank ^ (1 << k)
-                if p >= size:
+            for step in self.rounds:
+                p = rank ^ step.step
+                if p >= size or not (step.useful[rank] or step.useful[p]):
                     continue
-                message = _padded(pack(total), self.shape.numel(sent[rank])) + anchor
+                mine, theirs = (self.shape.numel(step.sent[q]) if step.useful[q] else 0 for q in (rank, p))
+                message = _padded(pack(total) if step.useful[rank] else own.buckets.new_zeros(0), mine) + anchor
                 if last is not None:
                     message = message + _tie(last)
-                spec = ((max(self.shape.numel(sent[p]), 1),), message.dtype)
-                last = self.transport.exchange({p: message}, {p: spec})[p]
-                other = unpack(last, sent[p], self.shape)
-                if p < rank:
-                    prefix, total = join(other, prefix), join(other, total)
-                else:
-                    total = join(total, other)
+                last = self.transport.exchange({p: message}, {p: ((max(theirs, 1),), message.dtype)})[p]
+                # An unneeded arrival is a placeholder: None joins as the identity, which is exact
+                # wherever the liveness pass marked it unneeded.
+                other = unpack(last, step.sent[p], self.shape) if step.useful[p] else None
+                if p < rank and step.prefix[rank]:
+                    prefix = join(other, prefix)
+                if step.total[rank]:
+                    total = join(other, total) if p < rank else join(total, other)
         return (prefix if self.layout.crosses_in is not None else None), _tie(last)
 
 

@@ -104,23 +104,58 @@ def _summary(lo: int, hi: int, docs, starts) -> Span:
     return ENDED
 
 
-def hypercube_rounds(summaries: tuple[Span, ...]) -> list[list[Span | None]]:
-    """The log P exchange as a host dry run: ``rounds[k][q]`` is what rank q sends to its partner
-    ``q ^ 2**k`` in round k (the summary of q's aligned block of 2**k ranks).
+@dataclass(frozen=True)
+class Round:
+    """One round of the log P exchange; every tuple is indexed by rank q, whose partner is q ^ step."""
 
-    Each round every rank swaps its block total with its partner's; the lower block's total joins
-    the upper ranks' exclusive prefix. After ceil(log2 P) rounds each rank's prefix is the join of
-    every rank before it; ranks missing at the top (P not a power of two) only shorten blocks.
+    step: int
+    sent: tuple[Span, ...]  # q's block total: what it sends when its partner needs it
+    useful: tuple[bool, ...]  # q's partner needs q's total (else a one-element placeholder goes)
+    total: tuple[bool, ...]  # q must update its total this round (a later round needs it)
+    prefix: tuple[bool, ...]  # q must update its prefix this round
+
+
+def hypercube_rounds(summaries: tuple[Span, ...]) -> list[Round]:
+    """The log P exchange as a host dry run, then a liveness pass over it.
+
+    Each round every rank swaps its block total (the join of its aligned block of ``step`` ranks)
+    with its partner's; the lower block's total joins the upper ranks' exclusive prefix. After
+    ceil(log2 P) rounds each rank's prefix is the join of every rank before it; ranks missing at
+    the top (P not a power of two) only shorten blocks. A join with a complete right side ignores
+    its left side, so, going backward from the prefixes that are wanted (ranks whose first document
+    began earlier), most messages of short packed documents are never needed: they are not sent,
+    and a round that neither partner needs is skipped.
     """
     P = len(summaries)
-    total = list(summaries)
-    rounds, k = [], 1
-    while k < P:
-        sent = list(total)
+    total, prefix, history, step = list(summaries), [None] * P, [], 1
+    while step < P:
+        history.append((step, tuple(total), tuple(prefix)))
         for q in range(P):
-            p = q ^ k
-            if p < P:
-                total[q] = join(sent[p], total[q]) if p < q else join(total[q], sent[p])
-        rounds.append(sent)
-        k <<= 1
-    return rounds
+            p = q ^ step
+            if p < P and p < q:
+                prefix[q], total[q] = join(history[-1][1][p], prefix[q]), join(history[-1][1][p], total[q])
+            elif p < P:
+                total[q] = join(total[q], history[-1][1][p])
+        step <<= 1
+
+    need_total = [False] * P
+    need_prefix = [q > 0 and summaries[q - 1] != ENDED for q in range(P)]
+    rounds = []
+    for step, totals, prefixes in reversed(history):
+        useful, before_total = [False] * P, list(need_total)
+        for q in range(P):
+            p = q ^ step
+            if p < P and p < q:
+                useful[p] = (need_prefix[q] and _open(prefixes[q])) or (need_total[q] and _open(totals[q]))
+            elif p < P:
+                useful[p] = need_total[q]
+                before_total[q] = need_total[q] and _open(totals[p])
+        before_total = [t or u for t, u in zip(before_total, useful)]
+        rounds.append(Round(step, totals, tuple(useful), tuple(need_total), tuple(need_prefix)))
+        need_total = before_total
+    return rounds[::-1]
+
+
+def _open(span: Span | None) -> bool:
+    """Whether a join with ``span`` on its right needs the left side."""
+    return span is None or not span.complete
