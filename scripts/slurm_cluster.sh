@@ -5,7 +5,7 @@
 #        machine (refusing to overwrite a configuration it did not write), starts munged, slurmctld
 #        and slurmd, and waits until sinfo shows the node idle. Idempotent.
 # stop:  stops the three daemons (by their pid files) and leaves the configuration in place.
-# status: sinfo and squeue; exit 1 if slurmctld does not answer.
+# status: scontrol ping, sinfo and squeue; exit 1 if slurmctld does not answer.
 #
 # Needs root. No cgroups (VMs and containers often lack them): processes are tracked through
 # /proc (proctrack/linuxproc), tasks are not bound (task/none), and there is no accounting.
@@ -83,6 +83,7 @@ start_munge() {
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     runuser -u munge -- /usr/sbin/munged
+    touch "$RUN/munged.ours"  # stop ends munged only if this script started it
     munge -n </dev/null | unmunge >/dev/null || die "munged started but does not answer"
 }
 
@@ -116,9 +117,10 @@ stop_daemons() {
             for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         fi
     done
-    if [ -f /run/munge/munged.pid ] && running /run/munge/munged.pid; then
+    if [ -f "$RUN/munged.ours" ] && running /run/munge/munged.pid; then
         kill "$(cat /run/munge/munged.pid)"
     fi
+    rm -f "$RUN/munged.ours"
 }
 
 case "${1:-}" in
@@ -134,7 +136,8 @@ case "${1:-}" in
         stop_daemons
         ;;
     status)
-        sinfo && squeue
+        # scontrol ping answers at once when slurmctld is down; sinfo retries for ~10 s.
+        scontrol ping && sinfo && squeue
         ;;
     *)
         die "usage: $0 start|stop|status"

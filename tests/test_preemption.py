@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ctxpar.comm.preemption import PreemptionGuard, RequeueError, requeue_if_slurm
+from tests.distributed import run_distributed
 
 # --- the handler --------------------------------------------------------------------------------
 
@@ -144,9 +142,7 @@ STEPS = 200
 @pytest.mark.slow
 def test_two_ranks_stop_at_the_same_step_and_requeue_once(tmp_path, scontrol, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the children inherit the fake SLURM job
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    run_distributed(_rank_main, 2, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     own, sent = ([report[scenario] for report in reports] for scenario in ("own", "sent"))
     # Rank 1 signalled itself inside step 3: both ranks stop after step 3, rank 0 uncaught.
@@ -160,25 +156,19 @@ def test_two_ranks_stop_at_the_same_step_and_requeue_once(tmp_path, scontrol, mo
     assert _calls(scontrol) == ["requeue 4242"]  # from rank 0 only
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        pids = [None] * world
-        dist.all_gather_object(pids, os.getpid())
-        report = {
-            "own": _train(rank, lambda step: rank == 1 and step == SELF_SIGNAL_STEP,
-                          lambda: os.kill(os.getpid(), signal.SIGUSR1)),
-            "sent": _train(rank, lambda step: rank == 0 and step == KILL_STEP,
-                           lambda: os.kill(pids[1], signal.SIGTERM)),
-        }
-        with PreemptionGuard():
-            report["requeued"] = requeue_if_slurm()
-        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(out: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pids = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    report = {
+        "own": _train(rank, lambda step: rank == 1 and step == SELF_SIGNAL_STEP,
+                      lambda: os.kill(os.getpid(), signal.SIGUSR1)),
+        "sent": _train(rank, lambda step: rank == 0 and step == KILL_STEP,
+                       lambda: os.kill(pids[1], signal.SIGTERM)),
+    }
+    with PreemptionGuard():
+        report["requeued"] = requeue_if_slurm()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
 def _train(rank: int, signal_now, send) -> dict:
@@ -193,9 +183,3 @@ def _train(rank: int, signal_now, send) -> dict:
             if guard.should_stop():
                 return {"stop": step, "received": guard.received}
     raise AssertionError(f"rank {rank} never stopped")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
