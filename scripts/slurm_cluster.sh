@@ -38,12 +38,14 @@ write_config() {
     mkdir -p "$(dirname "$CONF")" "$STATE/ctld" "$STATE/d" "$LOGS" "$RUN"
     # slurmd -C describes this machine's hardware exactly (CPUs, sockets, cores, RealMemory), and
     # slurmd refuses to register a node whose configuration promises more than it finds.
-    local node
+    local node host
     node=$(slurmd -C | head -n 1)
+    host=$(hostname -s)
     cat >"$CONF" <<EOF
 $MARK
 ClusterName=ctxpar
-SlurmctldHost=$(hostname -s)
+# The daemons talk over loopback: no dependence on this host's name resolving.
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -66,7 +68,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # Time between SIGTERM and SIGKILL when a job ends or is requeued: long enough to exit cleanly.
 KillWait=30
-$node State=UNKNOWN
+$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
