@@ -26,9 +26,6 @@ class ModelConfig(BaseModel):
     max_seq_len: int = Field(4096, gt=0, description="longest sequence; fixes the number of lambda levels")
     dt_min: float = Field(1e-3, gt=0, description="initial decay steps are log-uniform in [dt_min, dt_max]")
     dt_max: float = Field(1e-1, gt=0)
-    dt_scales_input: bool = Field(
-        True, description="Mamba-2 feeds dt * x; False feeds x (a single token's weight then does not start at dt)"
-    )
     norm_eps: float = 1e-5
     init_std: float = 0.02
     lambda_init_std: float = Field(1e-3, description="W_lambda starts small, so every level starts at softplus(0)")

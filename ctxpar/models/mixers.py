@@ -39,7 +39,7 @@ class LogLinearMamba2(nn.Module):
         x = x.unflatten(-1, (cfg.n_heads, cfg.head_dim))
         g, step = decay(dt, self.dt_bias, self.A_log)
         # Mamba-2's discretisation: the input enters scaled by the same step that sets its decay.
-        v = x * step.unsqueeze(-1).to(x.dtype) if cfg.dt_scales_input else x
+        v = x * step.unsqueeze(-1).to(x.dtype)
         q = c.unflatten(-1, (cfg.n_groups, cfg.state_dim))
         k = b.unflatten(-1, (cfg.n_groups, cfg.state_dim))
         y, _ = log_linear_mamba2(q, k, v, g, self.levels(u), cp=cp, backend=cfg.backend)
