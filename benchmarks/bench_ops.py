@@ -137,7 +137,9 @@ def stage_times(T):
     states, totals = F.chunk_states(k, v, g, layout, fwd)
     gc = F.cumulative_decay(totals, layout)
     grads = torch.zeros_like(states)
-    _, _, dG = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
+    ys = torch.zeros(layout.num_slots, H, layout.heights, device=DEV)
+    _, _, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
+    straddle = F.straddle(xs, ys, layout)
     times = {
         "layout (host)": ms(lambda: build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)),
         "chunk_state": ms(lambda: F.chunk_states(k, v, g, layout, fwd)),
@@ -145,10 +147,10 @@ def stage_times(T):
         "tree up": ms(lambda: F.up_sweep(states, None, gc, layout)),
         "output": ms(lambda: F.outputs(q, k, v, g, lam, states, None, gc, layout, fwd)),
         "node_grad": ms(lambda: F.node_grads(q, do, g, lam, gc, grads, None, layout, bwd)),
-        "tree down": ms(lambda: F.down_sweep(grads, gc, layout)),
+        "tree down": ms(lambda: F.down_sweep(grads, states, ys, gc, layout)),
         "query_grad": ms(lambda: F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)),
-        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, dG, layout, bwd)),
-        "dg cumsum": ms(lambda: F._reverse_cumsum_per_document(dG, layout)),
+        "dg straddle": ms(lambda: F.straddle(xs, ys, layout)),
+        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, bwd)),
     }
     row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)
     results.append(row)

@@ -65,7 +65,7 @@ def run_torch(args, spans, init, final, do, d_state, dtype):
     return o, state, grads
 
 
-def check(args, spans, init, final, tol_o, tol_grad, ref_dtype=torch.float64, only=None):
+def check(args, spans, init, final, tol_o, tol_grad, ref_dtype=torch.float64):
     do = torch.randn(*args[2].shape, device=DEV)
     starts = init.positions if init else [0] * len(spans)
     nbits = max((p + e - s).bit_length() for p, (_, s, e) in zip(starts, spans))
@@ -80,8 +80,7 @@ def check(args, spans, init, final, tol_o, tol_grad, ref_dtype=torch.float64, on
     print("relative errors", dict(errors, o=rel(o, ref_o)))
     for name, a in zip(GRADS, grads):
         assert not torch.isnan(a).any(), name
-        if only is None or name in only:
-            assert errors[name] <= tol_grad, (name, errors[name])
+        assert errors[name] <= tol_grad, (name, errors[name])
 
 
 def test_float32_small_against_materialized_oracle():
@@ -115,15 +114,8 @@ def test_bfloat16_state_in_and_out():
 
 
 def test_one_million_tokens_against_torch_backend():
+    """Every gradient, g included: dg is summed from straddling pairs (kernels/triton/dg.py), so
+    it no longer random-walks over the million tokens."""
     T = 1 << 20
     args = inputs(1, T, 2, 1, 128, 64, 21, torch.bfloat16)
-    check(args, [(0, 0, T)], None, False, 4e-3, 1e-2, ref_dtype=torch.float32, only=["q", "k", "v", "level_scales"])
-
-
-@pytest.mark.xfail(reason="known: dg = reversed sum of q.dq - k.dk over the document; at 1M tokens float32 rounding "
-                          "of those cancelling terms adds up to 2-5% (measured on the H200); needs the chunk-boundary "
-                          "form dg = <state, d state> + in-chunk sums", strict=False)
-def test_one_million_tokens_g_gradient():
-    T = 1 << 20
-    args = inputs(1, T, 2, 1, 128, 64, 21, torch.bfloat16)
-    check(args, [(0, 0, T)], None, False, 4e-3, 1e-2, ref_dtype=torch.float32, only=["g"])
+    check(args, [(0, 0, T)], None, False, 4e-3, 1e-2, ref_dtype=torch.float32)

@@ -6,11 +6,11 @@ state is made of. The parts that touch single tokens of one chunk per document (
 state's sub-chunk buckets, the final state's sub-chunk buckets and the carries to the last token)
 are a few small differentiable torch ops around it.
 
-Gradient of g: every factor exp(G_t - G_s) ties a query t to a source s, so dG_t = q_t . dq_t -
-k_t . dk_t and dg is its reversed cumulative sum per document. Two inputs/outputs of the Function
-are states located at a chunk end rather than at a token pair, and add their own terms there: the
-sub-chunk initial buckets injected into the first chunk's state (a source at the end of that chunk)
-and the final state's tree nodes (read at the end of the node's last chunk).
+Gradient of g: dg_r sums the pairs that straddle r, in shares that are each a sum of such pairs
+(dg.py), never a difference of large per-token terms. The states that enter or leave the Function
+at a chunk end (the sub-chunk initial buckets injected into the first chunk's state, the final
+state's tree nodes) need no extra term: inside the Function their pairs start or end at that
+chunk end, and the tree's shares already cover exactly the chunks in between.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
+from ctxpar.kernels.triton.dg import straddle
 from ctxpar.kernels.triton.layout import build_layout
 from ctxpar.kernels.triton.node_grad import node_grads
 from ctxpar.kernels.triton.output import outputs
@@ -38,16 +39,10 @@ class Plan:
         self.layout = layout
         self.extra_docs = extra_docs  # documents whose first chunk state gets sub-chunk initial buckets
         self.finals = finals  # [(doc, height, node end chunk e)] tree nodes of the final states
-        C = layout.chunk
-        docs = range(layout.num_docs)
         self.first_slot = layout.first_slot
-        end_row = lambda n, pos: layout.token_start[n] + pos - layout.starts[n]  # noqa: E731
-        last_pos = [layout.starts[n] + layout.lengths[n] for n in docs]
-        self.extra_rows = [end_row(n, min((layout.c0[n] + 1) * C, last_pos[n]) - 1) for n in extra_docs]
         self.final_in_slots = [e >= layout.c0[n] for n, _, e in finals]
         self.final_index = [self.first_slot[n] + e - layout.c0[n] if s else (n, h)
                             for (n, h, e), s in zip(finals, self.final_in_slots)]
-        self.final_rows = [end_row(n, (e + 1) * C - 1) if s else None for (n, h, e), s in zip(finals, self.final_in_slots)]
 
 
 class LogLinearMamba2(torch.autograd.Function):
@@ -76,22 +71,15 @@ class LogLinearMamba2(torch.autograd.Function):
         if dfinal is not None and plan.finals:
             _scatter_finals(dfinal, grads, init_grads, plan)
         node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
-        down_sweep(grads, gc, layout)
+        ys = torch.zeros(layout.num_slots, states.shape[1], max(layout.heights, 1), device=states.device)
+        down_sweep(grads, states, ys, gc, layout)
         if init_grads is not None:
-            _push_to_initial_nodes(grads, init_grads, gc, plan)
-        dq, dlam, dG = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
-        dk, dv = source_grads(q, k, v, g, lam, do, grads, dG, layout, prec)
+            _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
+        dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, straddle(xs, ys, layout), dg, layout, prec)
         d_extra = None
         if leaf_extra is not None:
             d_extra = grads[_index(plan.first_slot, plan.extra_docs, grads.device)]
-            rows = torch.tensor(plan.extra_rows, device=dG.device)
-            dG.index_add_(0, rows, -(d_extra * leaf_extra).sum((-1, -2)))
-        if dfinal is not None and plan.finals:
-            final = _gather_finals(states, init_nodes, plan)
-            for j, row in enumerate(plan.final_rows):
-                if row is not None:
-                    dG[row] += (dfinal[j] * final[j]).sum((-1, -2))
-        dg = _reverse_cumsum_per_document(dG, layout)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
 
 
@@ -114,8 +102,9 @@ def _scatter_finals(dfinal, grads, init_grads, plan):
             init_grads[i[0], :, i[1]] += dfinal[j]
 
 
-def _push_to_initial_nodes(grads, init_grads, gc, plan):
-    """Initial node (n, h) is the left child of the parent ending at chunk ((c0 >> h) + 1) 2^h - 1."""
+def _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan):
+    """Initial node (n, h) is the left child of the parent ending at chunk ((c0 >> h) + 1) 2^h - 1;
+    like tree.down_sweep, also adds that transport's dg share to ys."""
     layout = plan.layout
     for n in range(layout.num_docs):
         c0, c_last = layout.c0[n], layout.c_last[n]
@@ -123,16 +112,9 @@ def _push_to_initial_nodes(grads, init_grads, gc, plan):
             parent = (((c0 >> h) + 1) << h) - 1
             if h < init_grads.shape[2] and parent <= c_last:
                 slot = plan.first_slot[n] + parent - c0
-                init_grads[n, :, h] += torch.exp(gc[slot]).float()[:, None, None] * grads[slot]
-
-
-def _reverse_cumsum_per_document(dG, layout):
-    """dg_r = sum of dG_t over t >= r in r's document (documents tile the flattened rows)."""
-    total = dG.double().flip(0).cumsum(0).flip(0)
-    total = torch.cat([total, total.new_zeros(1, total.shape[1])])
-    ends = layout.docs[:, 0] + layout.docs[:, 2]
-    after = torch.repeat_interleave(ends, layout.docs[:, 2], output_size=dG.shape[0])
-    return (total[:-1] - total[after]).float()
+                decay = torch.exp(gc[slot]).float()
+                init_grads[n, :, h] += decay[:, None, None] * grads[slot]
+                ys[slot, :, h] += decay * (init_nodes[n, :, h] * grads[slot]).sum((-1, -2))
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False,

@@ -1,10 +1,14 @@
-"""Backward stage 3a (mirror of the output pass): dq, dlambda and the query side of dG.
+"""Backward stage 3a (mirror of the output pass): dq, dlambda and the query-side shares of dg.
 
 One program per (slot, q/k group, block of HPB heads of that group): the intra-chunk block
 (dq += (lam exp(dG) * do v^T) k; dlambda of levels <= log2 C as per-level row sums of
 exp(dG) * q k^T * do v^T) and one node read per set bit h of c (dq += w * do N^T,
 dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). dq is summed over the block's heads in
-registers and written as one partial per head block. dG_t gets q_t . dq_t (per head).
+registers and written as one partial per head block.
+
+dg (see dg.py): dg[r] first gets the pairs of this chunk that straddle r (s < r <= t, from the
+intra pair matrix) plus the node reads of this chunk's queries t >= r; each read's chunk total
+goes to xs[slot, head, h], the share of the chunks between the node and this one.
 """
 
 import torch
@@ -18,8 +22,8 @@ NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the register
 
 
 @triton.jit
-def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs, slot_doc, slot_chunk, heights,
-                      R, H, HK, K, V, L, NI, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
+                      R, H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       VP: tl.constexpr, HPB: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
     i, gs = tl.program_id(0), tl.program_id(1)
     splits = H // HK // HPB
@@ -42,11 +46,14 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs,
         gl = local_decay(g, rows, valid, H, h)
         decay = intra_decay(gl, valid, C)
         dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
-        dq_h = tl.dot(dp * decay * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C), kt.to(tl.float32), input_precision=PREC)
+        scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
+        dq_h = tl.dot(dp * decay * scales, kt.to(tl.float32), input_precision=PREC)
         pair = scores * dp * decay
         lam_rows = dlam + (rows * H + h) * L
         for level in tl.static_range(LOG_C + 1):
             tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
+        dg_r = straddling_pairs(pair * scales, C)
+        read_share = tl.zeros([C], dtype=tl.float32)
         before = gc_before(gc, i, c, c0, H, h)
         for height in range(0, heights):
             if ((c >> height) & 1) == 1:
@@ -55,11 +62,27 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, docs,
                 node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
                 carry = tl.exp(gl + (before - gc_node).to(tl.float32))
                 y = tl.dot(dot_.to(tl.float32), tl.trans(node), input_precision=PREC)
-                dq_h += (level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry)[:, None] * y
-                tl.store(lam_rows + LOG_C + 1 + height, carry * tl.sum(qt.to(tl.float32) * y, 1), mask=valid)
-        tl.store(dg + rows * H + h, tl.sum(qt.to(tl.float32) * dq_h, 1), mask=valid)
+                lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
+                dq_h += (lam_h * carry)[:, None] * y
+                d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
+                tl.store(lam_rows + LOG_C + 1 + height, d_lam, mask=valid)
+                tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
+                read_share += lam_h * d_lam
+        tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
         dq_sum += dq_h
     tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
+
+
+@triton.jit
+def straddling_pairs(pairs, C: tl.constexpr):
+    """[C]: for each r, the sum of pairs[t, s] over s < r <= t (pairs is lower triangular).
+
+    The diagonal (s == t, no decay, often the largest term) is dropped before the running sum so
+    that it never enters and cancels out again."""
+    r = tl.arange(0, C)
+    strict = tl.where(r[:, None] > r[None, :], pairs, 0.0)
+    before = tl.cumsum(strict, 1) - strict  # [t, r]: sum over s < r
+    return tl.sum(tl.where(r[:, None] >= r[None, :], before, 0.0), 0)
 
 
 def heads_per_program(heads_per_group, max_splits=4):
@@ -70,17 +93,21 @@ def heads_per_program(heads_per_group, max_splits=4):
 
 
 def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
-    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (q . dq, per head)."""
+    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (in-chunk query shares),
+    xs [S, H, heights] f32 (each chunk's node reads, per height)."""
     R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     HK = q.shape[1]
     hpb = heads_per_program(H // HK)
     splits = H // HK // hpb
     dq = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
     dlam = torch.zeros(R, H, L, device=v.device, dtype=torch.float32)
-    dg = torch.empty(R, H, device=v.device, dtype=torch.float32)
+    dg = torch.zeros(R, H, device=v.device, dtype=torch.float32)
+    nh = max(layout.heights, 1)
+    xs = torch.zeros(layout.num_slots, H, nh, device=v.device, dtype=torch.float32)
     query_grad_kernel[(layout.num_slots, HK * splits)](
-        q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, layout.docs, layout.slot_doc,
-        layout.slot_chunk, layout.heights, R, H, HK, K, V, L, 1 if init is None else init.shape[2], C=layout.chunk,
+        q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
+        layout.slot_doc, layout.slot_chunk, layout.heights, R, H, HK, K, V, L, 1 if init is None else init.shape[2],
+        nh, C=layout.chunk,
         LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), HPB=hpb,
         num_warps=NUM_WARPS, PREC=prec, HAS_INIT=init is not None)
-    return dq.sum(0) if splits > 1 else dq[0], dlam, dg
+    return dq.sum(0) if splits > 1 else dq[0], dlam, dg, xs

@@ -1,9 +1,12 @@
-"""Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the source side of dG.
+"""Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the last shares of dg.
 
 One program per (slot, q/k group, block of heads): the intra-chunk block (dk += (A' * do v^T)^T q,
 dv += (A' * q k^T)^T do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of
 the down-swept node gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T.
-dk is summed over the block's heads; dG_t -= k_t . dk_t (per head) completes q . dq - k . dk.
+dk is summed over the block's heads.
+
+dg (see dg.py): dg[r] += the pairs from this chunk's sources s < r to later queries (each source's
+share <exp(G_last - G_s) k_s v_s^T, dU>) + the chunk's straddle total ``straddle[slot, head]``.
 """
 
 import torch
@@ -18,7 +21,7 @@ NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the register
 
 
 @triton.jit
-def source_grad_kernel(q, k, v, g, lam, do, grads, dk, dv, dg, docs, slot_doc, slot_chunk, R, H, HK, K, V, L,
+def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, slot_doc, slot_chunk, R, H, HK, K, V, L,
                        C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
                        HPB: tl.constexpr, PREC: tl.constexpr):
     i, gs = tl.program_id(0), tl.program_id(1)
@@ -47,17 +50,21 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, dk, dv, dg, docs, slot_doc, s
         total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
         to_end = tl.where(valid, tl.exp(total - gl), 0.0)
         du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
-        dv_h += to_end[:, None] * tl.dot(kt.to(tl.float32), du, input_precision=PREC)
+        k_du = to_end[:, None] * tl.dot(kt.to(tl.float32), du, input_precision=PREC)
+        dv_h += k_du
         dk_h += to_end[:, None] * tl.dot(vt.to(tl.float32), tl.trans(du), input_precision=PREC)
         tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
+        outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
         dg_ptr = dg + rows * H + h
-        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) - tl.sum(kt.to(tl.float32) * dk_h, 1), mask=valid)
+        share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
+        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
         dk_sum += dk_h
     tl.store(dk + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dk_sum, mask=qk_mask)
 
 
-def source_grads(q, k, v, g, lam, do, grads, dg, layout, prec):
-    """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place."""
+def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
+    """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place
+    (straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
     R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     HK = q.shape[1]
     hpb = heads_per_program(H // HK)
@@ -65,7 +72,7 @@ def source_grads(q, k, v, g, lam, do, grads, dg, layout, prec):
     dk = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     source_grad_kernel[(layout.num_slots, HK * splits)](
-        q, k, v, g, lam, do, grads, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk, R, H, HK, K, V, L,
+        q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk, R, H, HK, K, V, L,
         C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
         VP=triton.next_power_of_2(V), HPB=hpb, num_warps=NUM_WARPS, PREC=prec)
     return (dk.sum(0) if splits > 1 else dk[0]), dv

@@ -8,6 +8,10 @@ node of that height (carried with decay exp(gc[j]), since initial nodes sit at t
 Down-sweep (backward), height h = top .. 0: each left node of height h receives its parent's
 gradient, ``d[j] += exp(gc[j + 2^h] - gc[j]) * d[j + 2^h]``, so that afterwards slot c holds the
 gradient of chunk c's own end state. One launch per height; programs tile K x V.
+
+The same step yields the transport's share of dg: ``y = <exp(...) * left, d parent>`` is the sum of
+every pair (source in the left child, query reading the parent) and so belongs to every g of the
+right child. It is stored at ``ys[parent slot, head, h]`` (see dg.py).
 """
 
 import triton
@@ -35,7 +39,8 @@ def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI
 
 
 @triton.jit
-def down_kernel(grads, gc, slots, docs, slot_doc, slot_chunk, height, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+def down_kernel(grads, states, ys, gc, slots, docs, slot_doc, slot_chunk, height, H, K, V, NH,
+                BK: tl.constexpr, BV: tl.constexpr):
     j = tl.load(slots + tl.program_id(0)).to(tl.int64)
     h, tile = tl.program_id(1), tl.program_id(2)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, j)
@@ -46,7 +51,9 @@ def down_kernel(grads, gc, slots, docs, slot_doc, slot_chunk, height, H, K, V, B
         mask = (rk[:, None] < K) & (rv[None, :] < V)
         decay = tl.exp((tl.load(gc + parent * H + h) - tl.load(gc + j * H + h)).to(tl.float32))
         tile_off = rk[:, None] * V + rv[None, :]
-        d_parent = tl.load(grads + (parent * H + h) * K * V + tile_off, mask=mask)
+        d_parent = tl.load(grads + (parent * H + h) * K * V + tile_off, mask=mask, other=0.0)
+        left = tl.load(states + (j * H + h) * K * V + tile_off, mask=mask, other=0.0)
+        tl.atomic_add(ys + (parent * H + h) * NH + height, decay * tl.sum(left * d_parent))
         ptr = grads + (j * H + h) * K * V + tile_off
         tl.store(ptr, tl.load(ptr, mask=mask) + decay * d_parent, mask=mask)
 
@@ -70,12 +77,14 @@ def up_sweep(states, init, gc, layout):
                         BK=BK, BV=BV, HAS_INIT=init is not None)
 
 
-def down_sweep(grads, gc, layout):
-    """In place: gradients of the read nodes -> gradient of every chunk's end state."""
+def down_sweep(grads, states, ys, gc, layout):
+    """In place: gradients of the read nodes -> gradient of every chunk's end state; adds each
+    transport's dg share into ys [S, H, NH] (states: the up-swept tree)."""
     H, K, V = grads.shape[1:]
     for h in reversed(range(layout.heights)):
         slots = layout.slots_down(h)
         if slots.numel() == 0:
             continue
         grid, BK, BV = _grid(slots.numel(), grads)
-        down_kernel[grid](grads, gc, slots, layout.docs, layout.slot_doc, layout.slot_chunk, h, H, K, V, BK=BK, BV=BV)
+        down_kernel[grid](grads, states, ys, gc, slots, layout.docs, layout.slot_doc, layout.slot_chunk, h, H, K, V,
+                          ys.shape[2], BK=BK, BV=BV)
