@@ -101,8 +101,9 @@ class CPContext:
     def layout(self, local_length: int, starts: tuple[int, ...] | None = None) -> Layout:
         """The host structure for a slice of ``local_length`` tokens (cached); ``starts``: each
         document's initial-state length."""
-        lengths = self.slice_lengths or [local_length] * self.world_size
-        if lengths is not self.slice_lengths:
+        lengths = self.slice_lengths
+        if lengths is None:  # equal slices of whatever length the call brings
+            lengths = [local_length] * self.world_size
             self._check_slices(lengths)
         if lengths[self.rank] != local_length:
             raise ValueError(f"rank {self.rank} holds {local_length} tokens, its slice is {lengths[self.rank]}")

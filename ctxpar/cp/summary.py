@@ -40,15 +40,18 @@ def join(x: Summary | None, y: Summary | None) -> Summary | None:
         lo, hi = bucket_range(span.b, bit)
         nested = [i for i, b in enumerate(x.span.bits) if lo <= bucket_range(x.span.b, b)[0] and bucket_range(x.span.b, b)[1] <= hi]
         own = y.bucket(bit)
-        carried = transport(y.trans, x.buckets[:, :, nested].sum(2)) if nested else None
+        carried = transport(y.trans, sum(x.buckets[:, :, i] for i in nested)) if nested else None
         out.append(own if carried is None else carried if own is None else own + carried)
     trans = None if span.complete else transport(y.trans, x.trans)
     return Summary(span, torch.stack(out, dim=2), trans)
 
 
 def compact(span: Span, buckets: torch.Tensor, trans: torch.Tensor | None) -> Summary:
-    """A summary from full Fenwick buckets ``[R, H, >= bit_length(b), K, V]`` (dead bits dropped)."""
-    return Summary(span, buckets[:, :, list(span.bits)], None if span.complete else trans)
+    """A summary from full Fenwick buckets ``[R, H, >= bit_length(b), K, V]`` (dead bits dropped).
+    Slices, not an index list: a host list indexing a CUDA tensor would copy it over and sync."""
+    live = [buckets[:, :, bit] for bit in span.bits]
+    kept = torch.stack(live, dim=2) if live else buckets[:, :, :0]
+    return Summary(span, kept, None if span.complete else trans)
 
 
 def to_state(summary: Summary, rows: int) -> FenwickState:
