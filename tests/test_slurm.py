@@ -129,8 +129,8 @@ def test_sbatch_two_gloo_ranks_resolved_from_slurm(slurm, tmp_path):
 
 # --- `ctxpar train` on the quickstart --------------------------------------------------------------
 
-STEPS = 12
-SIGNAL_AFTER = 3  # the preempted job is signalled once this many steps are logged
+STEPS = 8
+SIGNAL_AFTER = 2  # the preempted job is signalled once this many steps are logged
 # The embedded quickstart (2 gloo ranks, CP = 2), cut to seconds on 2 cores: fewer steps, every
 # step logged, and one passkey prompt for the final evaluation.
 QUICKSTART = [
