@@ -1,5 +1,6 @@
 """ctxpar: context-parallel training of log-linear attention on million-token sequences."""
 
+from ctxpar.cp import CPContext
 from ctxpar.kernels import (
     FenwickState,
     log_linear_gdn,
@@ -9,6 +10,7 @@ from ctxpar.kernels import (
 )
 
 __all__ = [
+    "CPContext",
     "FenwickState",
     "log_linear_gdn",
     "log_linear_gdn_step",

@@ -215,6 +215,14 @@ def test_low_precision_inputs_compute_in_float32(variant):
     assert rel_err(o16.float(), o32) < 2e-2
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_without_autograd(variant):
+    inputs = attention_inputs(1, 150, 2, 4, 3, gdn=variant == "gdn")
+    with torch.no_grad():
+        o, _ = run(variant, inputs, backend="torch")
+    assert rel_err(o, run(variant, inputs, backend="reference")[0]) < 1e-10
+
+
 def test_auto_backend_on_cpu_is_the_torch_backend():
     inputs = attention_inputs(1, 70, 2, 4, 3)
     o_auto, _ = run("mamba2", inputs)

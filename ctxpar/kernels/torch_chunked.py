@@ -255,7 +255,7 @@ def read_tree(tree, qt, lam, c0, h, log_c):
 
     if torch.is_grad_enabled():
         return checkpoint(read, qt, lam, use_reentrant=False)
-    return read(qt, lam, *arrays)
+    return read(qt, lam)
 
 
 def final_buckets(tree, stage, vc, t0, t_end, c0, f0, C):
