@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, local_decay, slot_info
+from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, slot_info
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, H
     kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=valid[:, None] & (rk[None, :] < K), other=0.0)
     vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & (rv[None, :] < V), other=0.0)
     kd = kt.to(tl.float32) * tl.exp(total - gl)[:, None]
-    u = tl.dot(tl.trans(kd), vt.to(tl.float32), input_precision=PREC)
+    u = mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
     tile_off = rk[:, None] * V + rv[None, :]
     tl.store(states + (i * H + h).to(tl.int64) * K * V + tile_off, u, mask=(rk[:, None] < K) & (rv[None, :] < V))
     if tile == 0:

@@ -104,3 +104,31 @@ def load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, m
     if HAS_INIT:
         x += tl.load(init + o_init, mask=mask & (in_slots == 0), other=0.0)
     return x
+
+
+@triton.jit
+def mma(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for the products inside one chunk: operands in the inputs' dtype DT, float32 sums.
+    bf16 inputs get bf16 tensor-core products (half the registers and twice the rate of tf32);
+    float32 inputs stay float32 (PREC 'ieee')."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC, out_dtype=tl.float32)
+
+
+@triton.jit
+def mma_f32(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for the products that build or read tree states (and their gradients): one operand
+    is float32 (a state, or inputs times decays), the other exact in the inputs' dtype DT.
+
+    For bf16 inputs the float32 operand is split into bf16 hi + lo parts: two bf16 products,
+    about 16 mantissa bits, where tf32 keeps 10 and needs float32 copies of the inputs. A node
+    sums up to a million tokens: bf16 alone here doubled the errors of o, dk and dv (emulated).
+    """
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
+    if a.dtype == tl.float32:
+        hi = a.to(DT)
+        lo = (a - hi.to(tl.float32)).to(DT)
+        return tl.dot(lo, b.to(DT), acc=tl.dot(hi, b.to(DT), out_dtype=tl.float32))
+    hi = b.to(DT)
+    lo = (b - hi.to(tl.float32)).to(DT)
+    return tl.dot(a.to(DT), lo, acc=tl.dot(a.to(DT), hi, out_dtype=tl.float32))

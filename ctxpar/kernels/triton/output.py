@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, node_at, slot_info)
+                                          local_decay, local_levels, mma, mma_f32, node_at, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -26,15 +26,16 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
     rv = vb * BV + tl.arange(0, BV)
     group = h // (H // HK)
     qk_mask = valid[:, None] & (rk[None, :] < K)
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    dt = q.dtype.element_ty
+    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
+    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     v_mask = valid[:, None] & (rv[None, :] < V)
-    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     lev = local_levels(C, LOG_C)
     w = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C) * intra_decay(gl, valid, C)
-    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
-    acc = tl.dot(scores * w, vt, input_precision=PREC)
+    scores = mma(qt, tl.trans(kt), dt, PREC)
+    acc = mma(scores * w, vt, dt, PREC)
 
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
@@ -44,7 +45,7 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
             gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
             carry = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * tl.exp(gl + (before - gc_node).to(tl.float32))
-            acc += carry[:, None] * tl.dot(qt, node, input_precision=PREC)
+            acc += carry[:, None] * mma_f32(qt, node, dt, PREC)
     tl.store(o + (rows[:, None] * H + h) * V + rv[None, :], acc.to(o.dtype.element_ty), mask=v_mask)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, node_at, slot_info)
+                                          local_decay, local_levels, mma, mma_f32, node_at, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -36,8 +36,7 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
-    lev = local_levels(C, LOG_C)
+    dt = q.dtype.element_ty
     dq_sum = tl.zeros([C, KP], dtype=tl.float32)
     for j in range(HPB):
         h = group * (H // HK) + split * HPB + j
@@ -45,10 +44,11 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
         dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
         gl = local_decay(g, rows, valid, H, h)
         decay = intra_decay(gl, valid, C)
-        dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
+        lev = local_levels(C, LOG_C)
+        dp = mma(dot_, tl.trans(vt), dt, PREC)
         scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
-        dq_h = tl.dot(dp * decay * scales, kt.to(tl.float32), input_precision=PREC)
-        pair = scores * dp * decay
+        dq_sum += mma(dp * decay * scales, kt, dt, PREC)
+        pair = mma(qt, tl.trans(kt), dt, PREC) * dp * decay
         lam_rows = dlam + (rows * H + h) * L
         for level in tl.static_range(LOG_C + 1):
             tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
@@ -61,15 +61,14 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
                 gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
                 node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
                 carry = tl.exp(gl + (before - gc_node).to(tl.float32))
-                y = tl.dot(dot_.to(tl.float32), tl.trans(node), input_precision=PREC)
+                y = mma_f32(dot_, tl.trans(node), dt, PREC)
                 lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
-                dq_h += (lam_h * carry)[:, None] * y
+                dq_sum += (lam_h * carry)[:, None] * y
                 d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
                 tl.store(lam_rows + LOG_C + 1 + height, d_lam, mask=valid)
                 tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
                 read_share += lam_h * d_lam
         tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
-        dq_sum += dq_h
     tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
 
 

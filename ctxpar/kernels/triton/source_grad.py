@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels,
-                                          slot_info)
+from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
+                                          mma_f32, slot_info)
 from ctxpar.kernels.triton.query_grad import heads_per_program
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
@@ -35,7 +35,8 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
     qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    dt = q.dtype.element_ty
+    scores = mma(qt, tl.trans(kt), dt, PREC)
     lev = local_levels(C, LOG_C)
     dk_sum = tl.zeros([C, KP], dtype=tl.float32)
     for j in range(HPB):
@@ -44,21 +45,20 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
         dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
         gl = local_decay(g, rows, valid, H, h)
         w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
-        dp = tl.dot(dot_, tl.trans(vt), input_precision=PREC)
-        dv_h = tl.dot(tl.trans(scores * w), dot_.to(tl.float32), input_precision=PREC)
-        dk_h = tl.dot(tl.trans(dp * w), qt.to(tl.float32), input_precision=PREC)
+        dp = mma(dot_, tl.trans(vt), dt, PREC)
+        dv_h = mma(tl.trans(scores * w), dot_, dt, PREC)
+        dk_sum += mma(tl.trans(dp * w), qt, dt, PREC)
         total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
         to_end = tl.where(valid, tl.exp(total - gl), 0.0)
         du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
-        k_du = to_end[:, None] * tl.dot(kt.to(tl.float32), du, input_precision=PREC)
+        k_du = to_end[:, None] * mma_f32(kt, du, dt, PREC)
         dv_h += k_du
-        dk_h += to_end[:, None] * tl.dot(vt.to(tl.float32), tl.trans(du), input_precision=PREC)
+        dk_sum += to_end[:, None] * mma_f32(vt, tl.trans(du), dt, PREC)
         tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
         outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
         dg_ptr = dg + rows * H + h
         share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
         tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
-        dk_sum += dk_h
     tl.store(dk + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dk_sum, mask=qk_mask)
 
 
