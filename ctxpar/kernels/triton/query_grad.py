@@ -1,10 +1,11 @@
 """Backward stage 3a (mirror of the output pass): dq, dlambda and the query-side shares of dg.
 
-One program per (slot, q/k group, block of HPB heads of that group): the intra-chunk block
-(dq += (lam exp(dG) * do v^T) k; dlambda of levels <= log2 C as per-level row sums of
-exp(dG) * q k^T * do v^T) and one node read per set bit h of c (dq += w * do N^T,
-dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). dq is summed over the block's heads in
-registers and written as one partial per head block.
+One program per (slot, head): the intra-chunk block (dq += (lam exp(dG) * do v^T) k; dlambda of
+levels <= log2 C as per-level row sums of exp(dG) * q k^T * do v^T) and one node read per set bit
+h of c (dq += w * do N^T, dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). The heads of a
+q/k group add their dq into one float32 buffer with atomics: a program that looped over the heads
+and kept their sum in registers spilled ~1 KB per thread (ptxas, sm_90), and partial buffers
+per head would cost H / Hk copies of dq.
 
 dg (see dg.py): dg[r] first gets the pairs of this chunk that straddle r (s < r <= t, from the
 intra pair matrix) plus the node reads of this chunk's queries t >= r; each read's chunk total
@@ -23,53 +24,50 @@ NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the register
 
 @triton.jit
 def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
-                      R, H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                      VP: tl.constexpr, HPB: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
-    i, gs = tl.program_id(0), tl.program_id(1)
-    splits = H // HK // HPB
-    group, split = gs // splits, gs % splits
+                      H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                      VP: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    group = h // (H // HK)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rk, rv = tl.arange(0, KP), tl.arange(0, VP)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
-    node_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    dt = q.dtype.element_ty
     qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    dt = q.dtype.element_ty
-    dq_sum = tl.zeros([C, KP], dtype=tl.float32)
-    for j in range(HPB):
-        h = group * (H // HK) + split * HPB + j
-        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-        gl = local_decay(g, rows, valid, H, h)
-        decay = intra_decay(gl, valid, C)
-        lev = local_levels(C, LOG_C)
-        dp = mma(dot_, tl.trans(vt), dt, PREC)
-        scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
-        dq_sum += mma(dp * decay * scales, kt, dt, PREC)
-        pair = mma(qt, tl.trans(kt), dt, PREC) * dp * decay
-        lam_rows = dlam + (rows * H + h) * L
-        for level in tl.static_range(LOG_C + 1):
-            tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
-        dg_r = straddling_pairs(pair * scales, C)
-        read_share = tl.zeros([C], dtype=tl.float32)
-        before = gc_before(gc, i, c, c0, H, h)
-        for height in range(0, heights):
-            if ((c >> height) & 1) == 1:
-                in_slots, slot = node_at(c, height, c0, first)
-                gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
-                node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
-                carry = tl.exp(gl + (before - gc_node).to(tl.float32))
-                y = mma_f32(dot_, tl.trans(node), dt, PREC)
-                lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
-                dq_sum += (lam_h * carry)[:, None] * y
-                d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
-                tl.store(lam_rows + LOG_C + 1 + height, d_lam, mask=valid)
-                tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
-                read_share += lam_h * d_lam
-        tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
-    tl.store(dq + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dq_sum, mask=qk_mask)
+    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    gl = local_decay(g, rows, valid, H, h)
+    decay = intra_decay(gl, valid, C)
+    lev = local_levels(C, LOG_C)
+    dp = mma(dot_, tl.trans(vt), dt, PREC)
+    scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
+    dq_h = mma(dp * decay * scales, kt, dt, PREC)
+    pair = mma(qt, tl.trans(kt), dt, PREC) * dp * decay
+    lam_rows = dlam + (rows * H + h) * L
+    for level in tl.static_range(LOG_C + 1):
+        tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
+    dg_r = straddling_pairs(pair * scales, C)
+
+    read_share = tl.zeros([C], dtype=tl.float32)
+    before = gc_before(gc, i, c, c0, H, h)
+    node_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    for height in range(0, heights):
+        if ((c >> height) & 1) == 1:
+            in_slots, slot = node_at(c, height, c0, first)
+            gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+            node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
+            carry = tl.exp(gl + (before - gc_node).to(tl.float32))
+            y = mma_f32(dot_, tl.trans(node), dt, PREC)
+            lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
+            dq_h += (lam_h * carry)[:, None] * y
+            d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
+            tl.store(lam_rows + LOG_C + 1 + height, d_lam, mask=valid)
+            tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
+            read_share += lam_h * d_lam
+    tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
+    tl.atomic_add(dq + (rows[:, None] * HK + group) * K + rk[None, :], dq_h, mask=qk_mask, sem="relaxed")
 
 
 @triton.jit
@@ -84,29 +82,19 @@ def straddling_pairs(pairs, C: tl.constexpr):
     return tl.sum(tl.where(r[:, None] >= r[None, :], before, 0.0), 0)
 
 
-def heads_per_program(heads_per_group, max_splits=4):
-    """Heads one program loops over: the group's heads in at most ``max_splits`` blocks, since
-    each block writes its own float32 partial dq (dk) of the whole sequence."""
-    splits = max(s for s in range(1, max_splits + 1) if heads_per_group % s == 0)
-    return heads_per_group // splits
-
-
 def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
     """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (in-chunk query shares),
     xs [S, H, heights] f32 (each chunk's node reads, per height)."""
     R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
-    HK = q.shape[1]
-    hpb = heads_per_program(H // HK)
-    splits = H // HK // hpb
-    dq = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
+    dq = torch.zeros(R, q.shape[1], K, device=v.device, dtype=torch.float32)
     dlam = torch.zeros(R, H, L, device=v.device, dtype=torch.float32)
     dg = torch.zeros(R, H, device=v.device, dtype=torch.float32)
     nh = max(layout.heights, 1)
     xs = torch.zeros(layout.num_slots, H, nh, device=v.device, dtype=torch.float32)
-    query_grad_kernel[(layout.num_slots, HK * splits)](
+    query_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
-        layout.slot_doc, layout.slot_chunk, layout.heights, R, H, HK, K, V, L, 1 if init is None else init.shape[2],
-        nh, C=layout.chunk,
-        LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), HPB=hpb,
-        num_warps=NUM_WARPS, PREC=prec, HAS_INIT=init is not None)
-    return dq.sum(0) if splits > 1 else dq[0], dlam, dg, xs
+        layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
+        1 if init is None else init.shape[2], nh, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
+        KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), num_warps=NUM_WARPS, PREC=prec,
+        HAS_INIT=init is not None)
+    return dq, dlam, dg, xs

@@ -1,9 +1,9 @@
 """Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the last shares of dg.
 
-One program per (slot, q/k group, block of heads): the intra-chunk block (dk += (A' * do v^T)^T q,
-dv += (A' * q k^T)^T do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of
-the down-swept node gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T.
-dk is summed over the block's heads.
+One program per (slot, head): the intra-chunk block (dk += (A' * do v^T)^T q, dv += (A' * q k^T)^T
+do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of the down-swept node
+gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T. The heads of a q/k
+group add their dk into one float32 buffer with atomics (see query_grad.py).
 
 dg (see dg.py): dg[r] += the pairs from this chunk's sources s < r to later queries (each source's
 share <exp(G_last - G_s) k_s v_s^T, dU>) + the chunk's straddle total ``straddle[slot, head]``.
@@ -15,64 +15,56 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, slot_info)
-from ctxpar.kernels.triton.query_grad import heads_per_program
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
 
 @triton.jit
-def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, slot_doc, slot_chunk, R, H, HK, K, V, L,
+def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, slot_doc, slot_chunk, H, HK, K, V, L,
                        C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
-                       HPB: tl.constexpr, PREC: tl.constexpr):
-    i, gs = tl.program_id(0), tl.program_id(1)
-    splits = H // HK // HPB
-    group, split = gs // splits, gs % splits
+                       PREC: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    group = h // (H // HK)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rk, rv = tl.arange(0, KP), tl.arange(0, VP)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    dt = q.dtype.element_ty
     qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
     kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    dt = q.dtype.element_ty
-    scores = mma(qt, tl.trans(kt), dt, PREC)
-    lev = local_levels(C, LOG_C)
-    dk_sum = tl.zeros([C, KP], dtype=tl.float32)
-    for j in range(HPB):
-        h = group * (H // HK) + split * HPB + j
-        vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-        dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-        gl = local_decay(g, rows, valid, H, h)
-        w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
-        dp = mma(dot_, tl.trans(vt), dt, PREC)
-        dv_h = mma(tl.trans(scores * w), dot_, dt, PREC)
-        dk_sum += mma(tl.trans(dp * w), qt, dt, PREC)
-        total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
-        to_end = tl.where(valid, tl.exp(total - gl), 0.0)
-        du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
-        k_du = to_end[:, None] * mma_f32(kt, du, dt, PREC)
-        dv_h += k_du
-        dk_sum += to_end[:, None] * mma_f32(vt, tl.trans(du), dt, PREC)
-        tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
-        outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
-        dg_ptr = dg + rows * H + h
-        share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
-        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
-    tl.store(dk + ((split * R + rows[:, None]) * HK + group) * K + rk[None, :], dk_sum, mask=qk_mask)
+    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    gl = local_decay(g, rows, valid, H, h)
+    w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+    dp = mma(dot_, tl.trans(vt), dt, PREC)
+    dv_h = mma(tl.trans(mma(qt, tl.trans(kt), dt, PREC) * w), dot_, dt, PREC)
+    dk_h = mma(tl.trans(dp * w), qt, dt, PREC)
+
+    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+    to_end = tl.where(valid, tl.exp(total - gl), 0.0)
+    du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
+    k_du = to_end[:, None] * mma_f32(kt, du, dt, PREC)
+    dv_h += k_du
+    dk_h += to_end[:, None] * mma_f32(vt, tl.trans(du), dt, PREC)
+    tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
+    tl.atomic_add(dk + (rows[:, None] * HK + group) * K + rk[None, :], dk_h, mask=qk_mask, sem="relaxed")
+
+    outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
+    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
+    dg_ptr = dg + rows * H + h
+    tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
 
 
 def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place
     (straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
-    R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
-    HK = q.shape[1]
-    hpb = heads_per_program(H // HK)
-    splits = H // HK // hpb
-    dk = torch.empty(splits, R, HK, K, device=v.device, dtype=torch.float32)
+    H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
+    dk = torch.zeros(v.shape[0], q.shape[1], K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
-    source_grad_kernel[(layout.num_slots, HK * splits)](
-        q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk, R, H, HK, K, V, L,
-        C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        VP=triton.next_power_of_2(V), HPB=hpb, num_warps=NUM_WARPS, PREC=prec)
-    return (dk.sum(0) if splits > 1 else dk[0]), dv
+    source_grad_kernel[(layout.num_slots, H)](
+        q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
+        H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
+        VP=triton.next_power_of_2(V), num_warps=NUM_WARPS, PREC=prec)
+    return dk, dv
