@@ -10,11 +10,13 @@ of forward+backward, peak memory of one forward+backward. A failing row is recor
     python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
     TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py
     STAGES=8192,131072 python benchmarks/bench_ops.py   # also each kernel stage of ctxpar alone
+    BUDGET_S=150 python benchmarks/bench_ops.py   # rows that would start later are skipped, the table still prints
 """
 
 import json
 import math
 import os
+import time
 
 import torch
 import triton
@@ -24,7 +26,13 @@ DEV = "cuda"
 H, K, V = 32, 128, 64
 DEFAULT_TS = "4096,8192,32768,131072,524288,1048576"
 ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
+BUDGET_S = float(os.environ.get("BUDGET_S", "inf"))
+START = time.monotonic()
 results = []
+
+
+def over_budget():
+    return time.monotonic() - START > BUDGET_S
 
 
 def batch_of(T):
@@ -45,6 +53,10 @@ def run_case(name, T, make, call):
         return
     B = batch_of(T)
     row = dict(name=name, T=T, B=B, H=H)
+    if over_budget():
+        row["error"] = "skipped: BUDGET_S spent"
+        results.append(row)
+        return
     try:
         torch.cuda.empty_cache()
         inputs = make(B, T)
@@ -172,6 +184,8 @@ def main():
             run_case("sdpa_flash_hd64", T, sdpa_inputs, sdpa(SDPBackend.FLASH_ATTENTION))
             run_case("sdpa_cudnn_hd64", T, sdpa_inputs, sdpa(SDPBackend.CUDNN_ATTENTION))
     for T in [int(x) for x in os.environ.get("STAGES", "").split(",") if x]:
+        if over_budget():
+            break
         try:
             stage_times(T)
         except Exception as e:  # the breakdown is a diagnostic, never fatal
