@@ -57,12 +57,12 @@ def passkey_sweep(model, data: Data, recipe: Recipe, layout: Layout) -> dict[int
 
 
 def loss_by_position(model, data: Data, recipe: Recipe, layout: Layout) -> np.ndarray:
-    """Mean held-out NLL at each position [seq_len], every token scored (NaN: no data)."""
+    """Mean held-out NLL at each position [seq_len] of the tokens training scores (NaN elsewhere)."""
     tc = recipe.train
     batch = max(1, tc.micro_batch_size or tc.batch_size // layout.dp_size)
     rows = []
     for i in range(recipe.eval.heldout_batches):
-        x, y = data.batch(i, batch, tc.seq_len, stream=HELDOUT, loss_on="all")
+        x, y = data.batch(i, batch, tc.seq_len, stream=HELDOUT)
         rows.append(sequence_stats(model, x, y, recipe, layout)[0])
     return torch.cat(rows).nanmean(0).numpy()
 
@@ -78,7 +78,7 @@ def evaluate(model, data: Data, recipe: Recipe, layout: Layout, out_dir: Path) -
         results["passkey_digit_accuracy"] = float(np.mean([f.mean() for row in fractions.values() for f in row.values()]))
     position = loss_by_position(model, data, recipe, layout) if recipe.eval.heldout_batches else None
     if position is not None:
-        results["heldout_loss"] = float(np.nanmean(position))
+        results["heldout_loss"] = float(np.nanmean(position))  # per position first: late tokens count as much as early
     if layout.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if "passkey" in results:
@@ -131,7 +131,7 @@ def plot_heatmap(table, out: Path) -> None:
 def plot_by_position(position: np.ndarray, out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(len(position)), position, lw=0.8)
+    ax.plot(np.arange(len(position)), position, ".-", lw=0.8, ms=3)  # dots: task data scores few positions
     ax.set_xscale("log")
     ax.set_xlabel("token position")
     ax.set_ylabel("held-out NLL (nats)")
