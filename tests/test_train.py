@@ -114,31 +114,32 @@ def test_jsonl_text_with_builtin_tokenizer(tmp_path):
 # --- CP / DP equivalence ------------------------------------------------------------------------
 
 
-def _step_matches_single_process(out_dir: str, cp_sizes: list[int]):
+def _step_matches_single_process(out_dir: str, cp_sizes: list[int], archs: list[str]):
     """On every rank: one step's loss and gradients under (dp, cp) equal one process's on the batch."""
     rank = torch.distributed.get_rank()
     torch.set_num_threads(1)
-    ref = Trainer(tiny_recipe(Path(out_dir) / f"ref{rank}", train={"micro_batch_size": 1}), single_layout())
-    ref_loss = ref.forward_backward(0)
-    for cp in cp_sizes:
-        recipe = tiny_recipe(Path(out_dir) / f"cp{cp}", train={"micro_batch_size": 1},
-                             parallel={"context_parallel_size": cp})
-        trainer = Trainer(recipe, setup(cp))
-        loss = trainer.forward_backward(0)
-        assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss), (cp, loss, ref_loss)
-        for (name, p), q in zip(trainer.model.named_parameters(), ref.model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"cp={cp} {name}")
+    for arch in archs:
+        sections = {"train": {"micro_batch_size": 1}, "model": {"arch": arch}}
+        ref = Trainer(tiny_recipe(Path(out_dir) / f"ref{rank}", **sections), single_layout())
+        ref_loss = ref.forward_backward(0)
+        for cp in cp_sizes:
+            recipe = tiny_recipe(Path(out_dir) / f"cp{cp}", parallel={"context_parallel_size": cp}, **sections)
+            trainer = Trainer(recipe, setup(cp))
+            loss = trainer.forward_backward(0)
+            assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss), (arch, cp, loss, ref_loss)
+            for (name, p), q in zip(trainer.model.named_parameters(), ref.model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{arch} cp={cp} {name}")
 
 
 @pytest.mark.slow
 def test_two_ranks_match_single_process(tmp_path):
-    run_distributed(_step_matches_single_process, 2, str(tmp_path), [1, 2] if HAS_CP else [1])
+    run_distributed(_step_matches_single_process, 2, str(tmp_path), [1, 2] if HAS_CP else [1], ["mamba2", "gdn"])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CP, reason="needs ctxpar.cp")
 def test_cp2_x_dp2_matches_single_process(tmp_path):
-    run_distributed(_step_matches_single_process, 4, str(tmp_path), [2])
+    run_distributed(_step_matches_single_process, 4, str(tmp_path), [2], ["mamba2"])
 
 
 # --- checkpoints and resume ---------------------------------------------------------------------
