@@ -21,15 +21,14 @@ from ctxpar.train.data import HELDOUT, PASSKEY_EVAL, Data, PasskeyTask, hash_see
 from ctxpar.train.parallel import Layout, gather_sequence
 
 
+@torch.no_grad()
 def sequence_stats(model: CausalLM, inputs, labels, recipe: Recipe, layout: Layout):
     """Per-token NLL and correctness [B, T] of whole sequences (forward split across CP ranks)."""
     from ctxpar.train.trainer import autocast
 
     x, y = layout.split(inputs).to(layout.device), layout.split(labels).to(layout.device)
-    # Grad mode stays on for the CPU (torch) backend: its no-grad path of read_tree (torch_chunked.py,
-    # commit 7efdbbd) raises NameError on 'arrays'. Use torch.no_grad() everywhere once that is fixed.
-    with torch.set_grad_enabled(layout.device.type == "cpu"), autocast(recipe, layout.device):
-        hidden = model(x, layout.cp_context()).detach()
+    with autocast(recipe, layout.device):
+        hidden = model(x, layout.cp_context())
     nll, correct = token_stats(model, hidden, y, recipe.train.loss_tile)
     return gather_sequence(nll, layout).cpu(), gather_sequence(correct, layout).cpu()
 
