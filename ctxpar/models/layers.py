@@ -63,9 +63,7 @@ class ShortConv(nn.Module):
         if cp is not None:
             from ctxpar.comm.halo import causal_conv1d_cp
 
-            # CPContext has no public process group yet; its transport holds the one it was given.
-            group = cp.transport.group
-            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), group))
+            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group))
         return F.silu(causal_conv1d(x, self.weight, self.bias))
 
 
