@@ -92,6 +92,17 @@ def test_batches_are_a_function_of_the_step():
     assert torch.equal(labels[:, :-1][scored[:, :-1]], inputs[:, 1:][scored[:, :-1]])  # labels = next inputs
 
 
+def test_mqar_scores_the_queried_values():
+    from ctxpar.train.data import MQARTask
+
+    task = MQARTask(pairs=4)
+    ids, target = task.sample(40, torch.Generator().manual_seed(0))
+    pairs = dict(zip(ids[:8:2].tolist(), ids[1:8:2].tolist()))
+    queries = ids[-8:]
+    assert target.sum() == 4 and torch.equal(ids[target], queries[1::2])
+    assert all(pairs[k] == v for k, v in zip(queries[0::2].tolist(), queries[1::2].tolist()))
+
+
 def test_bin_token_file(tmp_path):
     tokens = np.arange(5000, dtype=np.uint16) % 300
     tokens.tofile(tmp_path / "tokens.bin")
