@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every 2-GPU measurement in one job (one device lease): NCCL comm tests, the context-parallel
-# benchmark, the training benchmark of the 1M recipe and the same model in DeepSpeed ZeRO-2.
+# Every 2-GPU measurement in one job (one device lease): the single-GPU op benchmark on GPU 0, the
+# context-parallel benchmark, the training benchmark of the 1M recipe and the same model in
+# DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside).
 # Each step has its own time limit, so one slow step cannot starve the rest; logs go to $OUT.
 #     OUT=/tmp/out bash benchmarks/run_2gpu.sh
 set -u
@@ -17,9 +18,10 @@ step() {
     grep -v '^{' "$OUT/$name.log" | tail -n "${TAIL:-14}"
 }
 
-step comm_nccl 90 python3 -m pytest tests/test_comm.py -m gpu -q -p no:cacheprovider
-step bench_train 240 python3 benchmarks/bench_train.py --gpus 2 --lengths 131072,262144,524288,1048576 \
-    --warmup 1 --steps 2 --out "$OUT/bench_train_2gpu.json"
-step bench_deepspeed 120 python3 benchmarks/bench_deepspeed.py --gpus 2 --lengths 262144 --warmup 1 --steps 2 \
-    --out "$OUT/bench_deepspeed_2gpu.json"
-step bench_cp 150 torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3
+step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
+step bench_cp "${CP_LIMIT:-110}" torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3 \
+    --variants "${CP_VARIANTS:-mamba2}"
+step bench_train "${TRAIN_LIMIT:-190}" python3 benchmarks/bench_train.py --gpus 2 \
+    --lengths 131072,262144,524288,1048576 --warmup 1 --steps 2 --out "$OUT/bench_train_2gpu.json"
+step bench_deepspeed "${DS_LIMIT:-100}" python3 benchmarks/bench_deepspeed.py --gpus 2 --lengths 262144 \
+    --warmup 1 --steps 2 --out "$OUT/bench_deepspeed_2gpu.json"
