@@ -13,9 +13,10 @@ step() {
     local name=$1 limit=$2
     shift 2
     echo "=== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
     echo "=== $name exit $?"
-    grep -v '^{' "$OUT/$name.log" | tail -n "${TAIL:-14}"
+    { echo "=== $name"; cat "/tmp/$name.log"; } >> "$OUT/run.log"  # one log file: few files come back
+    grep -v '^{' "/tmp/$name.log" | tail -n "${TAIL:-14}"
 }
 
 step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
