@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
@@ -78,7 +79,18 @@ def _rank_main(local_rank: int, world: int, port: int, fn, recipe: Recipe, args:
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo over loopback
+    _die_with_launcher()
     _report(fn(recipe, *args))
+
+
+def _die_with_launcher() -> None:
+    """On Linux, SIGTERM this rank when the launching process dies, so that no orphaned rank keeps
+    training; the trainer's preemption guard turns the signal into a checkpoint and a clean exit."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _report(summary: dict) -> None:
