@@ -62,18 +62,13 @@ class Layout:
 
 
 def setup(cp_size: int, backend: str = "auto") -> Layout:
-    """Join the job the environment describes (or one already initialised) and build the mesh."""
-    if dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        info = LaunchInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_world_size(), "", 0, "torchrun")
-        device = _single_device(info) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        info = resolve_launch()
-        if info.world_size == 1:
-            return Layout(0, 1, 0, 1, _single_device(info))
-        device = init_process_group_from(info, None if backend == "auto" else backend)
+    """Join the job the environment describes (or a process group that already exists) and build the mesh."""
+    info = _existing_group() if dist.is_initialized() else resolve_launch()
     if info.world_size % cp_size:
         raise ValueError(f"context_parallel_size {cp_size} must divide the number of ranks {info.world_size}")
+    if info.world_size == 1 and not dist.is_initialized():  # one process: no process group needed
+        return Layout(0, 1, 0, 1, _single_device(info))
+    device = init_process_group_from(info, None if backend == "auto" else backend)  # only the device if it exists
     layout = Layout(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
     if cp_size > 1:
         from ctxpar.comm.mesh import build_mesh
@@ -84,6 +79,13 @@ def setup(cp_size: int, backend: str = "auto") -> Layout:
     else:
         layout.dp_size, layout.dp_rank = info.world_size, info.rank
     return layout
+
+
+def _existing_group() -> LaunchInfo:
+    """This rank's place in a process group created elsewhere (a test harness, another framework)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return LaunchInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)), local_world, "", 0, "torchrun")
 
 
 def _single_device(info: LaunchInfo) -> torch.device:
