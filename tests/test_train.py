@@ -153,6 +153,17 @@ def test_cp2_x_dp2_matches_single_process(tmp_path):
     run_distributed(_step_matches_single_process, 4, str(tmp_path), [2], ["mamba2"])
 
 
+def test_activation_checkpointing_changes_nothing(tmp_path):
+    grads = []
+    for flag in (False, True):
+        trainer = Trainer(tiny_recipe(tmp_path / str(flag), train={"activation_checkpointing": flag}), single_layout())
+        loss = trainer.forward_backward(0)
+        grads.append((loss, [p.grad for p in trainer.model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
 # --- checkpoints and resume ---------------------------------------------------------------------
 
 
