@@ -40,7 +40,9 @@ def bench_rank(recipe, lengths, warmup, steps, stage, out):
     lm = CausalLM(cfg)
     lm.activation_checkpointing = recipe.train.activation_checkpointing
     config = cpx.deepspeed_config({
-        "optimizer": {"type": "AdamW", "params": {"lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay}},
+        # torch's AdamW: DeepSpeed's fused Adam JIT-builds with nvcc and fails to parse "9.0a".
+        "optimizer": {"type": "AdamW", "params": {"lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay,
+                                                  "torch_adam": True}},
         "gradient_clipping": recipe.optim.grad_clip,
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": stage},
