@@ -31,7 +31,7 @@ def bench_rank(recipe, lengths, warmup, steps, stage, out):
     import deepspeed
 
     from ctxpar.comm.launch import init_process_group_from, resolve_launch
-    from ctxpar.integrations.deepspeed import LanguageModelLoss, cp_loss, setup_context_parallel, split_batch
+    from ctxpar.integrations.deepspeed import cp_loss, setup_context_parallel, split_batch, zero3_loss_module
     from ctxpar.models import CausalLM
 
     device = init_process_group_from(resolve_launch())
@@ -47,7 +47,7 @@ def bench_rank(recipe, lengths, warmup, steps, stage, out):
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": stage},
     }, micro_batch=1)
-    model = LanguageModelLoss(lm)
+    model = zero3_loss_module(lm)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=cpx.mpu)
     rows = []
     for length in lengths:

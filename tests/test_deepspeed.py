@@ -50,14 +50,14 @@ def reference_step(model, batches):
 def full_params(engine):
     """Every parameter whole, in fp32 (ZeRO 1-3 keep fp32 masters; ZeRO 0 trains the fp32 module)."""
     get = deepspeed.utils.safe_get_full_fp32_param
-    return {n.removeprefix("lm."): (get(p) if get(p) is not None else p.detach()).clone()
+    return {n.removeprefix("model."): (get(p) if get(p) is not None else p.detach()).clone()
             for n, p in engine.module.named_parameters()}
 
 
 def engine_step(stage, batches, tmpdir):
     import torch.distributed as dist
 
-    from ctxpar.integrations.deepspeed import LanguageModelLoss, cp_loss, setup_context_parallel, split_batch
+    from ctxpar.integrations.deepspeed import cp_loss, setup_context_parallel, split_batch, zero3_loss_module
 
     cpx = setup_context_parallel(CP)
     config = cpx.deepspeed_config(
@@ -69,12 +69,12 @@ def engine_step(stage, batches, tmpdir):
         },
         micro_batch=1,
     )
-    model = LanguageModelLoss(tiny_model())
+    model = zero3_loss_module(tiny_model())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=cpx.mpu)
     ids, labels = split_batch(batches[cpx.mesh.dp_rank], cpx.cp_rank, cpx.cp_size)
     loss = cp_loss(*engine(ids, labels, cp=cpx.context), cpx, engine.zero_optimization_stage())
     engine.backward(loss)
-    grads = {n.removeprefix("lm."): deepspeed.utils.safe_get_full_grad(p).clone()
+    grads = {n.removeprefix("model."): deepspeed.utils.safe_get_full_grad(p).clone()
              for n, p in engine.module.named_parameters()}
     engine.step()
     params = full_params(engine)
@@ -82,7 +82,7 @@ def engine_step(stage, batches, tmpdir):
     # engine checkpoint round trip: a fresh engine that loads it holds the same parameters
     tag = f"stage{stage}"
     engine.save_checkpoint(tmpdir, tag=tag)
-    other = LanguageModelLoss(tiny_model())
+    other = zero3_loss_module(tiny_model())
     fresh, *_ = deepspeed.initialize(model=other, model_parameters=other.parameters(), config=config, mpu=cpx.mpu)
     fresh.load_checkpoint(tmpdir, tag=tag)
     loaded = full_params(fresh)

@@ -2,11 +2,11 @@
 
 A DeepSpeed script gains context parallelism in a few lines::
 
-    from ctxpar.integrations.deepspeed import setup_context_parallel, split_batch, cp_loss
+    from ctxpar.integrations.deepspeed import cp_loss, setup_context_parallel, split_batch, zero3_loss_module
 
     cpx = setup_context_parallel(cp_size=2)                    # groups, mpu, CPContext
     config = cpx.deepspeed_config(base_config, micro_batch=1, grad_accum=1)
-    model = LanguageModelLoss(causal_lm)                        # the loss inside forward (ZeRO-3)
+    model = zero3_loss_module(causal_lm)                        # the loss inside forward (ZeRO-3)
     engine, *_ = deepspeed.initialize(model=model, config=config, mpu=cpx.mpu,
                                       model_parameters=model.parameters())
     ids, labels = split_batch(batch, cpx.cp_rank, cpx.cp_size)  # labels shifted before the split
@@ -28,9 +28,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from ctxpar.comm.collectives import all_reduce_sum
 from ctxpar.comm.mesh import Mesh, build_mesh
-from ctxpar.models import CausalLM, token_nll
+from ctxpar.models import CausalLM, LMLoss
+from ctxpar.train.parallel import cp_mean
 
 IGNORE_INDEX = -100
 
@@ -113,20 +113,12 @@ def setup_context_parallel(cp_size: int, scheme: str = "allgather") -> ContextPa
     return ContextParallelSetup(mesh, ContextParallelMPU(mesh), context)
 
 
-class LanguageModelLoss(torch.nn.Module):
-    """A CausalLM and its tiled next-token loss in one forward -> (NLL sum, token count).
-
-    ZeRO-3 gathers a parameter only inside the forward of a module that owns or registers it; the
-    tied head reuses the embedding outside the embedding's forward, so it is registered here.
-    """
-
-    def __init__(self, lm: CausalLM):
-        super().__init__()
-        self.lm = lm
-        deepspeed.zero.register_external_parameter(self, lm.head_weight)
-
-    def forward(self, input_ids, labels, cp=None):
-        return token_nll(self.lm, self.lm(input_ids, cp), labels)
+def zero3_loss_module(lm: CausalLM, tile: int = 8192) -> LMLoss:
+    """The LM with its loss in one forward, its tied head registered with ZeRO-3: ZeRO-3 gathers a
+    parameter only inside the forward of a module that owns or registers it."""
+    module = LMLoss(lm, tile)
+    deepspeed.zero.register_external_parameter(module, lm.head_weight)
+    return module
 
 
 def split_batch(input_ids: torch.Tensor, cp_rank: int, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +142,5 @@ def cp_loss(nll_sum: torch.Tensor, count: torch.Tensor, setup: ContextParallelSe
     sequence-parallel ranks as one data-parallel replica), which over-counts by cp: divide it out.
     ZeRO 3 averages over all DP x CP ranks without that factor, which is exactly right.
     """
-    total = all_reduce_sum(torch.stack([nll_sum, count.to(nll_sum.dtype)]), setup.mesh.cp_group)
-    mean = total[0] / total[1].clamp(min=1)
+    mean = cp_mean(nll_sum, count, setup.mesh.cp_group)
     return mean if zero_stage == 3 else mean / setup.cp_size

@@ -97,6 +97,21 @@ class CausalLM(nn.Module):
         return dense + 3 * cfg.n_layers * cfg.n_heads * per_head
 
 
+class LMLoss(nn.Module):
+    """The LM and its tiled next-token loss in one forward -> (NLL sum, labelled-token count).
+
+    One module for the whole step, so DDP sees every parameter used and ZeRO-3 can be told about
+    the tied head, which reuses the embedding outside the embedding's own forward.
+    """
+
+    def __init__(self, model: CausalLM, tile: int = 8192):
+        super().__init__()
+        self.model, self.tile = model, tile
+
+    def forward(self, inputs, labels, cp=None):
+        return token_nll(self.model, self.model(inputs, cp), labels, self.tile)
+
+
 def token_nll(model: CausalLM, hidden, labels, tile: int = 8192):
     """(sum of next-token NLL over labelled tokens, number of labelled tokens), both float32 scalars.
 

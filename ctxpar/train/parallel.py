@@ -100,13 +100,14 @@ def teardown(layout: Layout) -> None:
         dist.destroy_process_group()
 
 
-def cp_mean(nll_sum: torch.Tensor, count: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Token-weighted mean NLL over the CP group's whole sequences (differentiable)."""
-    if layout.cp_size == 1:
+def cp_mean(nll_sum: torch.Tensor, count: torch.Tensor, cp_group=None) -> torch.Tensor:
+    """Token-weighted mean NLL over the CP group's whole sequences (differentiable; the all-reduce's
+    backward sums the gradient over the group). ``cp_group=None``: no context parallelism."""
+    if cp_group is None:
         return nll_sum / count.clamp(min=1)
     from ctxpar.comm.collectives import all_reduce_sum
 
-    total = all_reduce_sum(torch.stack([nll_sum, count.to(nll_sum.dtype)]), layout.cp_group)
+    total = all_reduce_sum(torch.stack([nll_sum, count.to(nll_sum.dtype)]), cp_group)
     return total[0] / total[1].clamp(min=1)
 
 

@@ -14,24 +14,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctxpar.comm.preemption import PreemptionGuard, requeue_if_slurm
-from ctxpar.models import CausalLM, ModelConfig, token_nll
+from ctxpar.models import CausalLM, LMLoss, ModelConfig
 from ctxpar.models.io import load_config, load_weights
 from ctxpar.train import checkpoint
 from ctxpar.train.config import Recipe, dump
 from ctxpar.train.data import Data
 from ctxpar.train.parallel import Layout, cp_mean, cpu_threads, mean_over_world, setup, teardown
 from ctxpar.train.telemetry import Telemetry, plot_loss
-
-
-class LMLoss(nn.Module):
-    """Model + tiled loss in one module, so DDP sees the whole forward (the head reuses the embedding)."""
-
-    def __init__(self, model: CausalLM, tile: int):
-        super().__init__()
-        self.model, self.tile = model, tile
-
-    def forward(self, inputs, labels, cp=None):
-        return token_nll(self.model, self.model(inputs, cp), labels, self.tile)
 
 
 def train(recipe: Recipe) -> dict:
@@ -124,7 +113,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not lay.distributed else self.loss.no_sync()
             with sync:
                 with autocast(self.recipe, lay.device):
-                    loss = cp_mean(*self.loss(x, y, cp), lay) / self.accum
+                    loss = cp_mean(*self.loss(x, y, cp), lay.cp_group) / self.accum
                 loss.backward()
             total += loss.item()
         return mean_over_world(total, lay)
