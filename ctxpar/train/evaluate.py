@@ -19,6 +19,7 @@ from ctxpar.models import CausalLM, token_stats
 from ctxpar.train.config import Recipe
 from ctxpar.train.data import HELDOUT, PASSKEY_EVAL, Data, PasskeyTask, hash_seed, shift
 from ctxpar.train.parallel import Layout, gather_sequence
+from ctxpar.train.telemetry import line_plot, pyplot
 
 
 @torch.no_grad()
@@ -99,17 +100,8 @@ def format_table(table: dict[int, dict[float, float]]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_heatmap(table, out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     lengths, depths = list(table), list(next(iter(table.values())))
     grid = np.array([[table[n][d] for d in depths] for n in lengths])
     fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2, 0.6 * len(lengths) + 2))
@@ -128,16 +120,9 @@ def plot_heatmap(table, out: Path) -> None:
 
 
 def plot_by_position(position: np.ndarray, out: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(len(position)), position, ".-", lw=0.8, ms=3)  # dots: task data scores few positions
-    ax.set_xscale("log")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("held-out NLL (nats)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    # dots: task data scores few positions
+    line_plot(np.arange(len(position)), position, "token position", "held-out NLL (nats)", out,
+              xscale="log", style=".-", lw=0.8)
 
 
 def _finite(x: np.ndarray) -> list:

@@ -124,18 +124,31 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: Path, out: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: plots are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    return plt
+
+
+def line_plot(x, y, xlabel: str, ylabel: str, out: Path, *, xscale: str = "linear", style: str = "-",
+              lw: float = 1.5) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats / scored token)")
+    ax.plot(x, y, style, lw=lw, ms=3)
+    ax.set_xscale(xscale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_loss(metrics_path: Path, out: Path) -> None:
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    line_plot([r["step"] for r in records], [r["loss"] for r in records], "step",
+              "training loss (nats / scored token)", out)
