@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, slot_info
+from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, row_tile, slot_info
 
 
 @triton.jit
@@ -24,8 +24,8 @@ def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, H
     rk = kb * BK + tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
     group = h // (H // HK)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
     kd = kt.to(tl.float32) * tl.exp(total - gl)[:, None]
     u = mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
     tile_off = rk[:, None] * V + rv[None, :]

@@ -107,6 +107,21 @@ def load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, m
 
 
 @triton.jit
+def node_carry(gc, gl, before, c, height, c0, first, H, h):
+    """Where chunk c's node ((c >> height) - 1, height) lives (in_slots, slot), and its carry
+    exp(G_t - G_node_end) to each query row t of the chunk."""
+    in_slots, slot = node_at(c, height, c0, first)
+    gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+    return in_slots, slot, tl.exp(gl + (before - gc_node).to(tl.float32))
+
+
+@triton.jit
+def row_tile(ptr, rows, heads, head, width, cols):
+    """Pointers to the [rows, cols] tile of one head of a [tokens, heads, width] tensor."""
+    return ptr + (rows[:, None] * heads + head) * width + cols[None, :]
+
+
+@triton.jit
 def mma(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b for the products inside one chunk: operands in the inputs' dtype DT, float32 sums.
     bf16 inputs get bf16 tensor-core products (half the registers and twice the rate of tf32);

@@ -10,7 +10,8 @@ node) with one atomic add per node and group; nodes above the group collect one 
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, gc_before, level_scale, local_decay, mma_f32, node_at, state_offsets
+from ctxpar.kernels.triton.common import (chunk_rows, gc_before, level_scale, local_decay, mma_f32, node_carry, row_tile,
+                                          state_offsets)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -37,14 +38,10 @@ def node_grad_kernel(q, do, g, lam, gc, grads, init_grads, docs, groups, heights
                 i = first + c - c0
                 rows, valid = chunk_rows(c, token_start, t0, length, C)
                 gl = local_decay(g, rows, valid, H, h)
-                in_slots, slot = node_at(c, height, c0, first)
-                gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
-                carry = tl.exp(gl + (gc_before(gc, i, c, c0, H, h) - gc_node).to(tl.float32))
+                in_slots, slot, carry = node_carry(gc, gl, gc_before(gc, i, c, c0, H, h), c, height, c0, first, H, h)
                 weight = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry
-                qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :],
-                             mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-                dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :],
-                               mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+                qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+                dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
                 acc += mma_f32(tl.trans(qt * weight[:, None]), dot_, q.dtype.element_ty, PREC)
                 if (((c + 1) & ((1 << height) - 1)) == 0) | (r == GROUP - 1) | (c == c_last):
                     o_slot, o_init = state_offsets(slot, n, h, height, H, NI, K, V, rk, rv)

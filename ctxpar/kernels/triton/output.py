@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, mma, mma_f32, node_at, slot_info)
+                                          local_decay, local_levels, mma, mma_f32, node_carry, row_tile, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -27,10 +27,10 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
     group = h // (H // HK)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     dt = q.dtype.element_ty
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
     v_mask = valid[:, None] & (rv[None, :] < V)
-    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     lev = local_levels(C, LOG_C)
     w = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C) * intra_decay(gl, valid, C)
@@ -41,12 +41,11 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
         if ((c >> height) & 1) == 1:
-            in_slots, slot = node_at(c, height, c0, first)
-            gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+            in_slots, slot, carry = node_carry(gc, gl, before, c, height, c0, first, H, h)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
-            carry = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * tl.exp(gl + (before - gc_node).to(tl.float32))
-            acc += carry[:, None] * mma_f32(qt, node, dt, PREC)
-    tl.store(o + (rows[:, None] * H + h) * V + rv[None, :], acc.to(o.dtype.element_ty), mask=v_mask)
+            weight = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry
+            acc += weight[:, None] * mma_f32(qt, node, dt, PREC)
+    tl.store(row_tile(o, rows, H, h, V, rv), acc.to(o.dtype.element_ty), mask=v_mask)
 
 
 def outputs(q, k, v, g, lam, states, init, gc, layout, prec):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, mma, mma_f32, node_at, slot_info)
+                                          local_decay, local_levels, mma, mma_f32, node_carry, row_tile, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -34,10 +34,10 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-    dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     decay = intra_decay(gl, valid, C)
     lev = local_levels(C, LOG_C)
@@ -55,10 +55,8 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
         if ((c >> height) & 1) == 1:
-            in_slots, slot = node_at(c, height, c0, first)
-            gc_node = tl.load(gc + slot * H + h, mask=in_slots, other=0.0)
+            in_slots, slot, carry = node_carry(gc, gl, before, c, height, c0, first, H, h)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
-            carry = tl.exp(gl + (before - gc_node).to(tl.float32))
             y = mma_f32(dot_, tl.trans(node), dt, PREC)
             lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
             dq_h += (lam_h * carry)[:, None] * y
@@ -67,7 +65,7 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
             tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
             read_share += lam_h * d_lam
     tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
-    tl.atomic_add(dq + (rows[:, None] * HK + group) * K + rk[None, :], dq_h, mask=qk_mask, sem="relaxed")
+    tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), dq_h, mask=qk_mask, sem="relaxed")
 
 
 @triton.jit

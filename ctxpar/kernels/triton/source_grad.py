@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          mma_f32, slot_info)
+                                          mma_f32, row_tile, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -32,10 +32,10 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt = tl.load(q + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    kt = tl.load(k + (rows[:, None] * HK + group) * K + rk[None, :], mask=qk_mask, other=0.0)
-    vt = tl.load(v + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
-    dot_ = tl.load(do + (rows[:, None] * H + h) * V + rv[None, :], mask=v_mask, other=0.0)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     dp = mma(dot_, tl.trans(vt), dt, PREC)
@@ -48,8 +48,8 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     k_du = to_end[:, None] * mma_f32(kt, du, dt, PREC)
     dv_h += k_du
     dk_h += to_end[:, None] * mma_f32(vt, tl.trans(du), dt, PREC)
-    tl.store(dv + (rows[:, None] * H + h) * V + rv[None, :], dv_h.to(dv.dtype.element_ty), mask=v_mask)
-    tl.atomic_add(dk + (rows[:, None] * HK + group) * K + rk[None, :], dk_h, mask=qk_mask, sem="relaxed")
+    tl.store(row_tile(dv, rows, H, h, V, rv), dv_h.to(dv.dtype.element_ty), mask=v_mask)
+    tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), dk_h, mask=qk_mask, sem="relaxed")
 
     outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
     share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
