@@ -17,6 +17,7 @@ first slot. Host copies of those columns spare the kernels' callers device syncs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -64,7 +65,15 @@ def trailing_ones(c: torch.Tensor) -> torch.Tensor:
 
 
 def build_layout(spans, starts, row_length, chunk, group_size, device) -> Layout:
-    """spans: [(batch, start, end)]; starts: t0 per span (0 without an initial state)."""
+    """spans: [(batch, start, end)]; starts: t0 per span (0 without an initial state).
+
+    Cached: every layer of a model calls with the same structure, and copying the tables to the
+    GPU is a blocking copy that would drain the launch queue once per call."""
+    return _build(tuple(map(tuple, spans)), tuple(starts), row_length, chunk, group_size, torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
     b, s, e = (torch.tensor([x[i] for x in spans], dtype=torch.int64) for i in range(3))
     t0 = torch.tensor(starts, dtype=torch.int64)
     length = e - s
