@@ -22,11 +22,11 @@ H, K, V = 2, 4, 3
 TOL = 1e-10
 
 
-def op(variant, xs, **kwargs):
+def op(variant, xs, backend="torch", **kwargs):
     q, k, v, g, beta, lam = xs
     if variant == "gdn":
-        return log_linear_gdn(q, k, v, g, beta, lam, backend="torch", **kwargs)
-    return log_linear_mamba2(q, k, v, g, lam, backend="torch", **kwargs)
+        return log_linear_gdn(q, k, v, g, beta, lam, backend=backend, **kwargs)
+    return log_linear_mamba2(q, k, v, g, lam, backend=backend, **kwargs)
 
 
 def cases(P, n=64):
@@ -42,8 +42,9 @@ def cases(P, n=64):
     ]
 
 
-def inputs(variant, B, T, init):
+def inputs(variant, B, T, init, dims=(H, K, V)):
     """Global leaves: q, k, v, g, beta, lam, and an initial state (or None) at positions ``init``."""
+    H, K, V = dims
     xs = attention_inputs(B, T, H, K, V, gdn=variant == "gdn", levels=num_levels(T + max(init or [0])))
     xs = [None if x is None else x.requires_grad_() for x in xs]
     state = None

@@ -16,7 +16,7 @@ from ctxpar.comm.collectives import comm_stats, reset_comm_stats
 from ctxpar.cp import SCHEMES, CPContext
 from tests.distributed import run_distributed
 from tests.factories import rel_err
-from tests.test_cp import TOL, VARIANTS, H, V, cases, inputs, leaves, op, reference
+from tests.test_cp import TOL, VARIANTS, H, K, V, cases, inputs, leaves, op, reference
 
 
 @pytest.mark.slow
@@ -39,24 +39,40 @@ def check_world(seed):
             check_bytes_do_not_depend_on_T(variant, scheme)
 
 
-def check_rank(variant, scheme, n, cu, B, init=None):
+def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K, V), tol=TOL):
+    """This rank's output and gradient shares vs one process (float64, torch backend), the rank
+    running ``backend``."""
     rank, P = dist.get_rank(), dist.get_world_size()
-    xs, state = inputs(variant, B, P * n, init)  # the same draw on every rank
-    do = torch.randn(B, P * n, H, V, dtype=torch.float64)
+    xs, state = inputs(variant, B, P * n, init, dims)  # the same draw on every rank
+    do = torch.randn(B, P * n, dims[0], dims[2], dtype=torch.float64)
     o_ref, grads_ref = reference(variant, xs, state, cu, do)
 
     mine = own_leaves(xs, rank, n)
     my_state = None if state is None else type(state)(state.buckets.detach().clone().requires_grad_(), state.positions)
-    o, _ = op(variant, mine, cu_seqlens=cu, initial_state=my_state, cp=CPContext(None, cu, scheme))
+    o, _ = op(variant, mine, backend, cu_seqlens=cu, initial_state=my_state, cp=CPContext(None, cu, scheme))
     grads = torch.autograd.grad((o * mine_of(do, rank, n)).sum(), leaves(mine, my_state))
-    assert rel_err(o, mine_of(o_ref, rank, n)) < TOL, (variant, scheme, cu)
+    assert rel_err(o, mine_of(o_ref, rank, n)) < tol, (variant, scheme, cu)
     sliced_ref = [mine_of(x, rank, n) for x in grads_ref[: len(mine) - mine.count(None)]]
     for got, want in zip(grads, sliced_ref):
-        assert rel_err(got, want) < TOL, (variant, scheme, cu)
+        assert rel_err(got, want) < tol, (variant, scheme, cu)
     if state is not None:  # each document's state is consumed (and differentiated) on one rank
         total = grads[-1].clone()
         dist.all_reduce(total)
-        assert rel_err(total, grads_ref[-1]) < TOL, (variant, scheme, cu)
+        assert rel_err(total, grads_ref[-1]) < tol, (variant, scheme, cu)
+
+
+def test_cp_over_triton_kernels():
+    """The CP op over the Triton Mamba-2 kernels (interpreted on CPU, float32 inside), 3 ranks:
+    each rank's summary is its local op's final state, so the incoming state's gradient must
+    reach the sender's kernel backward through that output. A document crossing two boundaries,
+    one cut mid-slice, and an initial state entering on rank 0."""
+    run_distributed(check_triton, 3, random.randrange(2**31))
+
+
+def check_triton(seed):
+    torch.manual_seed(seed)
+    for cu, init in ((None, None), ([0, 100, 150, 192], (70, 0, 3))):
+        check_rank("mamba2", "allgather", 64, cu, 1, init, backend="triton", dims=(2, 16, 16), tol=1e-5)
 
 
 def check_two_layers_and_one_requested_input(variant, scheme):

@@ -1,14 +1,17 @@
 """CPContext: this rank's place in a context-parallel op, and the op itself.
 
 Forward on rank r:
-  1. the summary of the piece that crosses out (its state from a zero state at its first position,
-     plus the product of its transitions) - the only thing the other ranks need;
-  2. start the exchange of summaries (all-gather or log P);
-  3. meanwhile: the local op on every local piece, the crossing-in piece from a zero state at its
-     true position, and the queries of that piece carried back to its start;
-  4. wait; the joined prefix is the Fenwick state at the first token; add what the queries read
-     from it (the output is linear in that state, so this equals running from it).
-Backward is autograd through all of it, the exchange included.
+  1. the local op on every local piece: the piece that crosses in from a zero state at its true
+     position, documents that start here from the caller's state. Its final state is this rank's
+     summary (the state of the piece that crosses out from its first token, plus the product of
+     its transitions) - the only thing the other ranks need;
+  2. exchange the summaries (all-gather or log P); the exchange moves O(P) or O(log P) states,
+     never anything that grows with T;
+  3. the joined prefix is the Fenwick state at the first token; add what the queries of the piece
+     that crosses in read from it (the output is linear in that state, so this equals running from it).
+Ranks never wait for each other's local work: the exchange follows it, and the reads are a few
+matmuls per live bit of the first position. Backward is autograd through all of it, the exchange
+included: the incoming state's gradient flows back to the senders' final states.
 """
 
 from __future__ import annotations
@@ -124,28 +127,26 @@ class CPContext:
         self._check_call(B, cu_seqlens)
         lay = self.layout(T, self._starts(initial_state, B))
         local_cu = None if self.cu_seqlens is None else lay.local_cu_seqlens
-        c = canonicalize(q, k, v, g, beta, level_scales, scale, None, local_cu, default_scale=default_scale)
-        shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
-        boundaries = {}
-        comm = exchange.make(self.scheme, self.transport, lay, shape)
-        state = None if initial_state is None else initial_state.buckets
-        comm.start(self._own_summary(c, lay, initial_state, boundaries), _anchor(q, k, v, g, beta, level_scales, state))
-
-        # Overlapped with the exchange: everything that does not need the incoming state.
+        c = canonicalize(q, k, v, g, beta, level_scales, scale, None, local_cu, default_scale=default_scale,
+                         native=True)
         op = log_linear_mamba2 if beta is None else log_linear_gdn
         args = (q, k, v, g, level_scales) if beta is None else (q, k, v, g, beta, level_scales)
         o, final = op(*args, scale=scale, initial_state=self._local_states(c, lay, initial_state),
-                      output_final_state=output_final_state, cu_seqlens=local_cu, backend=backend)
+                      output_final_state=output_final_state or lay.crosses_out is not None,
+                      cu_seqlens=local_cu, backend=backend)
         piece = lay.crosses_in
-        if piece is not None and piece not in boundaries:
-            boundaries[piece] = local.boundary(*_inputs(c, piece), piece.position, True, self.chunk_size)
+        carry = None if piece is None else local.carry(*_inputs(c, piece), piece.position, self.chunk_size)
 
+        shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
+        comm = exchange.make(self.scheme, self.transport, lay, shape)
+        state = None if initial_state is None else initial_state.buckets
+        comm.start(self._own_summary(c, lay, final, carry), _anchor(q, k, v, g, beta, level_scales, state))
         incoming, tie = comm.finish()
         if piece is not None:
-            o = o + self._reads(c, piece, boundaries[piece], incoming, T).to(o.dtype)
+            o = o + self._reads(c, piece, carry, incoming, T).to(o.dtype)
             if output_final_state:
-                final = self._carry_final(final, piece, boundaries[piece], incoming, B)
-        return (o if tie is None else o + tie), final
+                final = self._carry_final(final, piece, carry, incoming, B)
+        return (o if tie is None else o + tie), (final if output_final_state else None)
 
     def _check_call(self, batch, cu_seqlens):
         if cu_seqlens is None:
@@ -169,18 +170,15 @@ class CPContext:
                              f"of all {len(self.cu_seqlens) - 1} documents")
         return state.positions
 
-    def _own_summary(self, c, lay: Layout, initial_state, boundaries) -> Summary:
-        piece, span = lay.crosses_out, lay.summaries[lay.rank]
-        if piece is None:
-            return Summary(ENDED, c.v.new_zeros(c.v.shape[0], c.v.shape[2], 0, c.k.shape[-1], c.v.shape[-1]), None)
-        bd = local.boundary(*_inputs(c, piece), piece.position, piece.crosses_in, self.chunk_size)
-        boundaries[piece] = bd
-        own = compact(Span(piece.position, span.b), bd.buckets, bd.trans)
-        if piece.crosses_in or piece.position == 0:
-            return own
-        # The document starts here from the caller's initial state: pass that on too.
-        before = _user_state(initial_state, piece, self.cu_seqlens).to(c.v.dtype)
-        return join(compact(Span(0, piece.position), before.buckets, None), own)
+    def _own_summary(self, c, lay: Layout, final: FenwickState | None, carry: local.Carry | None) -> Summary:
+        """The local op's final state of the piece that crosses out (the last local sequences):
+        from a zero state at its first token when it crosses in too, else its document's whole state."""
+        rows = c.v.shape[0] if self.cu_seqlens is None else 1
+        if lay.crosses_out is None:
+            K, V = c.k.shape[-1], c.v.shape[-1]
+            return Summary(ENDED, c.v.new_zeros(rows, c.v.shape[2], 0, K, V, dtype=_state_dtype(c)), None)
+        buckets = final.buckets[-rows:].to(_state_dtype(c))  # one wire dtype on every rank, whatever the backend
+        return compact(lay.summaries[lay.rank], buckets, None if carry is None else carry.trans)
 
     def _local_states(self, c, lay: Layout, initial_state) -> FenwickState | None:
         """The local op's initial states: zero at the true position for the piece that crosses in
@@ -192,22 +190,23 @@ class CPContext:
         for piece in lay.pieces:
             if piece.crosses_in or initial_state is None:
                 states.append(FenwickState.zeros(rows, c.v.shape[2], c.k.shape[-1], c.v.shape[-1],
-                                                 (piece.position,) * rows, dtype=c.v.dtype, device=c.v.device))
+                                                 (piece.position,) * rows, dtype=_state_dtype(c), device=c.v.device))
             else:
                 states.append(_user_state(initial_state, piece, self.cu_seqlens))
         return FenwickState.stack(states)
 
-    def _reads(self, c, piece: Piece, bd: local.Boundary, incoming: Summary, length: int) -> torch.Tensor:
+    def _reads(self, c, piece: Piece, carry: local.Carry, incoming: Summary, length: int) -> torch.Tensor:
         state = to_state(incoming, c.v.shape[0])
         lam = c.lam[:, piece.start : piece.end].transpose(1, 2)
-        reads = local.state_reads(bd.queries, lam, piece.position, state.buckets).transpose(1, 2)
+        reads = local.state_reads(carry, lam, piece.position, state.buckets).transpose(1, 2)
         return F.pad(reads, (0, 0, 0, 0, piece.start, length - piece.end))
 
-    def _carry_final(self, final: FenwickState, piece: Piece, bd, incoming: Summary, rows: int) -> FenwickState:
+    def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,
+                     rows: int) -> FenwickState:
         """The crossing-in piece's final state came from a zero start: join the incoming state in."""
         n = rows if self.cu_seqlens is None else 1
         end = piece.position + piece.end - piece.start
-        own = compact(Span(piece.position, end), final.buckets[:n], bd.trans)
+        own = compact(Span(piece.position, end), final.buckets[:n], carry.trans)
         carried = to_state(join(incoming, own), n)
         rest = FenwickState(final.buckets[n:], final.positions[n:])
         return FenwickState.stack([carried, rest]) if rest.num_sequences else carried
@@ -217,6 +216,11 @@ def _anchor(*inputs) -> torch.Tensor:
     """Zero that depends on every input needing grad, through one element of each (see ``exchange``)."""
     needed = [x for x in inputs if x is not None and x.requires_grad and x.numel()]
     return sum((0 * x[(0,) * x.dim()] for x in needed), torch.zeros(()))
+
+
+def _state_dtype(c) -> torch.dtype:
+    """Fenwick states and summaries are float32 (float64 for float64 inputs), whatever q, k, v are."""
+    return torch.promote_types(c.v.dtype, torch.float32)
 
 
 def _inputs(c, piece: Piece):

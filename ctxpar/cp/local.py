@@ -1,8 +1,12 @@
-"""The local pieces of the CP op that the one-device backends do not expose, built from the chunkwise
-torch backend's stages: a piece's summary (its own state and the product of its transitions) and
-what its queries read from the Fenwick state that arrives from the ranks before.
+"""The local pieces of the CP op that the one-device backends do not expose: how the piece that
+crosses in carries its queries back to its first token (and the product of its transitions), and
+what those queries read from the Fenwick state that arrives from the ranks before.
 
-Every tensor here is canonical (``ctxpar.kernels.inputs``) and laid out ``[R, H, n, ...]``.
+A piece's own summary is not here: it is the local op's final state from a zero state at the
+piece's first token, so no rank computes its states twice.
+
+Tensors are ``[R, H, n, ...]`` slices of the native canonical form (``ctxpar.kernels.inputs``):
+q, k keep their Hk groups and their input dtype.
 """
 
 from __future__ import annotations
@@ -13,37 +17,43 @@ import torch
 import torch.nn.functional as F
 
 from ctxpar.kernels.levels import level_of, live_bits
-from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK, build_tree, chunk_stage, final_buckets, transport
+from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK, chunk_stage, transport
 
 
 @dataclass
-class Boundary:
-    buckets: torch.Tensor  # [R, H, bit_length(t0 + n), K, V]: the state after the piece, from a zero state at t0
+class Carry:
     trans: torch.Tensor  # [R, H, k, k]: the product of the piece's transitions
-    queries: torch.Tensor | None  # [R, H, n, K]: each query carried back to t0 (q_t^T A_t ... A_t0)
+    queries: torch.Tensor  # [R, Hq, n, K]: q_t^T A_t ... A_t0 (Mamba-2: q itself, Hq = Hk; decay apart)
+    decay: torch.Tensor | None  # [R, H, n]: Mamba-2's scalar A_t ... A_t0 (None for GDN)
 
 
-def boundary(q, k, v, g, beta, t0: int, with_queries: bool, chunk_size: int = DEFAULT_CHUNK) -> Boundary:
-    """One pass of the chunk stage gives all three; the outputs are the backend's job."""
+def carry(q, k, v, g, beta, t0: int, chunk_size: int = DEFAULT_CHUNK) -> Carry:
+    if beta is None:
+        # Scalar transitions: a cumulative sum, in float64 so that 1M-token sums keep their digits.
+        decay = g.double().cumsum(-1).exp().to(torch.promote_types(g.dtype, torch.float32))
+        return Carry(decay[..., -1:, None], q, decay)
+    return _delta_carry(*(_expanded(x, v.shape[1]) for x in (q, k, v)), g, beta, t0, chunk_size)
+
+
+def _expanded(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hk groups to H heads in the compute dtype (the torch backend's form)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return x.to(compute).repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _delta_carry(q, k, v, g, beta, t0, chunk_size) -> Carry:
+    """Gated DeltaNet: the torch backend's chunk stage gives each chunk's carried queries and
+    transition; prefix products over chunks carry them to t0."""
     C, n = chunk_size, q.shape[2]
-    log_c = C.bit_length() - 1
     front, back = t0 % C, -(t0 + n) % C
     chunks = lambda x: F.pad(x, (0, 0, front, back)).unflatten(2, (-1, C))  # noqa: E731  zero tokens are identities
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    gc = F.pad(g, (front, back)).unflatten(2, (-1, C))
-    bc = None if beta is None else F.pad(beta, (front, back)).unflatten(2, (-1, C))
-    stage = chunk_stage(qc, kc, vc, gc, bc)
-    c0, t_end = t0 // C, t0 + n
-    last = max(c0 + qc.shape[2] - 1, t_end // C)
-    tree = build_tree(stage["U"], stage["M"], c0, last.bit_length(), None, log_c)
-    buckets = final_buckets(tree, stage, vc, t0, t_end, c0, None, C)
-    through = _inclusive_products(stage["M"])  # [R, H, NC, k, k]: M_c ... M_c0
-    queries = None
-    if with_queries:
-        before = torch.cat([_identity(through[:, :, :1]), through[:, :, :-1]], dim=2)
-        carried = stage["Qt"] @ before if before.shape[-1] > 1 else stage["Qt"] * before
-        queries = carried.flatten(2, 3)[:, :, front : front + n]
-    return Boundary(buckets, through[:, :, -1], queries)
+    row = lambda x: F.pad(x.to(q.dtype), (front, back)).unflatten(2, (-1, C))  # noqa: E731
+    stage = chunk_stage(chunks(q), chunks(k), chunks(v), row(g), row(beta))
+    through = _inclusive_products(stage["M"])  # [R, H, NC, K, K]: M_c ... M_c0
+    eye = torch.eye(through.shape[-1], dtype=through.dtype, device=through.device)
+    before = torch.cat([eye.expand_as(through[:, :, :1]), through[:, :, :-1]], dim=2)
+    queries = (stage["Qt"] @ before).flatten(2, 3)[:, :, front : front + n]
+    return Carry(through[:, :, -1], queries, None)
 
 
 def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
@@ -55,25 +65,24 @@ def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _identity(like: torch.Tensor) -> torch.Tensor:
-    if like.shape[-1] == 1:
-        return torch.ones_like(like)
-    return torch.eye(like.shape[-1], dtype=like.dtype, device=like.device).expand_as(like)
-
-
-def state_reads(queries: torch.Tensor, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
+def state_reads(c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
     """What queries at t0, t0+1, ... read from the Fenwick state after t0 tokens ([R, H, n, V]).
 
     Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
     differing bit decides for every lower bucket alike.
     """
-    n = queries.shape[2]
-    positions = torch.arange(t0, t0 + n, device=queries.device)
-    above = level_of(positions, t0)
+    R, H, n = lam.shape[:3]
+    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
+    q = c.queries.to(state.dtype)
     out = 0
     for bit in live_bits(t0):
-        level = above.clamp(min=bit + 1).expand(*lam.shape[:2], n)
-        weight = lam.gather(-1, level[..., None])
-        out = out + weight * (queries @ state[:, :, bit])
-    return out
+        level = above.clamp(min=bit + 1).expand(R, H, n)
+        weight = lam.gather(-1, level[..., None]).to(state.dtype)
+        out = out + weight * _grouped(q, state[:, :, bit])
+    return out if c.decay is None else out * c.decay[..., None]
+
+
+def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """[R, Hq, n, K] @ [R, H, K, V] -> [R, H, n, V], head h reading query group h // (H // Hq)."""
+    return (q.unsqueeze(2) @ s.unflatten(1, (q.shape[1], -1))).flatten(1, 2)
