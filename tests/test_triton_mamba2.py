@@ -118,12 +118,6 @@ def test_stages_match_torch_chunked():
             assert rel(states[c], node) < 1e-5, (c, h)
 
 
-def test_gated_deltanet_is_issue_4():
-    q, k, v, g, lam = make_inputs(1, 16, 1, 1, 16, 16, 5, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        chunked(q, k, v, g, torch.rand_like(g), lam, [(0, 0, 16)])
-
-
 def test_public_op_dispatches_to_the_kernels():
     """log_linear_mamba2(backend="triton") validates, scales q and keeps Hk = 1 unexpanded."""
     from ctxpar import log_linear_mamba2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ctxpar.kernels import reference, torch_chunked
 from ctxpar.kernels import triton as triton_kernels
-from ctxpar.kernels.inputs import canonicalize
+from ctxpar.kernels.inputs import canonicalize, l2norm
 from ctxpar.kernels.levels import num_levels
 from ctxpar.kernels.state import FenwickState
 
@@ -47,9 +47,12 @@ def log_linear_mamba2(q, k, v, g, level_scales, *, scale=None, initial_state=Non
 
 
 def log_linear_gdn(q, k, v, g, beta, level_scales, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, cp=None, backend="auto"):
+                   cu_seqlens=None, cp=None, backend="auto", use_qk_l2norm=False):
     """o_t = scale sum_{s<=t} lambda_t[level(t,s)] (q_t^T A_t ... A_{s+1} k_s) beta_s v_s,
-    A_r = exp(g_r) (I - beta_r k_r k_r^T). beta: [B, T, H]; scale defaults to K ** -0.5."""
+    A_r = exp(g_r) (I - beta_r k_r k_r^T). beta: [B, T, H]; scale defaults to K ** -0.5.
+    ``use_qk_l2norm``: q and k are L2-normalised over K first (inside the op, differentiated)."""
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
     args = (q, k, v, g, beta, level_scales)
     return _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, _gdn_scale)
 
@@ -59,8 +62,10 @@ def log_linear_mamba2_step(q, k, v, g, level_scales, state=None, *, scale=None):
     return _step((q, k, v, g, None, level_scales), state, scale, _mamba2_scale)
 
 
-def log_linear_gdn_step(q, k, v, g, beta, level_scales, state=None, *, scale=None):
+def log_linear_gdn_step(q, k, v, g, beta, level_scales, state=None, *, scale=None, use_qk_l2norm=False):
     """One decoding token of the log-linear gated delta rule (shapes as log_linear_mamba2_step)."""
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
     return _step((q, k, v, g, beta, level_scales), state, scale, _gdn_scale)
 
 

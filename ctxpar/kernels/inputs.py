@@ -59,6 +59,13 @@ def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlen
     )
 
 
+def l2norm(x, eps=1e-6):
+    """x / sqrt(sum(x^2) + eps) over the last dim (the keys and queries of ``use_qk_l2norm``),
+    summed in float32 (float64 stays float64) and returned in x's dtype; autograd differentiates it."""
+    y = x if x.dtype == torch.float64 else x.float()
+    return (y * torch.rsqrt(y.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _check_shapes(q, k, v, g, beta, lam):
     for name, x, dims in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("level_scales", lam, 4)):
         if x.dim() != dims:

@@ -4,6 +4,10 @@ Stages, one file each: chunk_state (each chunk's end state), tree (up-sweep into
 of nodes; down-sweep of their gradients), output (intra-chunk block + node reads), node_grad (the
 read nodes' gradients), query_grad (dq, dlambda), source_grad (dk, dv); function.py ties them into
 one autograd Function and handles the Fenwick states.
+
+Log-linear Gated DeltaNet (``beta`` given): gdn_chunk (the UT transform and everything else
+inside a chunk), gdn_grid (token rows <-> the slot grid), gdn_tree (the tree over chunks, batched
+K x K products in torch) and gdn_function (the op); gdn_function.py says why it is split so.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ def unavailable_reason() -> str | None:
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, **kwargs):
     """``torch_chunked.chunked``'s contract; q, k may keep their Hk <= H heads (not expanded)."""
-    from ctxpar.kernels.triton.function import chunked as run
+    if beta is not None:
+        from ctxpar.kernels.triton.gdn_function import chunked as run
+    else:
+        from ctxpar.kernels.triton.function import chunked as run
 
     return run(q, k, v, g, beta, lam, spans, initial_state, output_final_state, **kwargs)

@@ -126,7 +126,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     FenwickState or None).
     """
     if beta is not None:
-        raise NotImplementedError("log-linear GDN Triton kernels: issue 4")
+        raise ValueError("beta given: Gated DeltaNet runs in gdn_function.chunked")
     out_dtype = v.dtype
     if v.dtype == torch.float64:
         q, k, v, lam = (x.float() for x in (q, k, v, lam))

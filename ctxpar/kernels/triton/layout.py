@@ -41,6 +41,7 @@ class Layout:
     token_start: list[int]
     lengths: list[int]
     first_slot: list[int]
+    host: dict  # CPU int64 copies of slot_doc, slot_chunk, by_height for host-built index tables
 
     @property
     def num_slots(self) -> int:
@@ -113,4 +114,5 @@ def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
         token_start=[int(x) for x in docs[:, 0]],
         lengths=[int(x) for x in length],
         first_slot=[int(x) for x in off],
+        host=dict(slot_doc=slot_doc, slot_chunk=slot_chunk, by_height=by_height),
     )

@@ -1,0 +1,101 @@
+"""GDN stage 1 (counterpart: ``torch_chunked.chunk_stage`` + ``intra_output``): the UT transform.
+
+Everything a chunk contributes on its own, one program per (slot, head, tile). With
+Gam[t,s] = exp(G_t - G_s) inside the chunk, every program first rebuilds the chunk's UT matrix
+T = (I + diag(beta) strict(K K^T * Gam))^-1 diag(beta) in registers (a C-step forward substitution
+on one [C, C] tile: cheaper than a round trip of T through memory), then
+
+- a V tile (tile < cdiv(V, BV)): those columns of the chunk's end state U = Kt^T (T V),
+  Kt = exp(G_C - G) K, and of the intra-chunk output ((Q K^T * Gam) T * lambda) V;
+- a K tile: those columns of the chunk transition M = exp(G_C) I - Kt^T W and of the queries
+  carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
+
+Outputs are float32 in the slot grid: Qt and the intra output [S, H, C, *] (padded rows zero),
+U [S, H, K, V], M [S, H, K, K]. Products of float32 intermediates run as tf32 for half-precision
+inputs (10 mantissa bits, more than the inputs carry) and as ieee float32 for float32 inputs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
+                                          row_tile, slot_info)
+
+NUM_WARPS = 8
+
+
+@triton.jit
+def ut_matrix(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
+    """[C, C] T = (I + A)^-1 diag(beta), A = diag(beta) strict(K K^T * Gam); row i of the inverse
+    is e_i - A[i, :] @ inverse, and rows before i are final when row i is built."""
+    r = tl.arange(0, C)
+    strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
+    gam = tl.exp(tl.where(strict, gl[:, None] - gl[None, :], 0.0))
+    a = tl.where(strict, bt[:, None] * mma(kt, tl.trans(kt), tl.float32, PREC) * gam, 0.0)
+    inv = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for i in range(1, C):
+        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
+        row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inv, 0)
+        inv = tl.where(r[:, None] == i, row[None, :], inv)
+    return inv * bt[None, :]
+
+
+@triton.jit
+def gdn_chunk_kernel(q, k, v, g, beta, lam, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, H, HK, K, V, L,
+                     C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr):
+    i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    group = h // (H // HK)
+    r, rk = tl.arange(0, C), tl.arange(0, KP)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    gl = local_decay(g, rows, valid, H, h)
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    ut = ut_matrix(kt, gl, bt, valid, C, PREC)
+    scores = mma(qt, tl.trans(kt), tl.float32, PREC) * intra_decay(gl, valid, C)
+    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
+    k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
+    head = (i * H + h).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    if tile < nv:
+        rv = tile * BV + tl.arange(0, BV)
+        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
+        u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
+        tl.store(u_out + head * K * V + rk[:, None] * V + rv[None, :], u, mask=(rk[:, None] < K) & (rv[None, :] < V))
+        pairs = mma(scores, ut, tl.float32, PREC) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L,
+                                                                  C, LOG_C)
+        o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
+        tl.store(o_out + (head * C + r[:, None]) * V + rv[None, :], o, mask=rv[None, :] < V)
+    else:
+        rc = (tile - nv) * BK + tl.arange(0, BK)
+        col_mask = valid[:, None] & (rc[None, :] < K)
+        decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
+        kc = tl.load(row_tile(k, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        qc = tl.load(row_tile(q, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        w = mma(ut, kc * decay_in, tl.float32, PREC)
+        q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
+        tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
+        m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
+        tl.store(m_out + head * K * K + rk[:, None] * K + rc[None, :], m, mask=(rk[:, None] < K) & (rc[None, :] < K))
+
+
+def chunk_stage(q, k, v, g, beta, lam, layout, prec):
+    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L] ->
+    (o_intra [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K]), all float32."""
+    S, C = layout.num_slots, layout.chunk
+    H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    f32 = dict(device=v.device, dtype=torch.float32)
+    o, qt = torch.empty(S, H, C, V, **f32), torch.empty(S, H, C, K, **f32)
+    u, m = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32)
+    KP = triton.next_power_of_2(K)
+    BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))
+    grid = (S, H, triton.cdiv(V, BV) + triton.cdiv(K, BK))
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, qt, u, m, o, layout.docs, layout.slot_doc, layout.slot_chunk,
+                           H, k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
+                           num_warps=NUM_WARPS)
+    return o, qt, u, m

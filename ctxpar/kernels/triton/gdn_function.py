@@ -1,0 +1,134 @@
+"""Log-linear Gated DeltaNet on the Triton path: the stages tied into one differentiable op.
+
+Design. Inside a chunk the delta rule needs the UT transform (a triangular solve per chunk and
+head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
+writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
+output. Across chunks everything is a batched K x K product of whole tree heights (gdn_tree.py,
+torch, differentiated by autograd). The chunk stage's backward differentiates its torch
+counterpart (gdn_grid.torch_stage) for now: same math, O(T C) memory.
+
+Initial and final Fenwick states: the initial buckets of bits >= log2 C are tree nodes in front of
+each document (left children and read nodes with identity transitions); the sub-chunk buckets
+enter the first chunk's end state and are read by its queries at their token levels. The final
+state's chunk-level buckets are tree nodes carried to the last token; its sub-chunk buckets come
+from the last chunk's UT columns E (torch_chunked.chunk_stage on that one chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ctxpar.kernels import torch_chunked
+from ctxpar.kernels.levels import bucket_range, level_of, live_bits
+from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels.triton.gdn_chunk import chunk_stage
+from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
+from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, read_all, up_sweep
+from ctxpar.kernels.triton.layout import build_layout
+
+DEFAULT_CHUNK = 64
+
+
+class ChunkStage(torch.autograd.Function):
+    """gdn_chunk.chunk_stage; backward through gdn_grid.torch_stage (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, lam, grid, prec):
+        ctx.save_for_backward(q, k, v, g, beta, lam)
+        ctx.grid = grid
+        return chunk_stage(q, k, v, g, beta, lam, grid.layout, prec)
+
+    @staticmethod
+    def backward(ctx, *d_outputs):
+        inputs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            outputs = torch_stage(*inputs, ctx.grid)
+        return (*torch.autograd.grad(outputs, inputs, d_outputs), None, None)
+
+
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
+    """``torch_chunked.chunked``'s contract for Gated DeltaNet; q, k may keep Hk < H heads.
+
+    q, k: [B, T, Hk, K] (already scaled); v: [B, T, H, V]; g, beta: [B, T, H]; lam: [B, T, H, L];
+    spans: [(batch, start, end)]. Float64 inputs run in float32. Returns (o [B, T, H, V],
+    FenwickState or None).
+    """
+    out_dtype = v.dtype
+    if v.dtype == torch.float64:
+        q, k, v, beta, lam = (x.float() for x in (q, k, v, beta, lam))
+    B, T, H, V = v.shape
+    C, log_c = chunk_size, chunk_size.bit_length() - 1
+    starts = list(initial_state.positions) if initial_state is not None else [0] * len(spans)
+    layout = build_layout(spans, starts, T, C, 1, v.device)
+    grid = SlotGrid(layout, B * T, H, q.shape[2], v.device)
+    plan = TreePlan(layout, v.device)
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
+    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, grid, prec)
+    # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
+    lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
+
+    buckets = init = None
+    if initial_state is not None:
+        buckets = initial_state.buckets.float()
+        init = buckets[:, :, log_c:]
+        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c)
+    nodes, trans = up_sweep(u, m, init, plan)
+    o = o + read_all(qt, lam_slots, nodes, trans, init, plan, log_c)
+    out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
+    if not output_final_state:
+        return out, None
+    finals = [_final_buckets(n, nodes, trans, init, plan, m, grid, (fq, fk, fv, fg, fb), buckets, log_c)
+              for n in range(layout.num_docs)]
+    return out, FenwickState.stack(finals)
+
+
+def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
+    """The initial buckets of bits < log2 C: carried into the first chunk's end state, and read by
+    the first chunk's queries (Qt is already carried to t0) at their token-level levels."""
+    C = 1 << log_c
+    docs = [n for n in range(layout.num_docs) if layout.starts[n] % C]
+    if not docs:
+        return o, u
+    slots = torch.tensor([layout.first_slot[n] for n in docs], device=o.device)
+    subs = [[b for b in live_bits(layout.starts[n]) if b < log_c] for n in docs]
+    carried = m[slots] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
+    reads = []
+    for n, bits, slot in zip(docs, subs, slots.tolist()):
+        positions = layout.c0[n] * C + torch.arange(C, device=o.device)
+        part = 0
+        for b in bits:
+            level = level_of(positions, bucket_range(layout.starts[n], b)[0])
+            part = part + lam_slots[slot][:, torch.arange(C), level][..., None] * (qt[slot] @ buckets[n, :, b])
+        reads.append(part)
+    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, slots, carried)
+
+
+def _final_buckets(n, nodes, trans, init, plan, m, grid, inputs, buckets, log_c):
+    """Document n's Fenwick state at its end t_end: the tree nodes of the bits >= log2 C carried
+    to the last token, and the sub-chunk buckets from the last chunk's own tokens."""
+    layout, C = plan.layout, 1 << log_c
+    t0, t_end = layout.starts[n], layout.starts[n] + layout.lengths[n]
+    ce = t_end >> log_c
+    last = layout.first_slot[n] + ce - layout.c0[n]  # the partial last chunk's slot, if any
+    state = {}
+    for h in live_bits(ce):
+        node = carried_node(nodes, trans, init, plan, n, ce, h)
+        state[h + log_c] = m[last] @ node if t_end % C else node
+    sub = [b for b in live_bits(t_end) if b < log_c]
+    if sub:
+        expand = (True, True, False, False, False)  # q, k have Hk heads
+        q, k, v, g, beta = (grid.tokens(x.float(), e, [last])[:, :, None] for x, e in zip(inputs, expand))
+        e = torch_chunked.chunk_stage(q, k, v, g, beta)["E"][0, :, 0]  # [H, K, C]: each token's column
+        for b in sub:
+            lo, hi = (x - ce * C for x in bucket_range(t_end, b))
+            state[b] = e[:, :, lo:hi] @ v[0, :, 0, lo:hi]
+            for b0 in live_bits(t0):
+                lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
+                if lo <= lo0 and hi0 <= hi:  # an initial bucket nested in this one (same chunk)
+                    state[b] = state[b] + m[last] @ buckets[n, :, b0]
+    zero = m.new_zeros(m.shape[1], m.shape[2], nodes[0].shape[-1])
+    stacked = torch.stack([state.get(b, zero) for b in range(t_end.bit_length())], dim=1)
+    return FenwickState(stacked[None], (t_end,))

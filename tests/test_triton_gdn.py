@@ -1,0 +1,168 @@
+"""The Triton log-linear Gated DeltaNet path against the oracles, on the interpreter (CPU) or a GPU.
+
+Tiny shapes with C = 16 (one case with C = 64) so that trees are several levels deep; fresh random
+inputs every run. Each stage is also checked against its counterpart in ``torch_chunked``.
+"""
+
+import pytest
+import torch
+
+from ctxpar.kernels import reference, torch_chunked
+from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels.triton import chunked, unavailable_reason
+from tests.factories import attention_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+C = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRADS = ["q", "k", "v", "g", "beta", "level_scales", "initial_state"]
+
+
+def make_inputs(B, T, H, HK, K, V, L, dtype=torch.float64):
+    q, k, v, g, beta, lam = attention_inputs(B, T, H, K, V, Hk=HK, gdn=True, levels=L, dtype=dtype, device=DEVICE)
+    return q * K**-0.5, k, v, g, beta, lam
+
+
+def reference_run(q, k, v, g, beta, lam, spans, init, final):
+    groups = v.shape[2] // q.shape[2]
+    qe, ke = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
+    if init is None and not final:
+        return reference.materialized(qe, ke, v, g, beta, lam, spans), None
+    return reference.recurrent(qe, ke, v, g, beta, lam, spans, init, final)
+
+
+CASES = {
+    # name: (B, T, H, Hk, K, V, L, spans, initial positions or None, final state, chunk)
+    "one_sequence_ragged_end": (1, 150, 2, 2, 16, 32, 9, [(0, 0, 150)], None, False, C),
+    "batch_hk1_final_state": (2, 70, 4, 1, 32, 16, 8, [(0, 0, 70), (1, 0, 70)], None, True, C),
+    "hk_divisor": (1, 40, 4, 2, 16, 16, 7, [(0, 0, 40)], None, False, C),
+    "packed_documents": (1, 130, 2, 1, 16, 16, 8, [(0, 0, 37), (0, 37, 41), (0, 41, 130)], None, True, C),
+    "initial_state_chunk_and_sub_chunk_bits": (1, 90, 2, 2, 16, 16, 9, [(0, 0, 90)], [91], True, C),
+    "packed_with_states": (1, 100, 2, 1, 16, 16, 9, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [75, 32, 5], True, C),
+    "chunk_64": (1, 200, 2, 1, 32, 32, 10, [(0, 0, 200)], [70], True, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_against_reference(case):
+    B, T, H, HK, K, V, L, spans, positions, final, chunk = CASES[case]
+    q, k, v, g, beta, lam = make_inputs(B, T, H, HK, K, V, L)
+    init = None
+    if positions is not None:
+        nbits = max(p.bit_length() for p in positions)
+        init = FenwickState(torch.randn(len(spans), H, nbits, K, V, dtype=torch.float64, device=DEVICE) * 0.3,
+                            positions)
+    leaves = [q, k, v, g, beta, lam] + ([init.buckets] if init is not None else [])
+    for x in leaves:
+        x.requires_grad_()
+    do = torch.randn_like(v)
+
+    def loss_of(o, state):
+        loss = (o * do).sum()
+        return loss + (state.buckets * d_state).sum() if final else loss
+
+    ref_o, ref_state = reference_run(q, k, v, g, beta, lam, spans, init, final)
+    d_state = torch.randn_like(ref_state.buckets) if final else None
+    ref_grads = torch.autograd.grad(loss_of(ref_o, ref_state), leaves)
+
+    o, state = chunked(q, k, v, g, beta, lam, spans, init, final, chunk_size=chunk)
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref_o) < 1e-5
+    if final:
+        assert state.positions == ref_state.positions
+        assert rel_err(state.buckets, ref_state.buckets) < 1e-5
+    grads = torch.autograd.grad(loss_of(o, state), leaves)
+    for name, a, b in zip(GRADS, grads, ref_grads):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    if init is not None:  # buckets of unset bits receive zero gradient
+        assert (grads[6].transpose(1, 2)[~init.live_mask()] == 0).all()
+
+
+def test_lambda_one_is_the_gated_delta_rule():
+    """With every lambda = 1: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t; outputs and gradients."""
+    T, H, K, V = 75, 2, 16, 16
+    q, k, v, g, beta, lam = make_inputs(1, T, H, H, K, V, 8)
+    lam = torch.ones_like(lam)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def delta_rule(q, k, v, g, beta):
+        state, out = torch.zeros(H, K, V, dtype=q.dtype, device=DEVICE), []
+        for t in range(T):
+            kt, bt = k[0, t], beta[0, t, :, None, None]
+            state = g[0, t].exp()[:, None, None] * (state - bt * kt[:, :, None] * torch.einsum("hk,hkv->hv", kt, state)[:, None])
+            state = state + bt * kt[:, :, None] * v[0, t][:, None, :]
+            out.append(torch.einsum("hkv,hk->hv", state, q[0, t]))
+        return torch.stack(out)[None]
+
+    expected = delta_rule(*leaves)
+    o, _ = chunked(q, k, v, g, beta, lam, [(0, 0, T)], chunk_size=C)
+    assert rel_err(o, expected) < 1e-5
+    do = torch.randn_like(o)
+    for name, a, b in zip(GRADS, torch.autograd.grad((o * do).sum(), leaves),
+                          torch.autograd.grad((expected * do).sum(), leaves)):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+def test_float32_and_torch_backend_agree():
+    q, k, v, g, beta, lam = make_inputs(1, 96, 2, 2, 16, 16, 8, dtype=torch.float32)
+    spans = [(0, 0, 96)]
+    o, _ = chunked(q, k, v, g, beta, lam, spans, chunk_size=C)
+    expected, _ = torch_chunked.chunked(q, k, v, g, beta, lam, spans, chunk_size=C)
+    assert o.dtype == torch.float32
+    assert rel_err(o, expected) < 1e-5
+
+
+def test_stages_match_torch_chunked():
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), and after the
+    up-sweep the Fenwick slot c holds build_tree's node of height ones(c) ending at chunk c."""
+    from ctxpar.kernels.triton.gdn_chunk import chunk_stage
+    from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
+    from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
+    from ctxpar.kernels.triton.layout import build_layout, trailing_ones
+
+    H, K, V, NC = 2, 16, 32, 11
+    q, k, v, g, beta, lam = (x[0] for x in make_inputs(1, NC * C - 5, H, 1, K, V, 9, dtype=torch.float32))
+    rows = q.shape[0]
+    layout = build_layout([(0, 0, rows)], [0], rows, C, 1, DEVICE)
+    grid = SlotGrid(layout, rows, H, 1, DEVICE)
+    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee")
+    for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, torch_stage(q, k, v, g, beta, lam, grid)):
+        assert rel_err(a, b) < 1e-5, name
+
+    _, _, u, m = stage
+    nodes, trans = up_sweep(u, m, None, TreePlan(layout, DEVICE))
+    tree = torch_chunked.build_tree(u.transpose(0, 1)[None], m.transpose(0, 1)[None], 0, (NC - 1).bit_length(), None,
+                                    C.bit_length() - 1)
+    rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
+    for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
+        if h < tree.heights:
+            index = torch.tensor([(c + 1 >> h) - 1])
+            assert rel_err(nodes[h][rank[c]], tree.node(h, index)[0, :, 0]) < 1e-5, (c, h)
+            assert rel_err(trans[h][rank[c]], tree.transition(h, index)[0, :, 0]) < 1e-5, (c, h)
+
+
+def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
+    """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
+    Hk = 1 unexpanded and matches the reference backend, gradients included."""
+    from ctxpar import log_linear_gdn
+
+    q, k, v, g, beta, lam = make_inputs(1, 100, 4, 1, 16, 16, 8, dtype=torch.float32)
+    q, k = q * 3, k * 2  # far from unit norm
+    cu = torch.tensor([0, 30, 100], device=DEVICE)
+    leaves = [x.requires_grad_() for x in (q, k)]
+    o, state = log_linear_gdn(q, k, v, g, beta, lam, cu_seqlens=cu, output_final_state=True, backend="triton",
+                              use_qk_l2norm=True)
+    grads = torch.autograd.grad(o.square().sum(), leaves)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k)]
+    o_ref, s_ref = log_linear_gdn(*leaves64, v.double(), g.double(), beta.double(), lam.double(), cu_seqlens=cu,
+                                  output_final_state=True, backend="reference", use_qk_l2norm=True)
+    ref_grads = torch.autograd.grad(o_ref.square().sum(), leaves64)
+    assert o.dtype == torch.float32
+    assert rel_err(o, o_ref) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
+    assert state.positions == (30, 70) and rel_err(state.buckets, s_ref.buckets) < 1e-5
+    unnormalised, _ = log_linear_gdn(q, k, v, g, beta, lam, cu_seqlens=cu, backend="triton")
+    assert rel_err(unnormalised, o_ref) > 1e-2
