@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ctxpar.kernels.levels import level_matrix
 from ctxpar.models import CausalLM, ModelConfig, load_pretrained, save_pretrained, token_nll, token_stats
+from ctxpar.models import mixers
 from ctxpar.models.layers import causal_conv1d
 
 T = 24
@@ -167,3 +169,100 @@ def test_bad_config_is_rejected():
         tiny("mamba2", n_groups=3)
     with pytest.raises(ValueError, match="expand"):
         tiny("mamba2", head_dim=8)
+
+
+# --- token-tiled blocks ---------------------------------------------------------------------------
+
+
+def _rms(norm, x):
+    return x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight
+
+
+def naive_block(block, x, naive_mixer):
+    """x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)): the pre-norm block as formulas."""
+    x = x + naive_mixer(block.mixer, _rms(block.mixer_norm, x))
+    gate, up = (_rms(block.mlp_norm, x) @ block.mlp.gate_up.weight.t()).chunk(2, -1)
+    return x + (F.silu(gate) * up) @ block.mlp.down.weight.t()
+
+
+def _outputs_and_grads(run, params, x):
+    """run(x), and the gradients of a fixed random projection of it w.r.t. x and the parameters."""
+    out = run(x)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    return out, torch.autograd.grad((out * w).sum(), [x, *params])
+
+
+@pytest.mark.parametrize("arch,naive", [("mamba2", naive_mamba2), ("gdn", naive_gdn)])
+def test_tiled_checkpointed_block_matches_naive(arch, naive):
+    """Tiles of 5 over 12 tokens (uneven), recomputed inside a checkpointed block as CausalLM runs
+    it: the same outputs and gradients as the formulas, in float64."""
+    torch.manual_seed(5)
+    block = CausalLM(tiny(arch, lambda_init_std=0.5)).layers[0].double()
+    params = list(block.parameters())
+    x = torch.randn(2, 12, 32, dtype=torch.float64, requires_grad=True)
+    out, grads = _outputs_and_grads(lambda x: checkpoint(block, x, None, 5, use_reentrant=False), params, x)
+    ref, ref_grads = _outputs_and_grads(lambda x: naive_block(block, x, naive), params, x)
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
+
+
+def test_tiled_block_under_bf16_autocast_matches_plain_block():
+    """With bf16 autocast (as the trainer runs), tiles change only the rounding: the same output,
+    and weight gradients summed from per-tile bf16 products within two bf16 steps."""
+    torch.manual_seed(6)
+    block = CausalLM(tiny("mamba2", lambda_init_std=0.5, d_model=64, head_dim=32, mlp_hidden=160)).layers[0]
+    params = list(block.parameters())
+    x = torch.randn(1, 40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _outputs_and_grads(lambda x: checkpoint(block, x, None, 16, use_reentrant=False), params, x)
+        ref, ref_grads = _outputs_and_grads(block, params, x)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=2**-7 * r.abs().max().item())
+
+
+def test_lm_token_tiles_change_nothing():
+    """The LM with activation checkpointing and token tiles of 7: the plain LM's loss and gradients."""
+    torch.manual_seed(7)
+    model = CausalLM(tiny("mamba2")).double()
+    ids = torch.randint(0, 37, (1, 30))
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing, model.token_tile = checkpointing, 7
+        total, count = token_nll(model, model(ids), ids, tile=16)
+        results.append([total / count, *torch.autograd.grad(total / count, list(model.parameters()))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _saved_bytes(block, x, tile):
+    """Bytes autograd saves for backward in one forward of ``block`` (each storage once): inside a
+    checkpointed block, what its recomputation holds until its backward. The tiles' checkpoints
+    save their inputs, so the tensors handed between the stages count too."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x, None, tile)
+    return sum(storages.values())
+
+
+def test_token_tiles_cut_what_a_block_saves(monkeypatch):
+    """The 1M recipe's widths, saved bytes per token (the slope from 256 to 512 tokens, so the
+    weights' bf16 copies cancel): untiled ~120 KB (float32 norm intermediates, the SwiGLU's
+    [T, 2 x 2816], ...); in tiles of 128 ~26 KB: the residual input, the conv's input and output,
+    z, v and the op's output. The op is a per-token stand-in here, its own internals left out."""
+    monkeypatch.setattr(mixers, "log_linear_mamba2", lambda q, k, v, g, lam, **_: (v * lam[..., :1].to(v.dtype), None))
+    cfg = ModelConfig(vocab_size=64, d_model=1024, n_layers=1, n_heads=32, head_dim=64, state_dim=128,
+                      mlp_hidden=2816, max_seq_len=2**20)
+    torch.manual_seed(8)
+    block = CausalLM(cfg).layers[0]
+    xs = [torch.randn(1, T, 1024, requires_grad=True) for T in (256, 512)]
+    per_token = {tile: (_saved_bytes(block, xs[1], tile) - _saved_bytes(block, xs[0], tile)) / 256 for tile in (None, 128)}
+    print(f"saved per token: untiled {per_token[None] / 1e3:.1f} KB, tiled {per_token[128] / 1e3:.1f} KB")
+    assert per_token[None] > 100e3
+    assert per_token[128] < 30e3

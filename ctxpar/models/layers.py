@@ -47,7 +47,8 @@ class SwiGLU(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal conv over time, then SiLU. x: [B, T, C].
+    """Depthwise causal conv over time, x: [B, T, C], without its activation: the mixers apply the
+    SiLU with their other per-token work, in token tiles.
 
     Under context parallelism the first ``width - 1`` inputs come from the previous rank's slice,
     which ``causal_conv1d_cp`` fetches (a halo exchange with autograd).
@@ -63,8 +64,8 @@ class ShortConv(nn.Module):
         if cp is not None:
             from ctxpar.comm.halo import causal_conv1d_cp
 
-            return F.silu(causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group))
-        return F.silu(causal_conv1d(x, self.weight, self.bias))
+            return causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group)
+        return causal_conv1d(x, self.weight, self.bias)
 
 
 def causal_conv1d(x, weight, bias):

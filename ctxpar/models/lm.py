@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ctxpar.models.config import ModelConfig
 from ctxpar.models.layers import RMSNorm, SwiGLU
 from ctxpar.models.mixers import MIXERS
+from ctxpar.models.tiling import token_tiled
 
 IGNORE = -100
 
@@ -30,8 +31,17 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width)
 
-    def forward(self, x, cp=None):
-        x = x + self.mixer(self.mixer_norm(x), cp)
+    def forward(self, x, cp=None, tile=None):
+        """``tile``: run the per-token parts ``tile`` tokens at a time, each tile checkpointed
+        (see ``tiling``); None: all at once, nothing recomputed."""
+        mixed = self.mixer.mix(*token_tiled(self._project, x, tile=tile), cp=cp, tile=tile)
+        return token_tiled(self._finish, x, *mixed, tile=tile)
+
+    def _project(self, x):
+        return self.mixer.project(self.mixer_norm(x))
+
+    def _finish(self, x, *mixed):
+        x = x + self.mixer.finish(*mixed)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -47,6 +57,9 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.activation_checkpointing = False
+        # With activation checkpointing, each block's per-token parts also run in tiles of this
+        # many tokens, so recomputing a block never holds full-length per-token intermediates.
+        self.token_tile = 16384
         self._init_weights()
 
     def _init_weights(self):
@@ -71,7 +84,7 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         for block in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cp, use_reentrant=False)
+                x = checkpoint(block, x, cp, self.token_tile, use_reentrant=False)
             else:
                 x = block(x, cp)
         return self.norm(x)

@@ -14,9 +14,19 @@ import torch.nn.functional as F
 from ctxpar.kernels import log_linear_gdn, log_linear_mamba2
 from ctxpar.models.config import ModelConfig
 from ctxpar.models.layers import GatedRMSNorm, LevelScales, ShortConv, decay, init_decay
+from ctxpar.models.tiling import token_tiled
 
 
-class LogLinearMamba2(nn.Module):
+class TokenMixer(nn.Module):
+    """A mixer in three stages, so that a block can run the per-token ones in token tiles:
+    ``project`` (per token, from the normed input), ``mix`` (the short conv and the log-linear op,
+    the only parts that look across tokens) and ``finish`` (per token, back to d_model)."""
+
+    def forward(self, u, cp=None):
+        return self.finish(*self.mix(*self.project(u), cp=cp))
+
+
+class LogLinearMamba2(TokenMixer):
     """in_proj -> (z, x, B, C, dt); short conv on x/B/C; log-linear SSD; gated RMSNorm; out_proj."""
 
     def __init__(self, cfg: ModelConfig):
@@ -32,22 +42,36 @@ class LogLinearMamba2(nn.Module):
         self.norm = GatedRMSNorm(H * P, P, cfg.norm_eps)
         self.out_proj = nn.Linear(H * P, cfg.d_model, bias=False)
 
-    def forward(self, u, cp=None):
-        cfg = self.cfg
+    def project(self, u):
         z, xbc, dt = self.in_proj(u).split([self.sizes[0], sum(self.sizes[1:4]), self.sizes[4]], dim=-1)
-        x, b, c = self.conv(xbc, cp).split(self.sizes[1:4], dim=-1)
-        x = x.unflatten(-1, (cfg.n_heads, cfg.head_dim))
-        g, step = decay(dt, self.dt_bias, self.A_log)
-        # Mamba-2's discretisation: the input enters scaled by the same step that sets its decay.
-        v = x * step.unsqueeze(-1).to(x.dtype)
-        q = c.unflatten(-1, (cfg.n_groups, cfg.state_dim))
-        k = b.unflatten(-1, (cfg.n_groups, cfg.state_dim))
-        y, _ = log_linear_mamba2(q, k, v, g, self.levels(u), cp=cp, backend=cfg.backend)
+        return z, xbc, dt, self.levels(u)
+
+    def mix(self, z, xbc, dt, lam, cp=None, tile=None):
+        xbc = self.conv(xbc, cp)
+        q, k, v, g = token_tiled(self._ssd_inputs, xbc, dt, tile=tile)
+        y, _ = log_linear_mamba2(q, k, v, g, lam, cp=cp, backend=self.cfg.backend)
+        return y, xbc, z
+
+    def finish(self, y, xbc, z):
+        x = self._activate(xbc)[0]  # recomputed from the conv output rather than kept beside it
         y = y + x * self.D.unsqueeze(-1).to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
+    def _ssd_inputs(self, xbc, dt):
+        cfg = self.cfg
+        x, b, c = self._activate(xbc)
+        g, step = decay(dt, self.dt_bias, self.A_log)
+        # Mamba-2's discretisation: the input enters scaled by the same step that sets its decay.
+        v = x * step.unsqueeze(-1).to(x.dtype)
+        return c.unflatten(-1, (cfg.n_groups, cfg.state_dim)), b.unflatten(-1, (cfg.n_groups, cfg.state_dim)), v, g
 
-class LogLinearGDN(nn.Module):
+    def _activate(self, xbc):
+        """The conv's SiLU, split into x [.., H, P], B and C."""
+        x, b, c = F.silu(xbc).split(self.sizes[1:4], dim=-1)
+        return x.unflatten(-1, (self.cfg.n_heads, self.cfg.head_dim)), b, c
+
+
+class LogLinearGDN(TokenMixer):
     """q/k/v projections; short conv; L2-normalised q, k; beta = sigmoid; log-linear gated delta rule;
     per-head RMSNorm gated by an output projection; o_proj."""
 
@@ -64,17 +88,26 @@ class LogLinearGDN(nn.Module):
         self.norm = GatedRMSNorm(H * V, V, cfg.norm_eps)
         self.out_proj = nn.Linear(H * V, cfg.d_model, bias=False)
 
-    def forward(self, u, cp=None):
+    def project(self, u):
+        H = self.cfg.n_heads
+        dt, beta, gate = self.gates(u).split([H, H, H * self.cfg.head_dim], dim=-1)
+        return self.qkv(u), dt, beta, gate, self.levels(u)
+
+    def mix(self, qkv, dt, beta, gate, lam, cp=None, tile=None):
+        q, k, v, g, beta = token_tiled(self._rule_inputs, self.conv(qkv, cp), dt, beta, tile=tile)
+        o, _ = log_linear_gdn(q, k, v, g, beta, lam, cp=cp, backend=self.cfg.backend)
+        return o, gate
+
+    def finish(self, o, gate):
+        return self.out_proj(self.norm(o.flatten(-2), gate))
+
+    def _rule_inputs(self, qkv, dt, beta):
         cfg = self.cfg
-        H = cfg.n_heads
-        q, k, v = self.conv(self.qkv(u), cp).split(self.sizes, dim=-1)
-        dt, beta, gate = self.gates(u).split([H, H, H * cfg.head_dim], dim=-1)
+        q, k, v = F.silu(qkv).split(self.sizes, dim=-1)
         q = F.normalize(q.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
         k = F.normalize(k.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
-        v = v.unflatten(-1, (H, cfg.head_dim))
         g, _ = decay(dt, self.dt_bias, self.A_log)
-        o, _ = log_linear_gdn(q, k, v, g, beta.sigmoid(), self.levels(u), cp=cp, backend=cfg.backend)
-        return self.out_proj(self.norm(o.flatten(-2), gate))
+        return q, k, v.unflatten(-1, (cfg.n_heads, cfg.head_dim)), g, beta.sigmoid()
 
 
 MIXERS = {"mamba2": LogLinearMamba2, "gdn": LogLinearGDN}
