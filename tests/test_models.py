@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ctxpar.kernels.levels import level_matrix
 from ctxpar.models import CausalLM, ModelConfig, load_pretrained, save_pretrained, token_nll, token_stats
-from ctxpar.models import mixers
+from ctxpar.models import lm, mixers
 from ctxpar.models.layers import causal_conv1d
 
 T = 24
@@ -266,3 +267,29 @@ def test_token_tiles_cut_what_a_block_saves(monkeypatch):
     print(f"saved per token: untiled {per_token[None] / 1e3:.1f} KB, tiled {per_token[128] / 1e3:.1f} KB")
     assert per_token[None] > 100e3
     assert per_token[128] < 30e3
+
+
+def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypatch):
+    """offload_checkpoints hands exactly each checkpointed block's input (the residual stream) to
+    save_on_cpu, and nothing else; loss and gradients stay the same."""
+    torch.manual_seed(10)
+    model = CausalLM(tiny("mamba2"))
+    model.activation_checkpointing, model.token_tile = True, 7
+    ids = torch.randint(0, 37, (1, 30))
+    packed = []
+
+    def spy(pin_memory):
+        hooks = save_on_cpu(pin_memory=pin_memory)
+        pack = hooks.pack_hook
+        hooks.pack_hook = lambda t: (packed.append((tuple(t.shape), t.dtype)), pack(t))[1]
+        return hooks
+
+    monkeypatch.setattr(lm, "save_on_cpu", spy)
+    results = []
+    for offload in (False, True):
+        model.offload_checkpoints = offload
+        total, count = token_nll(model, model(ids), ids, tile=16)
+        results.append([total / count, *torch.autograd.grad(total / count, list(model.parameters()))])
+    assert packed == [((1, 30, 32), torch.float32)] * model.cfg.n_layers
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -6,11 +6,13 @@ The head never materialises full-vocabulary logits for a whole sequence: ``token
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ctxpar.models.config import ModelConfig
@@ -60,6 +62,10 @@ class CausalLM(nn.Module):
         # With activation checkpointing, each block's per-token parts also run in tiles of this
         # many tokens, so recomputing a block never holds full-length per-token intermediates.
         self.token_tile = 16384
+        # With activation checkpointing, keep each block's input (the float32 residual stream,
+        # 4 * d_model bytes a token a layer: most of what stays on the device) in pinned host
+        # memory until backward.
+        self.offload_checkpoints = False
         self._init_weights()
 
     def _init_weights(self):
@@ -82,12 +88,19 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, cp=None):
         """input_ids [B, T] (this rank's slice under CP) -> final hidden states [B, T, d_model]."""
         x = self.embed(input_ids)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cp, self.token_tile, use_reentrant=False)
+            if checkpointing:
+                with self._checkpoint_storage():
+                    x = checkpoint(block, x, cp, self.token_tile, use_reentrant=False)
             else:
                 x = block(x, cp)
-        return self.norm(x)
+        return token_tiled(self.norm, x, tile=self.token_tile if checkpointing else None)
+
+    def _checkpoint_storage(self):
+        """Where a checkpointed block's input waits for backward (checkpoint saves its inputs as
+        saved tensors, so these hooks apply to them and not to the block's own work)."""
+        return save_on_cpu(pin_memory=True) if self.offload_checkpoints else contextlib.nullcontext()
 
     def logits(self, hidden):
         return hidden @ self.head_weight.to(hidden.dtype).t()
