@@ -7,7 +7,7 @@ context-parallel Gated DeltaNet, in the same processes and the same run (as
 
 For each variant (log-linear GDN: H=16, K=V=128; log-linear Mamba-2: H=32, K=128 shared, V=64;
 bf16, B=1) and each exchange scheme:
-  * strong scaling: T = --strong-t total (128K) split over the GPUs, against one GPU on all of it;
+  * strong scaling: T = --strong-t total (128K and 1M) split over the GPUs, against one GPU on all of it;
   * weak scaling: --weak-t tokens per GPU (512K), against one GPU on one share;
 each row: forward+backward ms, bytes each rank sends (forward and backward, the largest rank),
 exposed communication (the CP step minus the same step over a transport that moves nothing, so
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ SHAPES = {"gdn": dict(H=16, Hk=16, K=128, V=128), "mamba2": dict(H=32, Hk=1, K=1
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=None, help="GPUs to split over (default: the world size)")
-    p.add_argument("--strong-t", type=int, default=131072)
+    p.add_argument("--strong-t", default="131072,1048576", help="total tokens, comma-separated")
     p.add_argument("--weak-t", type=int, default=524288, help="tokens per GPU")
     p.add_argument("--variants", default="gdn,mamba2")
     p.add_argument("--schemes", default=",".join(SCHEMES))
@@ -170,11 +171,27 @@ def ctxpar_rows(args, variant, scheme, mode, T, group, timer, device, baseline):
     reset_comm_stats()
     run()
     row["bytes_per_rank"] = int(max_over_ranks(comm_stats(group), group))
+    row["host_syncs"] = host_syncs(run)
     row["ms"] = timer(run)
     null = CPContext.from_transport(NullTransport(rank, P), scheme=scheme)
     row["compute_only_ms"] = timer(step_fn(variant, mine, levels, args.backend, null))
     row["exposed_comm_ms"] = max(0.0, row["ms"] - row["compute_only_ms"])
     return _scaled(row, baseline)
+
+
+def host_syncs(fn) -> list[str]:
+    """Where one step makes the host wait for the GPU (torch's sync debug mode): file:line of each
+    distinct site. The op should have none; the CPU has nothing to report."""
+    if not torch.cuda.is_available():
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
 
 
 def _scaled(row, baseline):
@@ -241,7 +258,8 @@ def main():
     rows = []
     if rank < gpus:
         timer = Timer(device, args.steps, group)
-        for mode, T in (("strong", args.strong_t), ("weak", args.weak_t * gpus)):
+        cases = [("strong", int(t)) for t in args.strong_t.split(",")] + [("weak", args.weak_t * gpus)]
+        for mode, T in cases:
             n = T // gpus
             for variant in args.variants.split(","):
                 whole = make_inputs(variant, T if mode == "strong" else n, device, 0)

@@ -9,9 +9,12 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 
+STEPS=${STEPS:-bench_ops,bench_cp,bench_train,bench_deepspeed}  # a subset: STEPS=bench_cp,bench_train
+
 step() {
     local name=$1 limit=$2
     shift 2
+    [[ ",$STEPS," == *",$name,"* ]] || return 0
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
     echo "=== $name exit $?"
@@ -20,7 +23,7 @@ step() {
 }
 
 step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
-step bench_cp "${CP_LIMIT:-110}" torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3 \
+step bench_cp "${CP_LIMIT:-360}" torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3 \
     --variants "${CP_VARIANTS:-mamba2}"
 step bench_train "${TRAIN_LIMIT:-190}" python3 benchmarks/bench_train.py --gpus 2 \
     --lengths 131072,262144,524288,1048576 --warmup 1 --steps 2 --out "$OUT/bench_train_2gpu.json"
