@@ -116,9 +116,10 @@ def test_float32_and_torch_backend_agree():
 
 
 def test_stages_match_torch_chunked():
-    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), and after the
-    up-sweep the Fenwick slot c holds build_tree's node of height ones(c) ending at chunk c."""
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), its backward
+    kernel == autograd through them, and after the up-sweep the Fenwick slot c holds build_tree's node of height ones(c) ending at chunk c."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
+    from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
     from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
@@ -130,6 +131,13 @@ def test_stages_match_torch_chunked():
     grid = SlotGrid(layout, rows, H, 1, DEVICE)
     stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee")
     for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, torch_stage(q, k, v, g, beta, lam, grid)):
+        assert rel_err(a, b) < 1e-5, name
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
+    outputs = torch_stage(*leaves, grid)
+    d_outputs = [torch.randn_like(x) for x in outputs]
+    expected = torch.autograd.grad(outputs, leaves, d_outputs)
+    for name, a, b in zip(GRADS, chunk_stage_grads(q, k, v, g, beta, lam, *d_outputs, layout, "ieee"), expected):
         assert rel_err(a, b) < 1e-5, name
 
     _, _, u, m = stage

@@ -26,9 +26,9 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def ut_matrix(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
-    """[C, C] T = (I + A)^-1 diag(beta), A = diag(beta) strict(K K^T * Gam); row i of the inverse
-    is e_i - A[i, :] @ inverse, and rows before i are final when row i is built."""
+def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
+    """[C, C] (I + A)^-1, A = diag(beta) strict(K K^T * Gam), so that T = it diag(beta); row i of
+    the inverse is e_i - A[i, :] @ inverse, and rows before i are final when row i is built."""
     r = tl.arange(0, C)
     strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
     gam = tl.exp(tl.where(strict, gl[:, None] - gl[None, :], 0.0))
@@ -38,7 +38,7 @@ def ut_matrix(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
         a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
         row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inv, 0)
         inv = tl.where(r[:, None] == i, row[None, :], inv)
-    return inv * bt[None, :]
+    return inv
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, qt_out, u_out, m_out, o_out, docs, s
     qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
-    ut = ut_matrix(kt, gl, bt, valid, C, PREC)
+    ut = unit_inverse(kt, gl, bt, valid, C, PREC) * bt[None, :]
     scores = mma(qt, tl.trans(kt), tl.float32, PREC) * intra_decay(gl, valid, C)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]

@@ -3,9 +3,8 @@
 Design. Inside a chunk the delta rule needs the UT transform (a triangular solve per chunk and
 head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
 writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
-output. Across chunks everything is a batched K x K product of whole tree heights (gdn_tree.py,
-torch, differentiated by autograd). The chunk stage's backward differentiates its torch
-counterpart (gdn_grid.torch_stage) for now: same math, O(T C) memory.
+output; its backward (gdn_chunk_grad.py) is the mirror kernel. Across chunks everything is a
+batched K x K product of whole tree heights (gdn_tree.py, torch, differentiated by autograd).
 
 Initial and final Fenwick states: the initial buckets of bits >= log2 C are tree nodes in front of
 each document (left children and read nodes with identity transitions); the sub-chunk buckets
@@ -23,7 +22,8 @@ from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
-from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
+from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
+from ctxpar.kernels.triton.gdn_grid import SlotGrid
 from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, read_all, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
@@ -31,20 +31,19 @@ DEFAULT_CHUNK = 64
 
 
 class ChunkStage(torch.autograd.Function):
-    """gdn_chunk.chunk_stage; backward through gdn_grid.torch_stage (recomputed)."""
+    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (recomputes the UT transform)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, grid, prec):
+    def forward(ctx, q, k, v, g, beta, lam, layout, prec):
         ctx.save_for_backward(q, k, v, g, beta, lam)
-        ctx.grid = grid
-        return chunk_stage(q, k, v, g, beta, lam, grid.layout, prec)
+        ctx.layout, ctx.prec = layout, prec
+        return chunk_stage(q, k, v, g, beta, lam, layout, prec)
 
     @staticmethod
-    def backward(ctx, *d_outputs):
-        inputs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            outputs = torch_stage(*inputs, ctx.grid)
-        return (*torch.autograd.grad(outputs, inputs, d_outputs), None, None)
+    def backward(ctx, d_o, d_qt, d_u, d_m):
+        inputs = ctx.saved_tensors
+        grads = chunk_stage_grads(*inputs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec)
+        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None)
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
@@ -66,7 +65,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
     prec = "ieee" if fq.dtype == torch.float32 else "tf32"
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, grid, prec)
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 

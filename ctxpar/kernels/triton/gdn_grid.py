@@ -41,8 +41,8 @@ class SlotGrid:
 
 
 def torch_stage(q, k, v, g, beta, lam, grid):
-    """``gdn_chunk.chunk_stage``'s outputs from ``torch_chunked`` (float32): the per-stage reference,
-    and what the chunk stage's backward differentiates for now."""
+    """``gdn_chunk.chunk_stage``'s outputs from ``torch_chunked`` (float32): the per-stage reference
+    of the chunk stage and, through autograd, of its backward."""
     log_c = grid.chunk.bit_length() - 1
     lam = torch.nn.functional.pad(lam, (0, max(0, log_c + 1 - lam.shape[-1])))
     per_chunk = lambda x, expand=False: grid.tokens(x.float(), expand).transpose(0, 1)[None]  # noqa: E731

@@ -1,0 +1,127 @@
+"""GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
+
+One program per (slot, head) takes the gradients of the chunk's outputs (intra output dO, Qt,
+U, M; the tree's autograd produced the last three), recomputes the UT transform and applies the
+chain rule backwards through it, all in registers:
+
+    o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
+    U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
+    T = N diag(beta), N = (I + A)^-1, A = diag(beta) strict(K K^T * Gam)  ->  dA = -N^T dN N^T
+
+Every dependence on the decays goes through dG (per position, then a reverse cumsum inside the
+chunk: dg_r = sum over t >= r of dG_t); pairs inside Gam give row sum minus column sum of
+dGam * Gam, and G_C (the last position) collects the chunk-end terms. Padded positions are zero
+tokens: they contribute nothing and their gradients are not stored.
+
+dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
+dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
+                                          row_tile, slot_info)
+from ctxpar.kernels.triton.gdn_chunk import unit_inverse
+
+NUM_WARPS = 8
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr):
+    return mma(a, b, tl.float32, PREC)
+
+
+@triton.jit
+def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
+                          slot_chunk, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                          VP: tl.constexpr, PREC: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    group = h // (H // HK)
+    r, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
+    qk_mask, v_mask = valid[:, None] & (rk[None, :] < K), valid[:, None] & (rv[None, :] < V)
+    kk_mask, kv_mask = (rk[:, None] < K) & (rk[None, :] < K), (rk[:, None] < K) & (rv[None, :] < V)
+    head = (i * H + h).to(tl.int64)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0).to(tl.float32)
+    d_o = tl.load(do + head * C * V + r[:, None] * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
+    d_qt = tl.load(dqt + head * C * K + r[:, None] * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
+    d_u = tl.load(du + head * K * V + rk[:, None] * V + rv[None, :], mask=kv_mask, other=0.0)
+    d_m = tl.load(dm + head * K * K + rk[:, None] * K + rk[None, :], mask=kk_mask, other=0.0)
+    gl = local_decay(g, rows, valid, H, h)
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
+
+    # Forward quantities.
+    inv = unit_inverse(kt, gl, bt, valid, C, PREC)
+    ut = inv * bt[None, :]
+    gam = intra_decay(gl, valid, C)
+    strict = r[:, None] > r[None, :]
+    qk, kk = dot(qt, tl.trans(kt), PREC), dot(kt, tl.trans(kt), PREC)
+    s = qk * gam
+    e_in = tl.where(valid, tl.exp(gl), 0.0)
+    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
+    kd, k_out = kt * e_in[:, None], kt * e_out[:, None]
+    w = dot(ut, kd, PREC)
+    scales = intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+    p = dot(s, ut, PREC)
+
+    # Intra output and chunk end state.
+    dov = dot(d_o, tl.trans(vt), PREC)
+    lam_rows = dlam + (rows * H + h) * L
+    lev = local_levels(C, LOG_C)
+    for level in tl.static_range(LOG_C + 1):
+        tl.store(lam_rows + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1), mask=valid & (level < L))
+    d_p = dov * scales
+    k_du = dot(k_out, d_u, PREC)  # gradient of the pseudo-values T V
+    d_v = dot(tl.trans(p * scales), d_o, PREC) + dot(tl.trans(ut), k_du, PREC)
+    tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=v_mask)
+
+    # Transition, carried queries, W and T.
+    d_w = -dot(tl.trans(s), d_qt, PREC) - dot(k_out, d_m, PREC)
+    d_s = dot(d_p, tl.trans(ut), PREC) - dot(d_qt, tl.trans(w), PREC)
+    d_t = dot(tl.trans(s), d_p, PREC) + dot(k_du, tl.trans(vt), PREC) + dot(d_w, tl.trans(kd), PREC)
+    d_kout = dot(dot(ut, vt, PREC), tl.trans(d_u), PREC) - dot(w, tl.trans(d_m), PREC)
+    d_kd = dot(tl.trans(ut), d_w, PREC)
+
+    # Through the inverse: T = N diag(beta), N = (I + A)^-1.
+    d_beta = tl.sum(inv * d_t, 0)
+    d_a = -dot(dot(tl.trans(inv), d_t * bt[None, :], PREC), tl.trans(inv), PREC)
+    d_a = tl.where(strict, d_a, 0.0)
+    d_beta += tl.sum(d_a * kk * gam, 1)
+    d_kk = bt[:, None] * d_a * gam
+    d_sg = d_s * gam
+    d_q = dot(d_sg, kt, PREC) + d_qt * e_in[:, None]
+    d_k = (dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kd * e_in[:, None]
+           + d_kout * e_out[:, None])
+
+    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings, and G_C.
+    z = (bt[:, None] * d_a * kk + d_s * qk) * gam
+    out_share = e_out * tl.sum(kt * d_kout, 1)
+    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + e_in * tl.sum(qt * d_qt + kt * d_kd, 1) - out_share
+    d_total = tl.exp(total) * tl.sum(tl.where(rk[:, None] == rk[None, :], d_m, 0.0)) + tl.sum(out_share)
+    d_gl += tl.where(r == C - 1, d_total, 0.0)
+    tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
+    tl.store(dbeta + rows * H + h, d_beta, mask=valid)
+    tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), d_q, mask=qk_mask, sem="relaxed")
+    tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
+
+
+def chunk_stage_grads(q, k, v, g, beta, lam, d_o, d_qt, d_u, d_m, layout, prec):
+    """Gradients of gdn_chunk.chunk_stage's outputs (float32 slot grids) -> dq, dk [rows, Hk, K],
+    dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
+    R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    f32 = dict(device=v.device, dtype=torch.float32)
+    dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
+    dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
+    dlam = torch.zeros(R, H, L, **f32)
+    grads = (x.contiguous() for x in (d_o, d_qt, d_u, d_m))
+    gdn_chunk_grad_kernel[(layout.num_slots, H)](
+        q, k, v, g, beta, lam, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc, layout.slot_chunk,
+        H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
+        VP=triton.next_power_of_2(V), PREC=prec, num_warps=NUM_WARPS)
+    return dq, dk, dv, dg, dbeta, dlam
