@@ -2,7 +2,8 @@
 
 One program per (slot, head) takes the gradients of the chunk's outputs (intra output dO, Qt,
 U, M; the tree's autograd produced the last three), recomputes the UT transform and applies the
-chain rule backwards through it, all in registers:
+chain rule backwards through it in registers, [C, C] and [C, K] tiles whole, the [K, V] and
+[K, K] gradients dU, dM one tile at a time (V = 512 whole would not fit):
 
     o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
     U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
@@ -36,22 +37,16 @@ def dot(a, b, PREC: tl.constexpr):
 @triton.jit
 def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
                           slot_chunk, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                          VP: tl.constexpr, PREC: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
-    r, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
-    qk_mask, v_mask = valid[:, None] & (rk[None, :] < K), valid[:, None] & (rv[None, :] < V)
-    kk_mask, kv_mask = (rk[:, None] < K) & (rk[None, :] < K), (rk[:, None] < K) & (rv[None, :] < V)
+    r, rk = tl.arange(0, C), tl.arange(0, KP)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
     head = (i * H + h).to(tl.int64)
     kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
     qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
-    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0).to(tl.float32)
-    d_o = tl.load(do + head * C * V + r[:, None] * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
-    d_qt = tl.load(dqt + head * C * K + r[:, None] * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
-    d_u = tl.load(du + head * K * V + rk[:, None] * V + rv[None, :], mask=kv_mask, other=0.0)
-    d_m = tl.load(dm + head * K * K + rk[:, None] * K + rk[None, :], mask=kk_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
@@ -60,51 +55,78 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg
     inv = unit_inverse(kt, gl, bt, valid, C, PREC)
     ut = inv * bt[None, :]
     gam = intra_decay(gl, valid, C)
-    strict = r[:, None] > r[None, :]
     qk, kk = dot(qt, tl.trans(kt), PREC), dot(kt, tl.trans(kt), PREC)
     s = qk * gam
     e_in = tl.where(valid, tl.exp(gl), 0.0)
     e_out = tl.where(valid, tl.exp(total - gl), 0.0)
-    kd, k_out = kt * e_in[:, None], kt * e_out[:, None]
-    w = dot(ut, kd, PREC)
+    k_out = kt * e_out[:, None]
     scales = intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     p = dot(s, ut, PREC)
 
-    # Intra output and chunk end state.
-    dov = dot(d_o, tl.trans(vt), PREC)
-    lam_rows = dlam + (rows * H + h) * L
+    # V tiles: the intra output and the chunk end state U = Kt^T (T V).
+    dov = tl.zeros([C, C], dtype=tl.float32)
+    d_t = tl.zeros([C, C], dtype=tl.float32)
+    d_kout = tl.zeros([C, KP], dtype=tl.float32)
+    for vb in range(0, tl.cdiv(V, BV)):
+        rv = vb * BV + tl.arange(0, BV)
+        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        vt = vt.to(tl.float32)
+        d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
+        d_u = tl.load(du + head * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
+                      other=0.0)
+        dov += dot(d_o, tl.trans(vt), PREC)
+        k_du = dot(k_out, d_u, PREC)  # gradient of the pseudo-values T V
+        d_t += dot(k_du, tl.trans(vt), PREC)
+        d_kout += dot(dot(ut, vt, PREC), tl.trans(d_u), PREC)
+        d_v = dot(tl.trans(p * scales), d_o, PREC) + dot(tl.trans(ut), k_du, PREC)
+        tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=valid[:, None] & (rv[None, :] < V))
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
-        tl.store(lam_rows + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1), mask=valid & (level < L))
+        tl.store(dlam + (rows * H + h) * L + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1),
+                 mask=valid & (level < L))
     d_p = dov * scales
-    k_du = dot(k_out, d_u, PREC)  # gradient of the pseudo-values T V
-    d_v = dot(tl.trans(p * scales), d_o, PREC) + dot(tl.trans(ut), k_du, PREC)
-    tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=v_mask)
+    d_s = dot(d_p, tl.trans(ut), PREC)
+    d_t += dot(tl.trans(s), d_p, PREC)
 
-    # Transition, carried queries, W and T.
-    d_w = -dot(tl.trans(s), d_qt, PREC) - dot(k_out, d_m, PREC)
-    d_s = dot(d_p, tl.trans(ut), PREC) - dot(d_qt, tl.trans(w), PREC)
-    d_t = dot(tl.trans(s), d_p, PREC) + dot(k_du, tl.trans(vt), PREC) + dot(d_w, tl.trans(kd), PREC)
-    d_kout = dot(dot(ut, vt, PREC), tl.trans(d_u), PREC) - dot(w, tl.trans(d_m), PREC)
-    d_kd = dot(tl.trans(ut), d_w, PREC)
+    # K tiles: the transition M = e^G_C I - Kt^T W, the carried queries and W = T Kd. The
+    # e^G scalings of Q and Kd go straight to dq, dk; their dG shares are summed per row.
+    d_trace = 0.0
+    d_g_in = tl.zeros([C], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BK)):
+        rc = kb * BK + tl.arange(0, BK)
+        col_mask = valid[:, None] & (rc[None, :] < K)
+        kc = tl.load(row_tile(k, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        qc = tl.load(row_tile(q, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
+        d_mc = tl.load(dm + head * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
+                       other=0.0)
+        d_trace += tl.sum(tl.where(rk[:, None] == rc[None, :], d_mc, 0.0))
+        kd = kc * e_in[:, None]
+        w = dot(ut, kd, PREC)
+        d_w = -dot(tl.trans(s), d_qc, PREC) - dot(k_out, d_mc, PREC)
+        d_s -= dot(d_qc, tl.trans(w), PREC)
+        d_t += dot(d_w, tl.trans(kd), PREC)
+        d_kout -= dot(w, tl.trans(d_mc), PREC)
+        d_kd = dot(tl.trans(ut), d_w, PREC)
+        d_g_in += e_in * tl.sum(qc * d_qc + kc * d_kd, 1)
+        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_qc * e_in[:, None], mask=col_mask, sem="relaxed")
+        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_kd * e_in[:, None], mask=col_mask, sem="relaxed")
 
     # Through the inverse: T = N diag(beta), N = (I + A)^-1.
     d_beta = tl.sum(inv * d_t, 0)
     d_a = -dot(dot(tl.trans(inv), d_t * bt[None, :], PREC), tl.trans(inv), PREC)
-    d_a = tl.where(strict, d_a, 0.0)
+    d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     d_sg = d_s * gam
-    d_q = dot(d_sg, kt, PREC) + d_qt * e_in[:, None]
-    d_k = (dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kd * e_in[:, None]
-           + d_kout * e_out[:, None])
+    d_q = dot(d_sg, kt, PREC)
+    d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kout * e_out[:, None]
 
     # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings, and G_C.
     z = (bt[:, None] * d_a * kk + d_s * qk) * gam
     out_share = e_out * tl.sum(kt * d_kout, 1)
-    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + e_in * tl.sum(qt * d_qt + kt * d_kd, 1) - out_share
-    d_total = tl.exp(total) * tl.sum(tl.where(rk[:, None] == rk[None, :], d_m, 0.0)) + tl.sum(out_share)
-    d_gl += tl.where(r == C - 1, d_total, 0.0)
+    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + d_g_in - out_share
+    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace + tl.sum(out_share), 0.0)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), d_q, mask=qk_mask, sem="relaxed")
@@ -120,8 +142,9 @@ def chunk_stage_grads(q, k, v, g, beta, lam, d_o, d_qt, d_u, d_m, layout, prec):
     dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
     dlam = torch.zeros(R, H, L, **f32)
     grads = (x.contiguous() for x in (d_o, d_qt, d_u, d_m))
+    KP = triton.next_power_of_2(K)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc, layout.slot_chunk,
-        H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        VP=triton.next_power_of_2(V), PREC=prec, num_warps=NUM_WARPS)
+        H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP, BK=min(64, KP),
+        BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS)
     return dq, dk, dv, dg, dbeta, dlam
