@@ -74,11 +74,10 @@ def available_backends() -> dict[str, str | None]:
     return {"torch": None, "reference": None, "triton": triton_kernels.unavailable_reason()}
 
 
-def _pick(backend, q, beta):
+def _pick(backend, q):
     if backend != "auto":
         return backend
-    # The Triton log-linear GDN kernels are issue 4; until then GDN runs on the torch backend.
-    fast = q.is_cuda and beta is None and triton_kernels.unavailable_reason() is None
+    fast = q.is_cuda and triton_kernels.unavailable_reason() is None
     return "triton" if fast else "torch"
 
 
@@ -88,7 +87,7 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
     if cp is not None:
         return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
-    backend = _pick(backend, args[0], args[4])
+    backend = _pick(backend, args[0])
     reason = available_backends()[backend]
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
