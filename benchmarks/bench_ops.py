@@ -1,4 +1,4 @@
-"""ctxpar's Triton log-linear Mamba-2 side by side with the anchors, on one GPU, in one process.
+"""ctxpar's Triton log-linear Mamba-2 and Gated DeltaNet side by side with the anchors, on one GPU.
 
 Shape: H = 32, K = 128 shared by all heads (Hk = 1), V = 64, bf16, g float32; T in 4K (B = 8),
 8K (B = 4), 32K, 128K, 512K, 1M (B = 1). Anchors as /work/shared/anchors/bench_kernels.py times
@@ -7,10 +7,15 @@ them: flash-linear-attention's chunk_log_linear_attn (it caps T at 128K) and chu
 Each row: forward and forward+backward median time (triton.testing.do_bench), tokens per second
 of forward+backward, peak memory of one forward+backward. A failing row is recorded, not fatal.
 
+Gated DeltaNet rows: ctxpar's log-linear GDN and flash-linear-attention's chunk_gated_delta_rule
+(plain GDN, the anchor of DESIGN.md section 5) at (H, K, V) = (16, 128, 128) and (6, 192, 384), per-head
+q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
+
     python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
     TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py
     STAGES=8192,131072 python benchmarks/bench_ops.py   # also each kernel stage of ctxpar alone
     BUDGET_S=150 python benchmarks/bench_ops.py   # rows that would start later are skipped, the table still prints
+    ONLY=ctxpar_triton_gdn,fla_gated_delta_rule python benchmarks/bench_ops.py   # the GDN rows alone
 """
 
 import json
@@ -25,6 +30,8 @@ DT = torch.bfloat16
 DEV = "cuda"
 H, K, V = 32, 128, 64
 DEFAULT_TS = "4096,8192,32768,131072,524288,1048576"
+GDN_SHAPES = [(16, 128, 128), (6, 192, 384)]  # (H, K, V)
+GDN_TS = "8192,32768,131072,524288"
 ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
 BUDGET_S = float(os.environ.get("BUDGET_S", "inf"))
 START = time.monotonic()
@@ -48,11 +55,11 @@ def peak_gib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def run_case(name, T, make, call):
+def run_case(name, T, make, call, heads=H):
     if ONLY and not any(name.startswith(o) for o in ONLY):
         return
     B = batch_of(T)
-    row = dict(name=name, T=T, B=B, H=H)
+    row = dict(name=name, T=T, B=B, H=heads)
     started = time.monotonic()
     if over_budget():
         row["error"] = "skipped: BUDGET_S spent"
@@ -106,6 +113,50 @@ def ctxpar_call(q, k, v, g, lam):
 
     B, T = q.shape[:2]
     return chunked(q, k, v, g, None, lam, [(b, 0, T) for b in range(B)])[0]
+
+
+def gdn_inputs(heads, k_dim, v_dim, log_linear):
+    """(B, T) -> q, k (unit rows, as the op's users normalise them), v, g, beta[, lam]."""
+    def make(B, T):
+        q = torch.randn(B, T, heads, k_dim, device=DEV, dtype=DT)
+        k = torch.nn.functional.normalize(torch.randn(B, T, heads, k_dim, device=DEV), dim=-1).to(DT)
+        v = torch.randn(B, T, heads, v_dim, device=DEV, dtype=DT) * 0.1
+        dt = torch.nn.functional.softplus(torch.randn(B, T, heads, device=DEV) - 4)
+        g = -torch.exp(torch.rand(heads, device=DEV)) * dt
+        beta = torch.rand(B, T, heads, device=DEV, dtype=DT)
+        out = [q, k, v, g, beta]
+        if log_linear:
+            out.append(torch.rand(B, T, heads, int(math.log2(T)) + 1, device=DEV, dtype=DT) + 0.5)
+        return [x.requires_grad_() for x in out]
+
+    return make
+
+
+def ctxpar_gdn_call(q, k, v, g, beta, lam):
+    from ctxpar import log_linear_gdn
+
+    return log_linear_gdn(q, k, v, g, beta, lam, backend="triton")[0]  # the public op, as FLA's
+
+
+def fla_gated_delta_rule():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as e:
+        print("flash-linear-attention gated delta rule not importable:", e, flush=True)
+        return None
+    return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)[0]
+
+
+def gdn_rows(ts, ctxpar_rows):
+    """ctxpar's log-linear GDN rows (ctxpar_rows) or FLA's gated delta rule rows, every shape and T."""
+    fla = None if ctxpar_rows else fla_gated_delta_rule()
+    for heads, k_dim, v_dim in GDN_SHAPES:
+        for T in ts:
+            tag = f"h{heads}_k{k_dim}_v{v_dim}"
+            if ctxpar_rows:
+                run_case(f"ctxpar_triton_gdn_{tag}", T, gdn_inputs(heads, k_dim, v_dim, True), ctxpar_gdn_call, heads)
+            elif fla is not None:
+                run_case(f"fla_gated_delta_rule_{tag}", T, gdn_inputs(heads, k_dim, v_dim, False), fla, heads)
 
 
 def sdpa_inputs(B, T):
@@ -178,8 +229,10 @@ def main():
     ts = [int(x) for x in os.environ.get("TS", DEFAULT_TS).split(",")]
     # ctxpar first: on a fresh machine the first three 4K rows (ctxpar, then FLA's two ops) took
     # over 140 s, most likely FLA's autotuning; a BUDGET_S cut should fall on the anchors.
+    gdn_ts = [int(x) for x in os.environ.get("GDN_TS", GDN_TS).split(",")]
     for T in ts:
         run_case("ctxpar_triton_loglinear_mamba2", T, log_linear_inputs, ctxpar_call)
+    gdn_rows(gdn_ts, ctxpar_rows=True)
     for T in [int(x) for x in os.environ.get("STAGES", "").split(",") if x]:
         if over_budget():
             break
@@ -196,6 +249,7 @@ def main():
         if T <= 131072:
             run_case("sdpa_flash_hd64", T, sdpa_inputs, sdpa(SDPBackend.FLASH_ATTENTION))
             run_case("sdpa_cudnn_hd64", T, sdpa_inputs, sdpa(SDPBackend.CUDNN_ATTENTION))
+    gdn_rows(gdn_ts, ctxpar_rows=False)
     write(os.environ.get("OUT", "."))
 
 
@@ -204,15 +258,15 @@ def write(out):
         plot(os.path.join(out, "bench_ops.png"))
     except Exception as e:  # the table matters more than the picture
         print("plot failed:", repr(e))
-    print("\n%-32s %8s %2s %9s %9s %8s %7s" % ("op", "T", "B", "fwd_ms", "fb_ms", "Mtok/s", "GiB"))
+    print("\n%-40s %8s %2s %9s %9s %8s %7s" % ("op", "T", "B", "fwd_ms", "fb_ms", "Mtok/s", "GiB"))
     for r in results:
         if "stages" in r:
-            print("%-32s %8d %2d stages ms: %s" % (r["name"], r["T"], r["B"],
+            print("%-40s %8d %2d stages ms: %s" % (r["name"], r["T"], r["B"],
                                                   ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items())))
         elif "error" in r:
-            print("%-32s %8d %2d ERROR %s" % (r["name"], r["T"], r["B"], r["error"][:90]))
+            print("%-40s %8d %2d ERROR %s" % (r["name"], r["T"], r["B"], r["error"][:90]))
         else:
-            print("%-32s %8d %2d %9.3f %9.3f %8.2f %7.2f" % (r["name"], r["T"], r["B"], r["fwd_ms"], r["fwdbwd_ms"],
+            print("%-40s %8d %2d %9.3f %9.3f %8.2f %7.2f" % (r["name"], r["T"], r["B"], r["fwd_ms"], r["fwdbwd_ms"],
                                                            r["fwdbwd_Mtok_s"], r["peak_GiB"]))
 
 

@@ -92,7 +92,8 @@ def test_lambda_one_is_the_gated_delta_rule():
         state, out = torch.zeros(H, K, V, dtype=q.dtype, device=DEVICE), []
         for t in range(T):
             kt, bt = k[0, t], beta[0, t, :, None, None]
-            state = g[0, t].exp()[:, None, None] * (state - bt * kt[:, :, None] * torch.einsum("hk,hkv->hv", kt, state)[:, None])
+            k_state = torch.einsum("hk,hkv->hv", kt, state)
+            state = g[0, t].exp()[:, None, None] * (state - bt * kt[:, :, None] * k_state[:, None])
             state = state + bt * kt[:, :, None] * v[0, t][:, None, :]
             out.append(torch.einsum("hkv,hk->hv", state, q[0, t]))
         return torch.stack(out)[None]
@@ -118,7 +119,8 @@ def test_float32_and_torch_backend_agree():
 @pytest.mark.parametrize("K, V", [(16, 32), (80, 80)])  # 80: several K and V tiles (64 wide)
 def test_stages_match_torch_chunked(K, V):
     """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), its backward
-    kernel == autograd through them, and after the up-sweep the Fenwick slot c holds build_tree's node of height ones(c) ending at chunk c."""
+    kernel == autograd through them, and after the up-sweep the Fenwick slot c holds build_tree's
+    node (state and transition) of height ones(c) ending at chunk c."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
     from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
@@ -143,8 +145,8 @@ def test_stages_match_torch_chunked(K, V):
 
     _, _, u, m = stage
     nodes, trans = up_sweep(u, m, None, TreePlan(layout, DEVICE))
-    tree = torch_chunked.build_tree(u.transpose(0, 1)[None], m.transpose(0, 1)[None], 0, (NC - 1).bit_length(), None,
-                                    C.bit_length() - 1)
+    per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
+    tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
     rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
     for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
         if h < tree.heights:
