@@ -140,10 +140,11 @@ def test_stages_match_torch_chunked(K, V):
     outputs = torch_stage(*leaves, grid)
     d_outputs = [torch.randn_like(x) for x in outputs]
     expected = torch.autograd.grad(outputs, leaves, d_outputs)
-    for name, a, b in zip(GRADS, chunk_stage_grads(q, k, v, g, beta, lam, *d_outputs, layout, "ieee"), expected):
+    grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_outputs, layout, "ieee")
+    for name, a, b in zip(GRADS, grads, expected):
         assert rel_err(a, b) < 1e-5, name
 
-    _, _, u, m = stage
+    _, _, u, m, _ = stage
     nodes, trans = up_sweep(u, m, None, TreePlan(layout, DEVICE))
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), 0, (NC - 1).bit_length(), None, C.bit_length() - 1)

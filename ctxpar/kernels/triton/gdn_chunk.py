@@ -1,9 +1,10 @@
 """GDN stage 1 (counterpart: ``torch_chunked.chunk_stage`` + ``intra_output``): the UT transform.
 
-Everything a chunk contributes on its own, one program per (slot, head, tile). With
-Gam[t,s] = exp(G_t - G_s) inside the chunk, every program first rebuilds the chunk's UT matrix
-T = (I + diag(beta) strict(K K^T * Gam))^-1 diag(beta) in registers (a C-step forward substitution
-on one [C, C] tile: cheaper than a round trip of T through memory), then
+Everything a chunk contributes on its own. With Gam[t,s] = exp(G_t - G_s) inside the chunk, a
+first kernel (one program per slot and head) inverts N = (I + diag(beta) strict(K K^T * Gam))^-1
+by a C-step forward substitution and stores it: the UT matrix is T = N diag(beta), and the
+substitution is serial enough that the programs of the second kernel and the backward load N
+rather than each redo it. The second kernel, one program per (slot, head, tile), computes
 
 - a V tile (tile < cdiv(V, BV)): those columns of the chunk's end state U = Kt^T (T V),
   Kt = exp(G_C - G) K, and of the intra-chunk output ((Q K^T * Gam) T * lambda) V;
@@ -11,7 +12,7 @@ on one [C, C] tile: cheaper than a round trip of T through memory), then
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
 Outputs are float32 in the slot grid: Qt and the intra output [S, H, C, *] (padded rows zero),
-U [S, H, K, V], M [S, H, K, K]. Products of float32 intermediates run as tf32 for half-precision
+U [S, H, K, V], M [S, H, K, K], N [S, H, C, C]. Products of float32 intermediates run as tf32 for half-precision
 inputs (10 mantissa bits, more than the inputs carry) and as ieee float32 for float32 inputs.
 """
 
@@ -42,8 +43,28 @@ def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def gdn_chunk_kernel(q, k, v, g, beta, lam, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, H, HK, K, V, L,
-                     C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def square_tile(ptr, i, h, H, C: tl.constexpr):
+    """Pointers to the [C, C] tile of slot i, head h of a [S, H, C, C] tensor."""
+    r = tl.arange(0, C)
+    return ptr + ((i * H + h).to(tl.int64) * C + r[:, None]) * C + r[None, :]
+
+
+@triton.jit
+def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, K, C: tl.constexpr,
+                        KP: tl.constexpr, PREC: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    rk = tl.arange(0, KP)
+    kt = tl.load(row_tile(k, rows, HK, h // (H // HK), K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    inv = unit_inverse(kt.to(tl.float32), local_decay(g, rows, valid, H, h), bt, valid, C, PREC)
+    tl.store(square_tile(inv_out, i, h, H, C), inv)
+
+
+@triton.jit
+def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, H, HK, K, V,
+                     L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
     i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -55,7 +76,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, qt_out, u_out, m_out, o_out, docs, s
     qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
-    ut = unit_inverse(kt, gl, bt, valid, C, PREC) * bt[None, :]
+    ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     scores = mma(qt, tl.trans(kt), tl.float32, PREC) * intra_decay(gl, valid, C)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
@@ -85,17 +106,19 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, qt_out, u_out, m_out, o_out, docs, s
 
 
 def chunk_stage(q, k, v, g, beta, lam, layout, prec):
-    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L] ->
-    (o_intra [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K]), all float32."""
+    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L] -> (o_intra
+    [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K], N [S, H, C, C]), all float32."""
     S, C = layout.num_slots, layout.chunk
     H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty(S, H, C, V, **f32), torch.empty(S, H, C, K, **f32)
-    u, m = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32)
+    u, m, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32), torch.empty(S, H, C, C, **f32)
     KP = triton.next_power_of_2(K)
     BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))
+    tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
+    unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
+                                num_warps=NUM_WARPS)
     grid = (S, H, triton.cdiv(V, BV) + triton.cdiv(K, BK))
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, qt, u, m, o, layout.docs, layout.slot_doc, layout.slot_chunk,
-                           H, k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
-                           num_warps=NUM_WARPS)
-    return o, qt, u, m
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *tables, H, k.shape[1], K, V, L, C=C,
+                           LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=NUM_WARPS)
+    return o, qt, u, m, inv

@@ -1,7 +1,7 @@
 """GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
 
 One program per (slot, head) takes the gradients of the chunk's outputs (intra output dO, Qt,
-U, M; the tree's autograd produced the last three), recomputes the UT transform and applies the
+U, M; the tree's autograd produced the last three), loads the forward's N and applies the
 chain rule backwards through it in registers, [C, C] and [C, K] tiles whole, the [K, V] and
 [K, K] gradients dU, dM one tile at a time (V = 512 whole would not fit):
 
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           row_tile, slot_info)
-from ctxpar.kernels.triton.gdn_chunk import unit_inverse
+from ctxpar.kernels.triton.gdn_chunk import square_tile
 
 NUM_WARPS = 8
 
@@ -35,7 +35,7 @@ def dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
+def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
                           slot_chunk, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -52,7 +52,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
 
     # Forward quantities.
-    inv = unit_inverse(kt, gl, bt, valid, C, PREC)
+    inv = tl.load(square_tile(inv, i, h, H, C))
     ut = inv * bt[None, :]
     gam = intra_decay(gl, valid, C)
     qk, kk = dot(qt, tl.trans(kt), PREC), dot(kt, tl.trans(kt), PREC)
@@ -90,7 +90,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg
 
     # K tiles: the transition M = e^G_C I - Kt^T W, the carried queries and W = T Kd. The
     # e^G scalings of Q and Kd go straight to dq, dk; their dG shares are summed per row.
-    d_trace = 0.0
+    d_diag = tl.zeros([KP], dtype=tl.float32)
     d_g_in = tl.zeros([C], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
@@ -100,7 +100,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
         d_mc = tl.load(dm + head * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
                        other=0.0)
-        d_trace += tl.sum(tl.where(rk[:, None] == rc[None, :], d_mc, 0.0))
+        d_diag += tl.sum(tl.where(rk[:, None] == rc[None, :], d_mc, 0.0), 1)
         kd = kc * e_in[:, None]
         w = dot(ut, kd, PREC)
         d_w = -dot(tl.trans(s), d_qc, PREC) - dot(k_out, d_mc, PREC)
@@ -126,15 +126,15 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, do, dqt, du, dm, dq, dk, dv, dg
     z = (bt[:, None] * d_a * kk + d_s * qk) * gam
     out_share = e_out * tl.sum(kt * d_kout, 1)
     d_gl = tl.sum(z, 1) - tl.sum(z, 0) + d_g_in - out_share
-    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace + tl.sum(out_share), 0.0)
+    d_gl += tl.where(r == C - 1, tl.exp(total) * tl.sum(d_diag) + tl.sum(out_share), 0.0)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), d_q, mask=qk_mask, sem="relaxed")
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
 
-def chunk_stage_grads(q, k, v, g, beta, lam, d_o, d_qt, d_u, d_m, layout, prec):
-    """Gradients of gdn_chunk.chunk_stage's outputs (float32 slot grids) -> dq, dk [rows, Hk, K],
+def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec):
+    """Gradients of gdn_chunk.chunk_stage's outputs (float32 slot grids; inv its N) -> dq, dk [rows, Hk, K],
     dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
@@ -144,7 +144,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, d_o, d_qt, d_u, d_m, layout, prec):
     grads = (x.contiguous() for x in (d_o, d_qt, d_u, d_m))
     KP = triton.next_power_of_2(K)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
-        q, k, v, g, beta, lam, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc, layout.slot_chunk,
-        H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP, BK=min(64, KP),
+        q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
+        layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP, BK=min(64, KP),
         BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS)
     return dq, dk, dv, dg, dbeta, dlam

@@ -31,13 +31,14 @@ DEFAULT_CHUNK = 64
 
 
 class ChunkStage(torch.autograd.Function):
-    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (recomputes the UT transform)."""
+    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, layout, prec):
-        ctx.save_for_backward(q, k, v, g, beta, lam)
+        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec)
+        ctx.save_for_backward(q, k, v, g, beta, lam, inv)
         ctx.layout, ctx.prec = layout, prec
-        return chunk_stage(q, k, v, g, beta, lam, layout, prec)
+        return o, qt, u, m
 
     @staticmethod
     def backward(ctx, d_o, d_qt, d_u, d_m):
