@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -18,8 +20,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def take_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` that the deepspeed launcher puts before the command.
+    The launcher also exports LOCAL_RANK, which wins; the flag fills it in only when it is missing."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--local_rank", "--local-rank", type=int)
+    known, rest = parser.parse_known_args(argv)
+    if known.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(known.local_rank))
+    return rest
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = take_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -1,11 +1,16 @@
-"""DeepSpeed engine with ctxpar context parallelism: 4 CPU ranks, CP = 2 x DP = 2, ZeRO 0-3.
+"""DeepSpeed engine with ctxpar context parallelism: 4 CPU ranks, CP = 2 x DP = 2.
 
-After one step the gradients and the updated parameters must equal a single-process reference:
-the data-parallel mean of the full-sequence token-mean loss, differentiated in one process.
+The plugin: after one step, the gradients and the updated parameters of ZeRO 0-3 must equal a
+single-process reference (the data-parallel mean of the full-sequence token-mean loss,
+differentiated in one process). ``ctxpar train`` with ``engine: deepspeed``: the losses of a run
+must equal those of ctxpar's own trainer in one process, and a resumed run the uninterrupted one.
 """
 
 import copy
+import json
 import os
+import random
+import shutil
 
 import pytest
 import torch
@@ -93,10 +98,10 @@ def engine_step(stage, batches, tmpdir):
 def check_all_stages(batches, tmpdir):
     import torch.distributed as dist
 
+    from ctxpar.integrations.deepspeed import skip_shm_comm_build
+
     os.environ["LOCAL_RANK"] = str(dist.get_rank())  # one host: DeepSpeed insists on it
-    # The CPU accelerator JIT-builds a shared-memory all-reduce (~60 s per fresh machine) that only
-    # inference uses; training goes through gloo, so skip the build.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_shm_comm_build()
     ref_grads, ref_params = reference_step(tiny_model(), batches)
     for stage in (0, 1, 2, 3):
         grads, params, loaded = engine_step(stage, batches, os.path.join(tmpdir, f"s{stage}"))
@@ -113,3 +118,51 @@ def test_zero_stages_match_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     batches = [torch.randint(0, VOCAB, (1, T)) for _ in range(DP)]
     run_distributed(check_all_stages, CP * DP, batches, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, ranks", [(2, 4), (3, 2)], ids=["zero2-cp2xdp2", "zero3-cp2"])  # 2 ranks: time
+def test_ctxpar_train_deepspeed_matches_native_and_resumes(tmp_path, monkeypatch, stage, ranks):
+    from safetensors.torch import load_file
+
+    from ctxpar.cli import main as ctxpar_main
+    from ctxpar.train import checkpoint
+    from ctxpar.train.config import dump
+    from ctxpar.train.telemetry import read_metrics
+    from ctxpar.train.trainer import train
+    from tests.test_train import tiny_recipe
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "")
+    monkeypatch.delenv("LOCAL_RANK")  # set below by --local_rank; restored when the test ends
+    seed = random.randrange(2**31)  # fresh data and initial weights every run
+    # 2 micro-batches per rank and step: DeepSpeed's gradient accumulation is exercised too. A large
+    # Adam eps (see EPS above) keeps the weights a smooth function of the gradients, so they can be
+    # compared after several steps.
+    common = {"train": {"seed": seed, "micro_batch_size": 1}, "optim": {"eps": EPS}}
+    native = tiny_recipe(tmp_path, name="native", **common)  # one process: no CP, no DP, no DeepSpeed
+    train(native)
+    ds = tiny_recipe(tmp_path, name="ds", engine="deepspeed", deepspeed={"zero_optimization": {"stage": stage}},
+                     parallel={"nproc": ranks, "context_parallel_size": 2}, **common)
+    path = tmp_path / "ds.yaml"
+    path.write_text(dump(ds))
+    assert ctxpar_main(["--local_rank=0", "train", str(path)]) == 0  # the flag the deepspeed launcher adds
+    assert os.environ["LOCAL_RANK"] == "0"
+
+    expected, got = read_metrics(native.run_dir / "metrics.jsonl"), read_metrics(ds.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
+    for r, g in zip(expected, got):  # fp32 on CPU: only the order of reductions differs
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), f"seed {seed} step {r['step']}"
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), f"seed {seed} step {r['step']}"
+    weights = load_file(str(checkpoint.latest(ds.run_dir) / "model.safetensors"))
+    for name, ref in load_file(str(checkpoint.latest(native.run_dir) / "model.safetensors")).items():
+        torch.testing.assert_close(weights[name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"seed {seed}, {name}: {m}")
+
+    shutil.rmtree(checkpoint.latest(ds.run_dir))  # killed after step 3's checkpoint
+    assert ctxpar_main(["train", str(path)]) == 0
+    assert json.loads((ds.run_dir / "summary.json").read_text())["resumed_from"] == 3
+    resumed = read_metrics(ds.run_dir / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == [(r["step"], r["loss"], r["grad_norm"]) for r in got]
+    assert load_file(str(checkpoint.latest(ds.run_dir) / "model.safetensors")).keys() == weights.keys()
+    for name, w in load_file(str(checkpoint.latest(ds.run_dir) / "model.safetensors")).items():
+        assert torch.equal(w, weights[name]), f"seed {seed}: resumed {name}"

@@ -37,8 +37,8 @@ def tiny_recipe(out_dir, name="tiny", **sections):
         "eval": {"passkey_depths": [0.5], "samples": 2, "heldout_batches": 1},
         "telemetry": {"progress_bar": False},
     }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
+    for key, values in sections.items():  # sections merge into the defaults above; plain keys replace
+        raw[key] = {**raw.get(key, {}), **values} if isinstance(values, dict) else values
     return validate(raw)
 
 
@@ -58,6 +58,30 @@ def test_bad_recipe_key_is_named(tmp_path):
         load_recipe(None, ["train.stpes=3"])
     with pytest.raises(RecipeError, match=r"optim\.lr"):
         load_recipe(None, ["optim.lr=-1"])
+    with pytest.raises(RecipeError, match=r"engine: Input should be 'native' or 'deepspeed'"):
+        load_recipe(None, ["engine=deepspeeed"])
+
+
+def test_deepspeed_block_must_not_set_what_ctxpar_derives(tmp_path, capsys):
+    recipe = tmp_path / "ds.yaml"
+    recipe.write_text("engine: deepspeed\ndeepspeed:\n  zero_optimization: {stage: 2}\n  data_parallel_size: 2\n")
+    assert train_main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed.data_parallel_size is set by ctxpar from the number of ranks and parallel.context_parallel_size" in err
+    with pytest.raises(RecipeError, match=r"deepspeed\.gradient_clipping is set by ctxpar from optim\.grad_clip"):
+        load_recipe(None, ["deepspeed.gradient_clipping=1.0"])
+    ok = load_recipe(None, ["engine=deepspeed", "deepspeed.zero_optimization.stage=3"])
+    assert ok.engine == "deepspeed" and ok.deepspeed == {"zero_optimization": {"stage": 3}}
+
+
+def test_launcher_local_rank_flag(monkeypatch):
+    from ctxpar.cli import take_local_rank
+
+    argv = ["train", "r.yaml", "--set", "train.steps=2"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the deepspeed launcher exports it too: the environment wins
+    assert take_local_rank(["--local_rank=0", *argv]) == argv and os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.delenv("LOCAL_RANK")  # without it the flag fills it in
+    assert take_local_rank([argv[0], "--local-rank", "3", *argv[1:]]) == argv and os.environ["LOCAL_RANK"] == "3"
 
 
 def test_cli_reports_bad_key_and_exits_2(tmp_path, capsys):
@@ -187,6 +211,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert (recipe.run_dir / "loss.png").exists() and (recipe.run_dir / "eval" / "eval.json").exists()
 
 
+def test_checkpoint_resumes_only_in_the_engine_that_wrote_it(tmp_path):
+    saved = checkpoint.save(tmp_path, 1, lambda directory: None, single_layout(), keep_last=1, engine="native")
+    with pytest.raises(ValueError, match=r"written by the native engine, not deepspeed.*train\.init_from"):
+        checkpoint.load(saved, lambda directory: None, single_layout(), "deepspeed")
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
@@ -195,10 +225,8 @@ from ctxpar.train import checkpoint
 from ctxpar.train.trainer import Trainer
 
 trainer = Trainer(tiny_recipe({out!r}), single_layout())
-save = lambda step: checkpoint.save(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
-                                    single_layout(), keep_last=2)
 trainer.step(0)
-save(1)
+trainer.save(1)
 trainer.step(1)
 
 def die(obj, f, *args, **kwargs):  # a partial file, then SIGKILL, in the middle of the write
@@ -206,7 +234,7 @@ def die(obj, f, *args, **kwargs):  # a partial file, then SIGKILL, in the middle
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = die
-save(2)
+trainer.save(2)
 """
 
 
@@ -220,8 +248,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert (checkpoint.checkpoint_dir(recipe.run_dir) / ".step_00000002.tmp").exists()  # the torn write
     trainer = Trainer(recipe, single_layout())  # resumes from the intact checkpoint
     assert trainer.start_step == 1
-    saved = checkpoint.save(trainer.run_dir, 2, trainer.model, trainer.optimizer, trainer.scheduler,
-                            single_layout(), keep_last=2)
+    saved = trainer.save(2)
     assert sorted(p.name for p in saved.parent.iterdir()) == ["step_00000001", "step_00000002"]
     json.loads((saved / "config.json").read_text())
 

@@ -18,6 +18,8 @@ DeepSpeed finds a sequence-parallel group by duck typing the ``mpu``: the marker
 ``get_sequence_data_parallel_*``. ZeRO then shards and averages gradients over the sequence x data
 parallel group (the whole DP x CP world here). The mpu must not define
 ``get_data_parallel_world_size``, and the config must not set ``data_parallel_size``.
+
+``ctxpar train`` with ``engine: deepspeed`` in the recipe builds on these (``deepspeed_trainer``).
 """
 
 from __future__ import annotations
@@ -85,18 +87,22 @@ class ContextParallelSetup:
         return self.mesh.cp_size
 
     def deepspeed_config(self, base: dict, micro_batch: int, grad_accum: int = 1) -> dict:
-        """``base`` plus the batch arithmetic of a DP x CP job: only DP ranks see distinct
-        sequences, so train_batch_size = micro * accum * world / cp."""
-        if "data_parallel_size" in base:
-            raise ValueError("do not set data_parallel_size with a context-parallel mpu: DeepSpeed derives it")
-        config = dict(base)
-        config.update(
-            train_micro_batch_size_per_gpu=micro_batch,
-            gradient_accumulation_steps=grad_accum,
-            train_batch_size=micro_batch * grad_accum * self.mesh.dp_size,
-            sequence_parallel_size=self.mesh.cp_size,
-        )
-        return config
+        """``base`` plus the batch arithmetic of this DP x CP job (see ``batch_config``)."""
+        return batch_config(base, micro_batch, grad_accum, self.mesh.dp_size, self.mesh.cp_size)
+
+
+def batch_config(base: dict, micro_batch: int, grad_accum: int, dp_size: int, cp_size: int) -> dict:
+    """``base`` plus the batch arithmetic of a DP x CP job: only DP ranks see distinct sequences,
+    so train_batch_size = micro * accum * world / cp."""
+    if "data_parallel_size" in base:
+        raise ValueError("do not set data_parallel_size with a context-parallel mpu: DeepSpeed derives it")
+    return {
+        **base,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * dp_size,
+        "sequence_parallel_size": cp_size,
+    }
 
 
 def setup_context_parallel(cp_size: int, scheme: str = "allgather") -> ContextParallelSetup:
@@ -142,5 +148,16 @@ def cp_loss(nll_sum: torch.Tensor, count: torch.Tensor, setup: ContextParallelSe
     sequence-parallel ranks as one data-parallel replica), which over-counts by cp: divide it out.
     ZeRO 3 averages over all DP x CP ranks without that factor, which is exactly right.
     """
-    mean = cp_mean(nll_sum, count, setup.mesh.cp_group)
-    return mean if zero_stage == 3 else mean / setup.cp_size
+    return zero_scaled(cp_mean(nll_sum, count, setup.mesh.cp_group), setup.cp_size, zero_stage)
+
+
+def zero_scaled(mean: torch.Tensor, cp_size: int, zero_stage: int) -> torch.Tensor:
+    """The CP group's mean loss scaled for ``zero_stage`` (see ``cp_loss``)."""
+    return mean if zero_stage == 3 else mean / cp_size
+
+
+def skip_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed's first ``initialize`` JIT-compiles a shared-memory
+    all-reduce (~60 s) that only inference uses; training communicates through gloo. Call it
+    before ``initialize``."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -1,33 +1,39 @@
-"""Atomic, exact checkpoints.
+"""Atomic, exact checkpoints, whichever engine writes the state.
 
-A checkpoint is a directory ``checkpoints/step_XXXXXXXX`` holding the model (``model.safetensors`` +
-``config.json``, so it also loads with ``load_pretrained``), ``trainer.pt`` (optimizer, scheduler,
-step) and one ``rng_<rank>.pt`` per rank. It is written under a hidden temporary name and renamed
-into place with ``os.replace``: a process killed mid-write leaves only a stray temporary directory,
-which loaders ignore, and the previous checkpoint intact.
+A checkpoint is a directory ``checkpoints/step_XXXXXXXX`` holding ``progress.json`` (step, world
+size, engine), one ``rng_<rank>.pt`` per rank, and what the engine's state writer puts there: the
+native trainer writes the model (``model.safetensors`` + ``config.json``, so it also loads with
+``load_pretrained``) and ``trainer.pt`` (optimizer, scheduler); the DeepSpeed trainer writes the
+same model files plus the engine's own checkpoint. It is written under a hidden temporary name and
+renamed into place with ``os.replace``: a process killed mid-write leaves only a stray temporary
+directory, which loaders ignore, and the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctxpar.models.io import load_weights, save_pretrained
 from ctxpar.train.parallel import Layout
 
 PREFIX = "step_"
+PROGRESS = "progress.json"
+# Every rank calls it with the directory being written (or read); collective.
+StateHook = Callable[[Path], None]
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir, step: int, model, optimizer, scheduler, layout: Layout, keep_last: int) -> Path:
+def save(run_dir, step: int, write_state: StateHook, layout: Layout, keep_last: int, engine: str) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
@@ -37,13 +43,10 @@ def save(run_dir, step: int, model, optimizer, scheduler, layout: Layout, keep_l
         tmp.mkdir(parents=True)
     layout.barrier()
     torch.save(rng_state(), tmp / f"rng_{layout.rank}.pt")
+    write_state(tmp)
     if layout.is_main:
-        save_pretrained(model, tmp)
-        torch.save(
-            {"step": step, "world_size": layout.world_size, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict()},
-            tmp / "trainer.pt",
-        )
+        progress = {"step": step, "world_size": layout.world_size, "engine": engine}
+        (tmp / PROGRESS).write_text(json.dumps(progress))
     layout.barrier()
     if layout.is_main:
         _fsync_dir(tmp)
@@ -62,18 +65,17 @@ def latest(run_dir) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, model, optimizer, scheduler, layout: Layout) -> int:
+def load(path: Path, read_state: StateHook, layout: Layout, engine: str) -> int:
     """Restore everything saved at ``path``; returns the step to continue from."""
-    from safetensors.torch import load_file
-
-    load_weights(model, load_file(str(path / "model.safetensors"), device=str(layout.device)))
-    trainer = torch.load(path / "trainer.pt", map_location=layout.device, weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
+    progress = json.loads((path / PROGRESS).read_text())
+    if progress["engine"] != engine:
+        raise ValueError(f"{path} was written by the {progress['engine']} engine, not {engine}: resume with the "
+                         f"engine that wrote it, or start a new run from its weights with train.init_from")
+    read_state(path)
     rng = path / f"rng_{layout.rank}.pt"
-    if trainer["world_size"] == layout.world_size and rng.exists():
+    if progress["world_size"] == layout.world_size and rng.exists():
         set_rng_state(torch.load(rng, weights_only=False))
-    return trainer["step"]
+    return progress["step"]
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctxpar.models.config import ModelConfig
 
 DEFAULT_RECIPE = "quickstart.yaml"
 # Other names a key is known by; an override under the alias replaces the key itself.
 ALIASES = {"sequence_parallel_size": "context_parallel_size"}
+# DeepSpeed config keys that ctxpar derives, and what it derives each from.
+DEEPSPEED_DERIVED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size and train.micro_batch_size",
+    "sequence_parallel_size": "parallel.context_parallel_size",
+    "data_parallel_size": "the number of ranks and parallel.context_parallel_size",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision (bf16 or fp32; fp16 is not supported)",
+}
 
 
 class _Section(BaseModel):
@@ -92,6 +103,7 @@ class TelemetryConfig(_Section):
 class Recipe(_Section):
     name: str = "run"
     out_dir: str = "runs"
+    engine: Literal["native", "deepspeed"] = Field("native", description="who runs the steps: ctxpar's trainer or DeepSpeed")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -99,6 +111,19 @@ class Recipe(_Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="handed to DeepSpeed's config (engine: deepspeed), e.g. zero_optimization"
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _no_derived_keys(cls, block: dict) -> dict:
+        # One source of truth: a value DeepSpeed would take from the block could silently disagree
+        # with the recipe key that the data, the schedule and the logs follow.
+        for key in block:
+            if key in DEEPSPEED_DERIVED:
+                raise ValueError(f"deepspeed.{key} is set by ctxpar from {DEEPSPEED_DERIVED[key]}: remove it")
+        return block
 
     @property
     def run_dir(self) -> Path:

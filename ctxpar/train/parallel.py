@@ -31,6 +31,7 @@ class Layout:
     dp_size: int = 1
     dp_rank: int = 0
     cp_group: object = None
+    mesh: object = None  # the ctxpar.comm.mesh.Mesh when cp_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -61,12 +62,13 @@ class Layout:
             dist.barrier()
 
 
-def setup(cp_size: int, backend: str = "auto") -> Layout:
-    """Join the job the environment describes (or a process group that already exists) and build the mesh."""
+def setup(cp_size: int, backend: str = "auto", always_group: bool = False) -> Layout:
+    """Join the job the environment describes (or a process group that already exists) and build the
+    mesh. One process needs no process group unless ``always_group`` (DeepSpeed wants one)."""
     info = _existing_group() if dist.is_initialized() else resolve_launch()
     if info.world_size % cp_size:
         raise ValueError(f"context_parallel_size {cp_size} must divide the number of ranks {info.world_size}")
-    if info.world_size == 1 and not dist.is_initialized():  # one process: no process group needed
+    if info.world_size == 1 and not dist.is_initialized() and not always_group:
         return Layout(0, 1, 0, 1, _single_device(info))
     device = init_process_group_from(info, None if backend == "auto" else backend)  # only the device if it exists
     layout = Layout(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
@@ -74,7 +76,7 @@ def setup(cp_size: int, backend: str = "auto") -> Layout:
         from ctxpar.comm.mesh import build_mesh
 
         mesh = build_mesh(info.world_size // cp_size, cp_size)
-        layout.cp_size, layout.cp_rank, layout.cp_group = mesh.cp_size, mesh.cp_rank, mesh.cp_group
+        layout.cp_size, layout.cp_rank, layout.cp_group, layout.mesh = mesh.cp_size, mesh.cp_rank, mesh.cp_group, mesh
         layout.dp_size, layout.dp_rank = mesh.dp_size, mesh.dp_rank
     else:
         layout.dp_size, layout.dp_rank = info.world_size, info.rank
@@ -96,7 +98,7 @@ def _single_device(info: LaunchInfo) -> torch.device:
 
 
 def teardown(layout: Layout) -> None:
-    if layout.distributed and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

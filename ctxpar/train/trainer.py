@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctxpar.comm.preemption import PreemptionGuard, requeue_if_slurm
 from ctxpar.models import CausalLM, LMLoss, ModelConfig
-from ctxpar.models.io import load_config, load_weights
+from ctxpar.models.io import load_config, load_weights, save_pretrained
 from ctxpar.train import checkpoint
 from ctxpar.train.config import Recipe, dump
 from ctxpar.train.data import Data
@@ -25,11 +25,20 @@ from ctxpar.train.telemetry import Telemetry, plot_loss
 
 def train(recipe: Recipe) -> dict:
     """Train on this rank; every rank of the job calls it. Returns the run summary (empty off rank 0)."""
-    layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend)
+    cls = trainer_class(recipe.engine)
+    layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend, cls.needs_process_group)
     try:
-        return Trainer(recipe, layout).run()
+        return cls(recipe, layout).run()
     finally:
         teardown(layout)
+
+
+def trainer_class(engine: str) -> type[Trainer]:
+    if engine == "deepspeed":  # imported only here: deepspeed is an optional extra
+        from ctxpar.integrations.deepspeed_trainer import DeepSpeedTrainer
+
+        return DeepSpeedTrainer
+    return Trainer
 
 
 def build_model(recipe: Recipe, data: Data) -> CausalLM:
@@ -58,12 +67,22 @@ def init_checkpoint(path: str | None) -> Path | None:
     return found
 
 
+def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
+    return recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+
+
 def autocast(recipe: Recipe, device: torch.device):
-    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(recipe, device) else contextlib.nullcontext()
 
 
 class Trainer:
+    """ctxpar's own engine: DDP over the world, AdamW, warmup-cosine. Subclasses that run the steps
+    in another engine override ``build_engine``, ``step``, ``write_state``/``read_state`` and
+    ``whole_model``; data, logging, evaluation and checkpoint rotation stay here."""
+
+    name = "native"  # recorded in every checkpoint: a run resumes only in the engine that wrote it
+    needs_process_group = False
+
     def __init__(self, recipe: Recipe, layout: Layout):
         self.recipe, self.layout, tc = recipe, layout, recipe.train
         if layout.device.type == "cpu":
@@ -73,12 +92,18 @@ class Trainer:
         self.data = Data(recipe.data, tc.seed)
         self.model = build_model(recipe, self.data).to(layout.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
-        loss = LMLoss(self.model, tc.loss_tile)
-        self.loss = DDP(loss, device_ids=_device_ids(layout)) if layout.distributed else loss
-        self.optimizer = make_optimizer(self.model, recipe)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(recipe))
+        # FLOPs per rank and step, for MFU; counted before build_engine, which may partition the parameters
+        self.flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / layout.world_size
+        self.build_engine()
         self.run_dir = recipe.run_dir
         self.start_step = self._resume()
+
+    def build_engine(self) -> None:
+        """Wrap ``self.model`` for training: sets the loss module, ``optimizer`` and ``scheduler``."""
+        loss = LMLoss(self.model, self.recipe.train.loss_tile)
+        self.loss = DDP(loss, device_ids=_device_ids(self.layout)) if self.layout.distributed else loss
+        self.optimizer = make_optimizer(self.model, self.recipe)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.recipe))
 
     def _resume(self) -> int:
         if self.layout.is_main:
@@ -86,10 +111,37 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(dump(self.recipe))
         self.layout.barrier()
         last = checkpoint.latest(self.run_dir) if self.recipe.train.resume else None
-        step = 0 if last is None else checkpoint.load(last, self.model, self.optimizer, self.scheduler, self.layout)
+        step = 0 if last is None else checkpoint.load(last, self.read_state, self.layout, self.name)
         if step and self.layout.is_main:
             print(f"resuming from {last} (step {step})", flush=True)
         return step
+
+    def save(self, step: int) -> Path:
+        """Collective: the checkpoint of ``step`` (atomic; the oldest beyond train.keep_last go)."""
+        return checkpoint.save(self.run_dir, step, self.write_state, self.layout, self.recipe.train.keep_last, self.name)
+
+    def write_state(self, directory: Path) -> None:
+        """Every rank: this engine's state into a checkpoint directory being written."""
+        self.write_model(directory)
+        if self.layout.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save(state, directory / "trainer.pt")
+
+    def read_state(self, directory: Path) -> None:
+        load_weights(self.model, load_file(str(directory / "model.safetensors"), device=str(self.layout.device)))
+        state = torch.load(directory / "trainer.pt", map_location=self.layout.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def write_model(self, directory: Path) -> None:
+        """The weights as a model directory (``load_pretrained``, ``train.init_from``, ``ctxpar eval``)."""
+        model = self.whole_model()
+        if self.layout.is_main:
+            save_pretrained(model, directory)
+
+    def whole_model(self) -> CausalLM:
+        """Collective: the model with every parameter whole on this rank (for saving and evaluation)."""
+        return self.model
 
     def step(self, step: int) -> tuple[float, float]:
         """One optimizer step; returns (loss, gradient norm before clipping)."""
@@ -103,12 +155,9 @@ class Trainer:
 
     def forward_backward(self, step: int) -> float:
         """Accumulate the gradient of ``step``'s batch (its loss: the DP mean of CP token means)."""
-        tc, lay = self.recipe.train, self.layout
-        inputs, labels = self.data.batch(step, tc.batch_size, tc.seq_len)
-        rows = slice(lay.dp_rank * self.local_batch, (lay.dp_rank + 1) * self.local_batch)
-        inputs, labels = lay.split(inputs[rows]).to(lay.device), lay.split(labels[rows]).to(lay.device)
+        lay = self.layout
         cp, total = lay.cp_context(), 0.0
-        for i, (x, y) in enumerate(zip(inputs.chunk(self.accum), labels.chunk(self.accum))):
+        for i, (x, y) in enumerate(self.micro_batches(step)):
             last = i == self.accum - 1
             sync = contextlib.nullcontext() if last or not lay.distributed else self.loss.no_sync()
             with sync:
@@ -118,15 +167,22 @@ class Trainer:
             total += loss.item()
         return mean_over_world(total, lay)
 
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (inputs, labels) micro-batches of ``step``: its DP rows, its CP slice."""
+        tc, lay = self.recipe.train, self.layout
+        inputs, labels = self.data.batch(step, tc.batch_size, tc.seq_len)
+        rows = slice(lay.dp_rank * self.local_batch, (lay.dp_rank + 1) * self.local_batch)
+        inputs, labels = lay.split(inputs[rows]).to(lay.device), lay.split(labels[rows]).to(lay.device)
+        return list(zip(inputs.chunk(self.accum), labels.chunk(self.accum)))
+
     def run(self) -> dict:
         tc, lay = self.recipe.train, self.layout
-        flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / lay.world_size
-        telemetry = Telemetry(self.recipe, lay, flops, self.start_step)
+        telemetry = Telemetry(self.recipe, lay, self.flops, self.start_step)
         losses, start = [], time.perf_counter()
         with PreemptionGuard() as guard:
             last = self._loop(guard, telemetry, losses)
             if last > self.start_step:
-                checkpoint.save(self.run_dir, last, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
+                self.save(last)
             if last < tc.steps:  # preempted: checkpoint written; inside the guard, as requeue needs
                 requeue_if_slurm()
         telemetry.close()
@@ -136,7 +192,7 @@ class Trainer:
 
     def _loop(self, guard, telemetry, losses: list) -> int:
         """Steps until the end or until any rank is told to stop; returns the steps completed."""
-        tc, lay = self.recipe.train, self.layout
+        tc = self.recipe.train
         for step in range(self.start_step, tc.steps):
             loss, grad_norm = self.step(step)
             losses.append(loss)
@@ -144,16 +200,16 @@ class Trainer:
             if guard.should_stop():
                 return step + 1
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                checkpoint.save(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, lay, tc.keep_last)
+                self.save(step + 1)
         return tc.steps
 
     def _finish(self, losses: list[float], wall: float) -> dict:
         from ctxpar.train.evaluate import evaluate
 
-        lay = self.layout
-        results = evaluate(self.model, self.data, self.recipe, lay, self.run_dir / "eval")
+        lay, model = self.layout, self.whole_model()
+        results = evaluate(model, self.data, self.recipe, lay, self.run_dir / "eval")
         summary = {"run_dir": str(self.run_dir), "steps": self.recipe.train.steps, "resumed_from": self.start_step,
-                   "params": self.model.num_params(), "loss_first": losses[0] if losses else None,
+                   "params": model.num_params(), "loss_first": losses[0] if losses else None,
                    "loss_last": losses[-1] if losses else None, "train_wall_s": wall, **results}
         if lay.is_main:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
@@ -177,15 +233,18 @@ def _device_ids(layout: Layout):
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; weight matrices decay; norms, biases, conv filters, decay rates and level gains do not."""
     oc = recipe.optim
+    return torch.optim.AdamW(param_groups(model, recipe), lr=oc.lr, betas=oc.betas, eps=oc.eps)
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """Weight matrices decay; norms, biases, conv filters, decay rates and level gains do not."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decays = lambda name, p: p.dim() == 2 and not name.endswith("levels.gain")  # noqa: E731
-    groups = [
-        {"params": [p for n, p in named if decays(n, p)], "weight_decay": oc.weight_decay},
+    return [
+        {"params": [p for n, p in named if decays(n, p)], "weight_decay": recipe.optim.weight_decay},
         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
 
 
 def lr_schedule(recipe: Recipe):
