@@ -10,14 +10,16 @@ transients cancel); "24-layer slope" adds the residual-stream checkpoints of the
 How memory is counted:
   cpu:  live bytes of every storage an op returns, tracked by a TorchDispatchMode from creation to
         release (a weakref on the storage): an exact allocator-free peak that does not depend on
-        the allocator or on what else runs. By default the log-linear op is a stand-in that saves
+        the allocator or on what else runs. Parameter gradients are dropped as they are made (see
+        ``drop_gradients``): the figures are activations only. By default the log-linear op is a stand-in that saves
         the same inputs and returns the same output per token (``--op stub``), so the figures are
         the model's and exclude the op's own internals; ``--op real`` runs backend "torch".
-  cuda: torch.cuda.max_memory_allocated minus the memory allocated before the step (the real
-        Triton op, its internals included).
+  cuda: torch.cuda.max_memory_allocated minus the memory allocated before the step (parameter
+        gradients and the real Triton op's internals included; weights and optimizer state not).
 
     python benchmarks/mem_train_cpu.py                         # CPU, T = 4K, 8K, 16K, 2 layers
     python benchmarks/mem_train_cpu.py --device cuda --layers 24 --tokens 65536,131072,262144,524288
+    python benchmarks/mem_train_cpu.py --device cuda --layers 24 --tokens 65536,131072,262144,524288 --offload
 
 Writes JSON to $OUT (if set) or benchmarks/results/<date>-<device>-mem_train[-<label>].json.
 """
@@ -101,6 +103,7 @@ def build(args, device):
     model.activation_checkpointing = True
     if args.token_tile:
         model.token_tile = args.token_tile
+    model.offload_checkpoints = args.offload
     return model
 
 
@@ -126,6 +129,15 @@ def measure(model, T, device, loss_tile) -> int:
     return counter.peak
 
 
+def drop_gradients(model):
+    """Free each parameter's gradient as soon as it is accumulated (cpu only). At small T the
+    gradients, which grow as backward reaches the early layers, would move the peak there, where
+    most residual checkpoints are already freed; without them the peak is at the last layer, as it
+    is at 512K tokens, and the per-token slope counts every layer's checkpoint."""
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -135,6 +147,7 @@ def main():
     parser.add_argument("--op", choices=["stub", "real"], default=None, help="default: stub on cpu, real on cuda")
     parser.add_argument("--token-tile", type=int, default=0, help="the model's token tile (0: its default)")
     parser.add_argument("--loss-tile", type=int, default=16384)
+    parser.add_argument("--offload", action="store_true", help="model.offload_checkpoints (no effect on cpu)")
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before / after)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -143,6 +156,8 @@ def main():
         ctxpar.models.mixers.log_linear_mamba2 = stub_op
     torch.manual_seed(0)
     model = build(args, device)
+    if device.type == "cpu":
+        drop_gradients(model)
     lengths = [int(t) for t in args.tokens.split(",")]
     if device.type == "cuda":
         measure(model, lengths[0], device, args.loss_tile)  # Triton compiles outside the figures
@@ -158,7 +173,7 @@ def main():
         slope = f"{row['slope_per_token'] / 1e3:13.1f} {row['slope_per_token_24_layers'] / 1e3:15.1f}" if "slope_per_token" in row else ""
         print(f"{T:8d} {peak / 2**20:10.1f} {peak / T / 1e3:12.1f} {slope}", flush=True)
     result = {"label": args.label, "device": str(device), "op": op, "layers": args.layers, "vocab": args.vocab,
-              "token_tile": getattr(model, "token_tile", None), "loss_tile": args.loss_tile,
+              "token_tile": getattr(model, "token_tile", None), "loss_tile": args.loss_tile, "offload": args.offload,
               "counting": "cuda max_memory_allocated" if device.type == "cuda" else "live storage bytes (dispatch mode)",
               "torch": torch.__version__, "rows": rows}
     out = _out_path(device, args.label)
