@@ -117,43 +117,65 @@ def test_float32_and_torch_backend_agree():
 
 
 @pytest.mark.parametrize("K, V", [(16, 32), (80, 80)])  # 80: several K and V tiles (64 wide)
-def test_stages_match_torch_chunked(K, V):
-    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), its backward
-    kernel == autograd through them, and after the up-sweep the Fenwick slot c holds build_tree's
-    node (state and transition) of height ones(c) ending at chunk c."""
+def test_chunk_stage_matches_torch_chunked(K, V):
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), and its
+    backward kernel == autograd through them."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
     from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
-    from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
-    from ctxpar.kernels.triton.layout import build_layout, trailing_ones
+    from ctxpar.kernels.triton.layout import build_layout
 
-    H, NC = 2, 11 if K == 16 else 3
+    H, NC = 2, 4 if K == 16 else 2
     q, k, v, g, beta, lam = (x[0] for x in make_inputs(1, NC * C - 5, H, 1, K, V, 9, dtype=torch.float32))
     rows = q.shape[0]
     layout = build_layout([(0, 0, rows)], [0], rows, C, 1, DEVICE)
-    grid = SlotGrid(layout, rows, H, 1, DEVICE)
     stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee")
-    for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, torch_stage(q, k, v, g, beta, lam, grid)):
-        assert rel_err(a, b) < 1e-5, name
-
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
-    outputs = torch_stage(*leaves, grid)
-    d_outputs = [torch.randn_like(x) for x in outputs]
-    expected = torch.autograd.grad(outputs, leaves, d_outputs)
+    expected = torch_stage(*leaves, SlotGrid(layout, rows, H, 1, DEVICE))
+    for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, expected):
+        assert rel_err(a, b) < 1e-5, name
+    d_outputs = [torch.randn_like(x) for x in expected]
     grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_outputs, layout, "ieee")
-    for name, a, b in zip(GRADS, grads, expected):
+    for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
 
-    _, _, u, m, _ = stage
-    nodes, trans = up_sweep(u, m, None, TreePlan(layout, DEVICE))
+
+def test_tree_matches_torch_chunked():
+    """From random chunk states, transitions, carried queries and an initial state: after the
+    up-sweep the Fenwick slot c holds build_tree's node (state and transition) of height ones(c)
+    ending at chunk c, and TreeReads equals read_tree summed over heights, gradients included."""
+    from ctxpar.kernels.triton.gdn_read import TreeReads
+    from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
+    from ctxpar.kernels.triton.layout import build_layout, trailing_ones
+
+    H, K, V, NC, c0, log_c = 2, 8, 8, 13, 3, C.bit_length() - 1
+    t0 = c0 * C + 5
+    layout = build_layout([(0, 0, NC * C - 9)], [t0], NC * C - 9, C, 1, DEVICE)
+    heights = layout.heights
+    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    u, m, qt = rand(NC, H, K, V), rand(NC, H, K, K) * K**-0.5, rand(NC, H, C, K)
+    lam, f0 = rand(NC, H, C, log_c + 1 + heights), rand(1, H, t0.bit_length(), K, V)
+    leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
+    init = f0[:, :, log_c:]
+    plan = TreePlan(layout, DEVICE)
+    nodes, trans = up_sweep(u, m, init, plan)
+    ours = TreeReads.apply(qt, lam, init, plan, log_c, *nodes, *trans)
+
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
-    tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
+    tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
+    theirs = sum(torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c) for h in range(heights))
+    assert rel_err(per_chunk(ours), theirs) < 1e-12
     rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
-    for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
-        if h < tree.heights:
-            index = torch.tensor([(c + 1 >> h) - 1])
-            assert rel_err(nodes[h][rank[c]], tree.node(h, index)[0, :, 0]) < 1e-5, (c, h)
-            assert rel_err(trans[h][rank[c]], tree.transition(h, index)[0, :, 0]) < 1e-5, (c, h)
+    for slot, h in enumerate(trailing_ones(torch.arange(c0, c0 + NC)).tolist()):
+        if h < heights:
+            index = torch.tensor([(c0 + slot + 1 >> h) - 1])
+            assert rel_err(nodes[h][rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-12, (slot, h)
+            assert rel_err(trans[h][rank[slot]], tree.transition(h, index)[0, :, 0]) < 1e-12, (slot, h)
+    d_out = rand(NC, H, C, V)
+    grads = torch.autograd.grad((ours * d_out).sum(), leaves)
+    expected = torch.autograd.grad((theirs * per_chunk(d_out)).sum(), leaves)
+    for name, a, b in zip(["u", "m", "qt", "lam", "initial_state"], grads, expected):
+        assert rel_err(a, b) < 1e-12, name
 
 
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():

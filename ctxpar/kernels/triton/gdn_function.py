@@ -4,7 +4,9 @@ Design. Inside a chunk the delta rule needs the UT transform (a triangular solve
 head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
 writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
 output; its backward (gdn_chunk_grad.py) is the mirror kernel. Across chunks everything is a
-batched K x K product of whole tree heights (gdn_tree.py, torch, differentiated by autograd).
+batched K x K product over all nodes of one tree height, which cuBLAS runs at its peak, so that
+part is torch: the up-sweep (gdn_tree.py, differentiated by autograd) and the node reads
+(gdn_read.py, one Function with its own backward).
 
 Initial and final Fenwick states: the initial buckets of bits >= log2 C are tree nodes in front of
 each document (left children and read nodes with identity transitions); the sub-chunk buckets
@@ -24,7 +26,8 @@ from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
-from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, read_all, up_sweep
+from ctxpar.kernels.triton.gdn_read import TreeReads
+from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
 DEFAULT_CHUNK = 64
@@ -76,7 +79,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c)
     nodes, trans = up_sweep(u, m, init, plan)
-    o = o + read_all(qt, lam_slots, nodes, trans, init, plan, log_c)
+    o = o + TreeReads.apply(qt, lam_slots, init, plan, log_c, *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:
         return out, None

@@ -14,7 +14,7 @@ document's first chunk is the initial state's node of that height, with identity
 Chunk c reads, at each set bit h, the node ending at a - 1 (a = c with its low h bits cleared)
 carried to c's start: X(c) = trans of slot c - 1 (height tz(c)) @ X(c - 2^tz(c)), X(a) = the node.
 Sources have more trailing zeros than their targets, so one batched product per tz fills a pool
-of the height's carried nodes in order.
+of the height's carried nodes in order (``Read``; gdn_read.py runs them).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ctxpar.kernels.triton.layout import trailing_ones
 
@@ -30,7 +29,8 @@ from ctxpar.kernels.triton.layout import trailing_ones
 @dataclass
 class Read:
     """Height h's reads: slots ``readers`` read pool[pos]; the pool starts with the N initial
-    nodes, then ``nodes[h][node_rank]``, then one block per step (tz, trans rank, source pos)."""
+    nodes, then ``nodes[h][node_rank]``, then one block per step (tz j, rank of each target's
+    slot c - 1 in trans[j], source pos), in that order."""
 
     height: int
     readers: torch.Tensor
@@ -104,36 +104,12 @@ def up_sweep(u, m, init, plan):
     eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype).expand(plan.num_docs, m.shape[1], -1, -1)
     for h, (count, left) in enumerate(plan.up):
         right_m = trans[h][:count]
-        states = torch.cat([nodes[h], initial_node(init, h, u, plan.num_docs)])
+        # Without an initial state every left child is a slot: no pool with the initial nodes.
+        states = nodes[h] if init is None else torch.cat([nodes[h], initial_node(init, h, u, plan.num_docs)])
+        left_m = trans[h] if init is None else torch.cat([trans[h], eye])
         nodes.append(right_m @ states[left] + nodes[h][:count])
-        trans.append(right_m @ torch.cat([trans[h], eye])[left])
+        trans.append(right_m @ left_m[left])
     return nodes, trans
-
-
-def read(r, qt, weight, nodes, trans, init, plan):
-    """[n, H, C, V]: the reads of height r.height by the slots r.readers; qt [S, H, C, K] queries
-    carried to their chunk start, weight [n, H, C] their lambda of level log2 C + 1 + height."""
-    pool = [initial_node(init, r.height, nodes[0], plan.num_docs)]
-    if r.node_rank.numel():
-        pool.append(nodes[r.height][r.node_rank])
-    pool = torch.cat(pool)
-    for j, prev, src in r.steps:
-        pool = torch.cat([pool, trans[j][prev] @ pool[src]])
-    return weight[..., None] * (qt[r.readers] @ pool[r.pos])
-
-
-def read_all(qt, lam_slots, nodes, trans, init, plan, log_c):
-    """Sum over heights of ``read`` into the slot grid [S, H, C, V]; each height is recomputed in
-    backward (activation checkpointing), so no height's carried nodes are kept."""
-    out = 0
-    for r in plan.reads:
-        def one(qt, lam_slots, r=r):
-            part = read(r, qt, lam_slots[r.readers, :, :, log_c + 1 + r.height], nodes, trans, init, plan)
-            return part.new_zeros(qt.shape[0], *part.shape[1:]).index_add(0, r.readers, part)
-
-        out = out + (checkpoint(one, qt, lam_slots, use_reentrant=False) if torch.is_grad_enabled()
-                     else one(qt, lam_slots))
-    return out
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
