@@ -67,7 +67,8 @@ def test_deepspeed_block_must_not_set_what_ctxpar_derives(tmp_path, capsys):
     recipe.write_text("engine: deepspeed\ndeepspeed:\n  zero_optimization: {stage: 2}\n  data_parallel_size: 2\n")
     assert train_main([str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "deepspeed.data_parallel_size is set by ctxpar from the number of ranks and parallel.context_parallel_size" in err
+    assert "deepspeed.data_parallel_size is set by ctxpar from the number of ranks and parallel.context_parallel_size" \
+        in err
     with pytest.raises(RecipeError, match=r"deepspeed\.gradient_clipping is set by ctxpar from optim\.grad_clip"):
         load_recipe(None, ["deepspeed.gradient_clipping=1.0"])
     ok = load_recipe(None, ["engine=deepspeed", "deepspeed.zero_optimization.stage=3"])

@@ -20,7 +20,13 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ctxpar.integrations.deepspeed import ContextParallelMPU, batch_config, skip_shm_comm_build, zero3_loss_module, zero_scaled
+from ctxpar.integrations.deepspeed import (
+    ContextParallelMPU,
+    batch_config,
+    skip_shm_comm_build,
+    zero3_loss_module,
+    zero_scaled,
+)
 from ctxpar.models import CausalLM
 from ctxpar.train.config import Recipe
 from ctxpar.train.parallel import Layout, cp_mean, mean_over_world

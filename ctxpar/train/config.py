@@ -103,7 +103,9 @@ class TelemetryConfig(_Section):
 class Recipe(_Section):
     name: str = "run"
     out_dir: str = "runs"
-    engine: Literal["native", "deepspeed"] = Field("native", description="who runs the steps: ctxpar's trainer or DeepSpeed")
+    engine: Literal["native", "deepspeed"] = Field(
+        "native", description="who runs the steps: ctxpar's trainer or DeepSpeed (with the deepspeed block)"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

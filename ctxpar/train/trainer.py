@@ -118,7 +118,8 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         """Collective: the checkpoint of ``step`` (atomic; the oldest beyond train.keep_last go)."""
-        return checkpoint.save(self.run_dir, step, self.write_state, self.layout, self.recipe.train.keep_last, self.name)
+        keep = self.recipe.train.keep_last
+        return checkpoint.save(self.run_dir, step, self.write_state, self.layout, keep, self.name)
 
     def write_state(self, directory: Path) -> None:
         """Every rank: this engine's state into a checkpoint directory being written."""
