@@ -49,7 +49,8 @@ def chunk_states(k, v, g, layout, prec):
 
 def cumulative_decay(totals, layout):
     """float64 [S, H]: sum of g from each document's first token to the end of each slot's chunk."""
-    running = totals.double().cumsum(0)
+    # Scanned along the last dim: torch's scan over dim 0 of a [S, H] tensor runs on only H threads.
+    running = totals.double().t().contiguous().cumsum(1).t().contiguous()  # the kernels index it [S, H]
     first = layout.docs[:, 5]
     before_doc = running[first] - totals[first].double()
     return running - before_doc[layout.slot_doc.long()]

@@ -191,8 +191,11 @@ class _Docs:
         return slice(base + lo, base + hi)
 
     def log_decay(self, n, lo, hi):
-        """float64 [hi - lo, H]: G at positions [lo, hi) from the document's start position."""
-        return self.g[self.rows(n, self.starts[n], hi)].double().cumsum(0)[lo - self.starts[n] :]
+        """float64 [hi - lo, H]: G at positions [lo, hi) from the document's start position.
+        A sum up to lo and a scan over [lo, hi) only: callers ask for a few positions of a long
+        document, and a scan along a [T, H] tensor's first dim is slow on the GPU (H threads)."""
+        before = self.g[self.rows(n, self.starts[n], lo)].double().sum(0)
+        return before + self.g[self.rows(n, lo, hi)].double().cumsum(0)
 
     def first_chunk_end(self, n, log_c):
         t0 = self.starts[n]
