@@ -7,29 +7,21 @@ inputs every run. Each stage is also checked against its counterpart in ``torch_
 import pytest
 import torch
 
-from ctxpar.kernels import reference, torch_chunked
-from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
 from tests.factories import attention_inputs, rel_err
+from tests.oracle_check import NAMES as GRADS
+from tests.oracle_check import check_against_reference
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 C = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GRADS = ["q", "k", "v", "g", "beta", "level_scales", "initial_state"]
 
 
 def make_inputs(B, T, H, HK, K, V, L, dtype=torch.float64):
     q, k, v, g, beta, lam = attention_inputs(B, T, H, K, V, Hk=HK, gdn=True, levels=L, dtype=dtype, device=DEVICE)
     return q * K**-0.5, k, v, g, beta, lam
-
-
-def reference_run(q, k, v, g, beta, lam, spans, init, final):
-    groups = v.shape[2] // q.shape[2]
-    qe, ke = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
-    if init is None and not final:
-        return reference.materialized(qe, ke, v, g, beta, lam, spans), None
-    return reference.recurrent(qe, ke, v, g, beta, lam, spans, init, final)
 
 
 CASES = {
@@ -47,37 +39,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_backward_against_reference(case):
     B, T, H, HK, K, V, L, spans, positions, final, chunk = CASES[case]
-    q, k, v, g, beta, lam = make_inputs(B, T, H, HK, K, V, L)
-    init = None
-    if positions is not None:
-        nbits = max(p.bit_length() for p in positions)
-        init = FenwickState(torch.randn(len(spans), H, nbits, K, V, dtype=torch.float64, device=DEVICE) * 0.3,
-                            positions)
-    leaves = [q, k, v, g, beta, lam] + ([init.buckets] if init is not None else [])
-    for x in leaves:
-        x.requires_grad_()
-    do = torch.randn_like(v)
-
-    def loss_of(o, state):
-        loss = (o * do).sum()
-        return loss + (state.buckets * d_state).sum() if final else loss
-
-    ref_o, ref_state = reference_run(q, k, v, g, beta, lam, spans, init, final)
-    d_state = torch.randn_like(ref_state.buckets) if final else None
-    ref_grads = torch.autograd.grad(loss_of(ref_o, ref_state), leaves)
-
-    o, state = chunked(q, k, v, g, beta, lam, spans, init, final, chunk_size=chunk)
-    assert not torch.isnan(o).any()
-    assert rel_err(o, ref_o) < 1e-5
-    if final:
-        assert state.positions == ref_state.positions
-        assert rel_err(state.buckets, ref_state.buckets) < 1e-5
-    grads = torch.autograd.grad(loss_of(o, state), leaves)
-    for name, a, b in zip(GRADS, grads, ref_grads):
-        assert not torch.isnan(a).any(), name
-        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
-    if init is not None:  # buckets of unset bits receive zero gradient
-        assert (grads[6].transpose(1, 2)[~init.live_mask()] == 0).all()
+    inputs = make_inputs(B, T, H, HK, K, V, L)
+    check_against_reference(chunked, inputs, spans, positions, final, chunk_size=chunk)
 
 
 def test_lambda_one_is_the_gated_delta_rule():

@@ -7,9 +7,9 @@ Every stage is also checked against its counterpart in ``torch_chunked``.
 import pytest
 import torch
 
-from ctxpar.kernels import reference, torch_chunked
-from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
+from tests.oracle_check import check_against_reference
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -31,14 +31,6 @@ def make_inputs(B, T, H, HK, K, V, L, dtype=torch.float64):
     return q, k, v, g, lam
 
 
-def reference_run(q, k, v, g, lam, spans, init, final):
-    groups = v.shape[2] // q.shape[2]
-    qe, ke = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
-    if init is None and not final:
-        return reference.materialized(qe, ke, v, g, None, lam, spans), None
-    return reference.recurrent(qe, ke, v, g, None, lam, spans, init, final)
-
-
 CASES = {
     # name: (B, T, H, Hk, K, V, L, spans, initial positions or None, final state)
     "one_sequence_ragged_end": (1, 150, 2, 2, 16, 32, 9, [(0, 0, 150)], None, False),
@@ -54,36 +46,7 @@ CASES = {
 def test_forward_backward_against_reference(case):
     B, T, H, HK, K, V, L, spans, positions, final = CASES[case]
     q, k, v, g, lam = make_inputs(B, T, H, HK, K, V, L)
-    init = None
-    if positions is not None:
-        nbits = max(p.bit_length() for p in positions)
-        init = FenwickState(torch.randn(len(spans), H, nbits, K, V, dtype=torch.float64, device=DEVICE) * 0.3,
-                            positions)
-    leaves = [q, k, v, g, lam] + ([init.buckets] if init is not None else [])
-    for x in leaves:
-        x.requires_grad_()
-    do = torch.randn_like(v)
-
-    def loss_of(o, state):
-        loss = (o * do).sum()
-        return loss + (state.buckets * d_state).sum() if final else loss
-
-    ref_o, ref_state = reference_run(q, k, v, g, lam, spans, init, final)
-    d_state = torch.randn_like(ref_state.buckets) if final else None
-    ref_grads = torch.autograd.grad(loss_of(ref_o, ref_state), leaves)
-
-    o, state = chunked(q, k, v, g, None, lam, spans, init, final, chunk_size=C, group_size=2)
-    assert not torch.isnan(o).any()
-    assert rel(o, ref_o) < 1e-5
-    if final:
-        assert state.positions == ref_state.positions
-        assert rel(state.buckets, ref_state.buckets) < 1e-5
-    grads = torch.autograd.grad(loss_of(o, state), leaves)
-    for name, a, b in zip(["q", "k", "v", "g", "level_scales", "initial_state"], grads, ref_grads):
-        assert not torch.isnan(a).any(), name
-        assert rel(a, b) < 1e-5, (name, rel(a, b))
-    if init is not None:  # buckets of unset bits receive zero gradient
-        assert (grads[5].transpose(1, 2)[~init.live_mask()] == 0).all()
+    check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, final, chunk_size=C, group_size=2)
 
 
 def test_float32_and_torch_backend_agree():

@@ -1,0 +1,56 @@
+"""One check shared by the Triton kernel tests: a backend against the float64 oracles.
+
+Outputs, final Fenwick state and every gradient (q, k, v, g, beta when given, level_scales,
+initial state) on fresh random output and state gradients.
+"""
+
+import torch
+
+from ctxpar.kernels import reference
+from ctxpar.kernels.state import FenwickState
+from tests.factories import rel_err
+
+NAMES = ["q", "k", "v", "g", "beta", "level_scales", "initial_state"]
+
+
+def reference_run(q, k, v, g, beta, lam, spans, init, final):
+    """The materialized oracle (the token recurrence when a state goes in or out); q, k with Hk heads."""
+    groups = v.shape[2] // q.shape[2]
+    qe, ke = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
+    if init is None and not final:
+        return reference.materialized(qe, ke, v, g, beta, lam, spans), None
+    return reference.recurrent(qe, ke, v, g, beta, lam, spans, init, final)
+
+
+def check_against_reference(chunked, inputs, spans, positions, final, tol=1e-5, **kwargs):
+    """inputs: float64 q, k, v, g, beta (None for Mamba-2), lam; positions: initial state or None."""
+    q, k, v = inputs[:3]
+    init = None
+    if positions is not None:
+        nbits = max(p.bit_length() for p in positions)
+        buckets = torch.randn(len(spans), v.shape[2], nbits, k.shape[3], v.shape[3], dtype=v.dtype, device=v.device)
+        init = FenwickState((buckets * 0.3).requires_grad_(), positions)
+    names = [n for n, x in zip(NAMES, inputs) if x is not None] + (["initial_state"] if init is not None else [])
+    leaves = [x.requires_grad_() for x in inputs if x is not None] + ([init.buckets] if init is not None else [])
+    do = torch.randn_like(v)
+
+    def loss_of(o, state):
+        loss = (o * do).sum()
+        return loss + (state.buckets * d_state).sum() if final else loss
+
+    ref_o, ref_state = reference_run(*inputs, spans, init, final)
+    d_state = torch.randn_like(ref_state.buckets) if final else None
+    ref_grads = torch.autograd.grad(loss_of(ref_o, ref_state), leaves)
+
+    o, state = chunked(*inputs, spans, init, final, **kwargs)
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref_o) < tol
+    if final:
+        assert state.positions == ref_state.positions
+        assert rel_err(state.buckets, ref_state.buckets) < tol
+    grads = torch.autograd.grad(loss_of(o, state), leaves)
+    for name, a, b in zip(names, grads, ref_grads):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    if init is not None:  # buckets of unset bits receive zero gradient
+        assert (grads[-1].transpose(1, 2)[~init.live_mask()] == 0).all()
