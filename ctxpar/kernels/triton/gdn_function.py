@@ -98,13 +98,12 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
     slots = torch.tensor([layout.first_slot[n] for n in docs], device=o.device)
     subs = [[b for b in live_bits(layout.starts[n]) if b < log_c] for n in docs]
     carried = m[slots] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
-    reads = []
+    reads, offsets = [], torch.arange(C, device=o.device)
     for n, bits, slot in zip(docs, subs, slots.tolist()):
-        positions = layout.c0[n] * C + torch.arange(C, device=o.device)
         part = 0
         for b in bits:
-            level = level_of(positions, bucket_range(layout.starts[n], b)[0])
-            part = part + lam_slots[slot][:, torch.arange(C), level][..., None] * (qt[slot] @ buckets[n, :, b])
+            level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
+            part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot] @ buckets[n, :, b])
         reads.append(part)
     return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, slots, carried)
 

@@ -48,6 +48,7 @@ class TreePlan:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
         self.layout, self.num_docs, self.rank_host = layout, layout.num_docs, rank
+        self.has_front = any(layout.c0)  # some left child lies before its document's first chunk
         self.order, self.rank = order.to(device), rank.to(device)
         self.up = []  # per height: (parents, index of each left child in cat(nodes[h], initial nodes))
         for h in range(layout.heights):
@@ -104,9 +105,10 @@ def up_sweep(u, m, init, plan):
     eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype).expand(plan.num_docs, m.shape[1], -1, -1)
     for h, (count, left) in enumerate(plan.up):
         right_m = trans[h][:count]
-        # Without an initial state every left child is a slot: no pool with the initial nodes.
-        states = nodes[h] if init is None else torch.cat([nodes[h], initial_node(init, h, u, plan.num_docs)])
-        left_m = trans[h] if init is None else torch.cat([trans[h], eye])
+        # Documents that all start at chunk 0 have every left child in a slot: no initial-node pool.
+        front = plan.has_front
+        states = torch.cat([nodes[h], initial_node(init, h, u, plan.num_docs)]) if front else nodes[h]
+        left_m = torch.cat([trans[h], eye]) if front else trans[h]
         nodes.append(right_m @ states[left] + nodes[h][:count])
         trans.append(right_m @ left_m[left])
     return nodes, trans
