@@ -138,6 +138,23 @@ def test_random_ranks_slices_documents_and_states(lengths, cuts, init, variant, 
     check_ranks(variant, scheme, lengths, cu, 1, init=init, final=True)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_inputs_match_float64_within_bf16_error(variant):
+    """Half-precision q meets the float32 incoming state as bf16 hi + lo parts: outputs and
+    gradients of bf16 inputs stay within bf16 error of the float64 one-process result."""
+    P, n = 2, 128
+    xs, _ = inputs(variant, 1, P * n, None, (4, 16, 16))
+    o_ref, grads_ref = reference(variant, xs, None, None, do := torch.randn_like(xs[2]))
+    half = [None if x is None else x.detach().to(torch.bfloat16 if x is not xs[3] else x.dtype).requires_grad_()
+            for x in xs]
+    run = lambda ctx: op(variant, rank_slice(half, ctx.rank * n, (ctx.rank + 1) * n), cp=ctx)[0]  # noqa: E731
+    o = torch.cat(simulate(P, run), 1)
+    grads = torch.autograd.grad((o.double() * do).sum(), [x for x in half if x is not None])
+    assert rel_err(o.double(), o_ref) < 1e-2
+    for got, want in zip(grads, grads_ref):
+        assert rel_err(got.double(), want) < 2e-2
+
+
 def test_invalid_slices_and_schemes_are_refused():
     sim = SimGroup(2)
     with pytest.raises(ValueError, match="multiple of the chunk"):

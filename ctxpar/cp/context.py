@@ -181,15 +181,15 @@ class CPContext:
         return compact(lay.summaries[lay.rank], buckets, None if carry is None else carry.trans)
 
     def _local_states(self, c, lay: Layout, initial_state) -> FenwickState | None:
-        """The local op's initial states: zero at the true position for the piece that crosses in
-        (its incoming state is added after the exchange), the caller's for documents starting here."""
+        """The local op's initial states: nothing at the true position for the piece that crosses
+        in (its incoming state is added after the exchange), the caller's for documents starting here."""
         if initial_state is None and lay.crosses_in is None:
             return None
         rows = c.v.shape[0]
         states = []
         for piece in lay.pieces:
             if piece.crosses_in or initial_state is None:
-                states.append(FenwickState.zeros(rows, c.v.shape[2], c.k.shape[-1], c.v.shape[-1],
+                states.append(FenwickState.empty(rows, c.v.shape[2], c.k.shape[-1], c.v.shape[-1],
                                                  (piece.position,) * rows, dtype=_state_dtype(c), device=c.v.device))
             else:
                 states.append(_user_state(initial_state, piece, self.cu_seqlens))
@@ -197,8 +197,7 @@ class CPContext:
 
     def _reads(self, c, piece: Piece, carry: local.Carry, incoming: Summary, length: int) -> torch.Tensor:
         state = to_state(incoming, c.v.shape[0])
-        lam = c.lam[:, piece.start : piece.end].transpose(1, 2)
-        reads = local.state_reads(carry, lam, piece.position, state.buckets).transpose(1, 2)
+        reads = local.state_reads(carry, c.lam[:, piece.start : piece.end], piece.position, state.buckets)
         return F.pad(reads, (0, 0, 0, 0, piece.start, length - piece.end))
 
     def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,
@@ -224,8 +223,8 @@ def _state_dtype(c) -> torch.dtype:
 
 
 def _inputs(c, piece: Piece):
-    """Canonical q, k, v, g, beta of one piece, [R, H, n, ...]."""
-    cut = lambda x: None if x is None else x[:, piece.start : piece.end].transpose(1, 2)  # noqa: E731
+    """Canonical q, k, v, g, beta of one piece, [R, n, ...]."""
+    cut = lambda x: None if x is None else x[:, piece.start : piece.end]  # noqa: E731
     return cut(c.q), cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
 
 

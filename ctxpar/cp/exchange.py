@@ -1,6 +1,9 @@
 """The two summary exchanges. Both give each rank the exclusive prefix join of the ranks before it
-(the Fenwick state at its first token of the document that crosses in), and both run in the
-background between ``start`` and ``finish`` while the rank computes its local output.
+(the Fenwick state at its first token of the document that crosses in). The all-gather runs
+asynchronously between ``start`` and ``finish``; the log P rounds depend on each other and run in
+``start``, on the caller's thread and stream, so that autograd orders their backward after the
+ops that follow (a helper thread's nodes carry another thread's sequence numbers, and a rank could
+then run its whole local backward before the exchange its peers are waiting in).
 
 Autograd through the collectives obliges every rank to run backward through every call, in the
 same order (see ``ctxpar.comm.collectives``). Hence the ``tie``: zero times what arrived, added to
@@ -12,9 +15,6 @@ message leads to none of the requested inputs, which would leave the peers waiti
 """
 
 from __future__ import annotations
-
-import contextlib
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -59,60 +59,38 @@ class AllGather:
 
 class Hypercube:
     """ceil(log2 P) rounds of pairwise swaps with partner rank ^ 2**k (see ``plan.hypercube_rounds``).
-    Every message is one aligned block's summary, so a rank sends at most ceil(log2 P) summaries. The
-    rounds depend on each other, so they run on a helper thread while the caller computes; on CUDA
-    that thread works on a side stream, so its small joins do not queue behind the local op."""
+    Every message is one aligned block's summary, so a rank sends at most ceil(log2 P) summaries."""
 
     def __init__(self, transport, layout: Layout, shape: Shape):
         self.transport, self.layout, self.shape = transport, layout, shape
         self.rounds = hypercube_rounds(layout.summaries)
-        self._pool = ThreadPoolExecutor(max_workers=1)
 
     def start(self, own: Summary, anchor: torch.Tensor) -> None:
-        self._stream = None
-        if own.buckets.is_cuda:
-            self._stream = torch.cuda.Stream(own.buckets.device)
-            self._stream.wait_stream(torch.cuda.current_stream(own.buckets.device))
-        self._future = self._pool.submit(self._run, own, anchor, torch.is_grad_enabled())
+        self._result = self._run(own, anchor)
 
     def finish(self) -> tuple[Summary | None, torch.Tensor | None]:
-        try:
-            result = self._future.result()
-        finally:
-            self._pool.shutdown()
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-        return result
+        return self._result
 
-    def _run(self, own: Summary, anchor: torch.Tensor, grad: bool):
+    def _run(self, own: Summary, anchor: torch.Tensor):
         rank, size = self.transport.rank, self.transport.size
         total, prefix, last = own, None, None
-        # Grad mode and the CUDA device and stream are per thread: set them from the caller's.
-        with torch.set_grad_enabled(grad), _on(self._stream):
-            for step in self.rounds:
-                p = rank ^ step.step
-                if p >= size or not (step.useful[rank] or step.useful[p]):
-                    continue
-                mine, theirs = (self.shape.numel(step.sent[q]) if step.useful[q] else 0 for q in (rank, p))
-                message = _padded(pack(total) if step.useful[rank] else own.buckets.new_zeros(0), mine) + anchor
-                if last is not None:
-                    message = message + _tie(last)
-                last = self.transport.exchange({p: message}, {p: ((max(theirs, 1),), message.dtype)})[p]
-                # An unneeded arrival is a placeholder: None joins as the identity, which is exact
-                # wherever the liveness pass marked it unneeded.
-                other = unpack(last, step.sent[p], self.shape) if step.useful[p] else None
-                if p < rank and step.prefix[rank]:
-                    prefix = join(other, prefix)
-                if step.total[rank]:
-                    total = join(other, total) if p < rank else join(total, other)
+        for step in self.rounds:
+            p = rank ^ step.step
+            if p >= size or not (step.useful[rank] or step.useful[p]):
+                continue
+            mine, theirs = (self.shape.numel(step.sent[q]) if step.useful[q] else 0 for q in (rank, p))
+            message = _padded(pack(total) if step.useful[rank] else own.buckets.new_zeros(0), mine) + anchor
+            if last is not None:
+                message = message + _tie(last)
+            last = self.transport.exchange({p: message}, {p: ((max(theirs, 1),), message.dtype)})[p]
+            # An unneeded arrival is a placeholder: None joins as the identity, which is exact
+            # wherever the liveness pass marked it unneeded.
+            other = unpack(last, step.sent[p], self.shape) if step.useful[p] else None
+            if p < rank and step.prefix[rank]:
+                prefix = join(other, prefix)
+            if step.total[rank]:
+                total = join(other, total) if p < rank else join(total, other)
         return (prefix if self.layout.crosses_in is not None else None), _tie(last)
-
-
-def _on(stream):
-    if stream is None:
-        return contextlib.nullcontext()
-    torch.cuda.set_device(stream.device)
-    return torch.cuda.stream(stream)
 
 
 def make(scheme: str, transport, layout: Layout, shape: Shape):

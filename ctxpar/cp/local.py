@@ -23,27 +23,30 @@ from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK, chunk_stage, transport
 @dataclass
 class Carry:
     trans: torch.Tensor  # [R, H, k, k]: the product of the piece's transitions
-    queries: torch.Tensor  # [R, Hq, n, K]: q_t^T A_t ... A_t0 (Mamba-2: q itself, Hq = Hk; decay apart)
-    decay: torch.Tensor | None  # [R, H, n]: Mamba-2's scalar A_t ... A_t0 (None for GDN)
+    queries: torch.Tensor  # [R, n, Hq, K]: q_t^T A_t ... A_t0 (Mamba-2: q itself, Hq = Hk; decay apart)
+    decay: torch.Tensor | None  # [R, n, H]: Mamba-2's scalar A_t ... A_t0 (None for GDN)
 
 
 def carry(q, k, v, g, beta, t0: int, chunk_size: int = DEFAULT_CHUNK) -> Carry:
+    """q, k [R, n, Hk, K], v [R, n, H, V], g, beta [R, n, H]: one piece, token-major."""
     if beta is None:
         # Scalar transitions: a cumulative sum, in float64 so that 1M-token sums keep their digits.
-        decay = g.double().cumsum(-1).exp().to(torch.promote_types(g.dtype, torch.float32))
-        return Carry(decay[..., -1:, None], q, decay)
-    return _delta_carry(*(_expanded(x, v.shape[1]) for x in (q, k, v)), g, beta, t0, chunk_size)
+        decay = g.double().cumsum(1).exp().to(torch.promote_types(g.dtype, torch.float32))
+        return Carry(decay[:, -1, :, None, None], q, decay)
+    heads = lambda x: x.transpose(1, 2)  # noqa: E731  the torch backend's [R, H, n, ...]
+    expanded = [heads(_expanded(x, v.shape[2])) for x in (q, k, v)]
+    return _delta_carry(*expanded, heads(g), heads(beta), t0, chunk_size)
 
 
 def _expanded(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Hk groups to H heads in the compute dtype (the torch backend's form)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    return x.to(compute).repeat_interleave(heads // x.shape[1], dim=1)
+    return x.to(compute).repeat_interleave(heads // x.shape[2], dim=2)
 
 
 def _delta_carry(q, k, v, g, beta, t0, chunk_size) -> Carry:
-    """Gated DeltaNet: the torch backend's chunk stage gives each chunk's carried queries and
-    transition; prefix products over chunks carry them to t0."""
+    """Gated DeltaNet ([R, H, n, ...] inputs): the torch backend's chunk stage gives each chunk's
+    carried queries and transition; prefix products over chunks carry them to t0."""
     C, n = chunk_size, q.shape[2]
     front, back = t0 % C, -(t0 + n) % C
     chunks = lambda x: F.pad(x, (0, 0, front, back)).unflatten(2, (-1, C))  # noqa: E731  zero tokens are identities
@@ -53,7 +56,7 @@ def _delta_carry(q, k, v, g, beta, t0, chunk_size) -> Carry:
     eye = torch.eye(through.shape[-1], dtype=through.dtype, device=through.device)
     before = torch.cat([eye.expand_as(through[:, :, :1]), through[:, :, :-1]], dim=2)
     queries = (stage["Qt"] @ before).flatten(2, 3)[:, :, front : front + n]
-    return Carry(through[:, :, -1], queries, None)
+    return Carry(through[:, :, -1], queries.transpose(1, 2), None)
 
 
 def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
@@ -66,23 +69,32 @@ def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
 
 
 def state_reads(c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
-    """What queries at t0, t0+1, ... read from the Fenwick state after t0 tokens ([R, H, n, V]).
+    """What queries at t0, t0+1, ... read from the Fenwick state after t0 tokens: [R, n, H, V] in
+    the state's dtype; lam [R, n, H, L], state [R, H, nbits, K, V].
 
     Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
     differing bit decides for every lower bucket alike.
     """
-    R, H, n = lam.shape[:3]
-    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
-    q = c.queries.to(state.dtype)
+    R, n, H = lam.shape[:3]
+    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)[None, :, None, None]
     out = 0
     for bit in live_bits(t0):
-        level = above.clamp(min=bit + 1).expand(R, H, n)
-        weight = lam.gather(-1, level[..., None]).to(state.dtype)
-        out = out + weight * _grouped(q, state[:, :, bit])
-    return out if c.decay is None else out * c.decay[..., None]
+        weight = lam.gather(-1, above.clamp(min=bit + 1).expand(R, n, H, 1)).to(state.dtype)
+        if c.decay is not None:
+            weight = weight * c.decay[..., None]
+        out = out + weight * _grouped(c.queries, state[:, :, bit])
+    return out
 
 
 def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """[R, Hq, n, K] @ [R, H, K, V] -> [R, H, n, V], head h reading query group h // (H // Hq)."""
-    return (q.unsqueeze(2) @ s.unflatten(1, (q.shape[1], -1))).flatten(1, 2)
+    """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V] in s's dtype, head h reading group h // (H // Hq):
+    one GEMM per group, N = (H // Hq) * V wide. Half-precision q meets the float32 state as bf16
+    hi + lo parts (as the kernels' mma_f32 does): two tensor-core products, not one float32 one
+    at a fraction of the rate."""
+    s = s.unflatten(1, (q.shape[2], -1))
+    mm = lambda x: torch.einsum("rnqk,rqgkv->rnqgv", q, x).flatten(2, 3).to(s.dtype)  # noqa: E731
+    if q.dtype == s.dtype:
+        return mm(s)
+    hi = s.to(q.dtype)
+    return mm(hi) + mm((s - hi.to(s.dtype)).to(q.dtype))

@@ -21,6 +21,7 @@ class FenwickState:
 
     buckets: torch.Tensor  # [N, H, nbits, K, V], float32 or float64
     positions: tuple[int, ...]
+    holds_nothing: bool = False  # see ``empty``
 
     def __post_init__(self):
         self.positions = tuple(int(p) for p in self.positions)
@@ -45,6 +46,15 @@ class FenwickState:
         positions = tuple(positions) if positions is not None else (0,) * n
         nbits = max((p.bit_length() for p in positions), default=0)
         return cls(torch.zeros(n, heads, nbits, k_dim, v_dim, dtype=dtype, device=device), positions)
+
+    @classmethod
+    def empty(cls, n, heads, k_dim, v_dim, positions, *, dtype=torch.float32, device=None):
+        """Sequences that continue at ``positions`` from nothing: the level structure of those
+        positions with all-zero buckets, which a backend may skip reading. Context parallelism
+        runs a piece that starts mid-document this way and adds what arrives from the other
+        ranks afterwards."""
+        return cls(cls.zeros(n, heads, k_dim, v_dim, positions, dtype=dtype, device=device).buckets, positions,
+                   holds_nothing=True)
 
     @property
     def num_sequences(self) -> int:
@@ -71,6 +81,8 @@ class FenwickState:
 
     @staticmethod
     def stack(states: list["FenwickState"]) -> "FenwickState":
+        if len(states) == 1:
+            return states[0]
         nbits = max(s.buckets.shape[2] for s in states)
         states = [s.with_bits(nbits) for s in states]
         return FenwickState(
@@ -78,7 +90,7 @@ class FenwickState:
         )
 
     def detach(self) -> "FenwickState":
-        return FenwickState(self.buckets.detach(), self.positions)
+        return FenwickState(self.buckets.detach(), self.positions, self.holds_nothing)
 
     def to(self, *args, **kwargs) -> "FenwickState":
-        return FenwickState(self.buckets.to(*args, **kwargs), self.positions)
+        return FenwickState(self.buckets.to(*args, **kwargs), self.positions, self.holds_nothing)

@@ -44,7 +44,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         idx = [b for b, _ in members]
         sl = lambda x: None if x is None else x[idx, start:end].transpose(1, 2)  # noqa: E731  [B', H, T, ...]
         f0 = None
-        if initial_state is not None:
+        if initial_state is not None and not initial_state.holds_nothing:
             f0 = initial_state.buckets[[n for _, n in members]]
         o, final = chunked_sequences(
             sl(q), sl(k), sl(v), sl(g), sl(beta), sl(lam), position, f0, output_final_state, chunk_size

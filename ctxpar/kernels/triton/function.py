@@ -138,7 +138,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     layout = build_layout(spans, starts, T, C, group_size, v.device)
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, flam = (flat(x) for x in (q, k, v, g, lam))
-    buckets = None if initial_state is None else initial_state.buckets.float()
+    # A state that holds nothing only sets the positions: no initial-node reads in the kernels.
+    buckets = None if initial_state is None or initial_state.holds_nothing else initial_state.buckets.float()
     docs = _Docs(spans, starts, layout, fq, fk, fv, fg, flam, H)
 
     init_nodes, leaf_extra, extra_docs = None, None, []
