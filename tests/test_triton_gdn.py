@@ -7,7 +7,7 @@ inputs every run. Each stage is also checked against its counterpart in ``torch_
 import pytest
 import torch
 
-from ctxpar.kernels import torch_chunked
+from ctxpar.kernels import reference, torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
 from tests.factories import attention_inputs, rel_err
 from tests.oracle_check import NAMES as GRADS
@@ -27,7 +27,7 @@ def make_inputs(B, T, H, HK, K, V, L, dtype=torch.float64):
 CASES = {
     # name: (B, T, H, Hk, K, V, L, spans, initial positions or None, final state, chunk)
     "one_sequence_ragged_end": (1, 150, 2, 2, 16, 32, 9, [(0, 0, 150)], None, False, C),
-    "batch_hk1_final_state": (2, 70, 4, 1, 32, 16, 8, [(0, 0, 70), (1, 0, 70)], None, True, C),
+    "batch_hk1_states": (2, 70, 4, 1, 32, 16, 8, [(0, 0, 70), (1, 0, 70)], [37, 37], True, C),
     "hk_divisor": (1, 40, 4, 2, 16, 16, 7, [(0, 0, 40)], None, False, C),
     "packed_documents": (1, 130, 2, 1, 16, 16, 8, [(0, 0, 37), (0, 37, 41), (0, 41, 130)], None, True, C),
     "initial_state_chunk_and_sub_chunk_bits": (1, 90, 2, 2, 16, 16, 9, [(0, 0, 90)], [91], True, C),
@@ -68,6 +68,25 @@ def test_lambda_one_is_the_gated_delta_rule():
     for name, a, b in zip(GRADS, torch.autograd.grad((o * do).sum(), leaves),
                           torch.autograd.grad((expected * do).sum(), leaves)):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    """Half-precision q, k, v, beta, lambda (g float32): outputs and gradients come back in the
+    input dtypes and match the float64 oracle on the rounded inputs to the inputs' precision."""
+    inputs = make_inputs(1, 80, 2, 1, 16, 32, 8)
+    half = [x.to(dtype) if x.dtype == torch.float64 and i != 3 else x.float() for i, x in enumerate(inputs)]
+    leaves = [x.requires_grad_() for x in half]
+    o, _ = chunked(*leaves, [(0, 0, 80)], chunk_size=C)
+    assert o.dtype == dtype
+    exact = [x.detach().double().requires_grad_() for x in half]
+    expected = reference.materialized(*exact, [(0, 0, 80)])
+    assert rel_err(o.double(), expected) < 1e-2
+    do = torch.randn_like(expected)
+    grads = torch.autograd.grad((o.double() * do).sum(), leaves)
+    assert [x.dtype for x in grads] == [x.dtype for x in half]
+    for name, a, b in zip(GRADS, grads, torch.autograd.grad((expected * do).sum(), exact)):
+        assert rel_err(a.double(), b) < 2e-2, name
 
 
 def test_float32_and_torch_backend_agree():

@@ -27,6 +27,9 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
 from ctxpar.kernels.triton.gdn_chunk import square_tile
 
 NUM_WARPS = 8
+# No multi-buffered loads in the tile loops: a [K, 64] float32 tile of dM is 64 KB at K = 256, and
+# three stages of it alone would nearly fill the shared memory; the loops run a few steps only.
+NUM_STAGES = 1
 
 
 @triton.jit
@@ -146,5 +149,5 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
         layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP, BK=min(64, KP),
-        BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS)
+        BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam
