@@ -130,34 +130,54 @@ def test_tree_matches_torch_chunked():
     from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
 
-    H, K, V, NC, c0, log_c = 2, 8, 8, 13, 3, C.bit_length() - 1
+    H, K, V, NC, c0, log_c = 2, 16, 16, 13, 3, C.bit_length() - 1
     t0 = c0 * C + 5
     layout = build_layout([(0, 0, NC * C - 9)], [t0], NC * C - 9, C, 1, DEVICE)
     heights = layout.heights
-    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     u, m, qt = rand(NC, H, K, V), rand(NC, H, K, K) * K**-0.5, rand(NC, H, C, K)
     lam, f0 = rand(NC, H, C, log_c + 1 + heights), rand(1, H, t0.bit_length(), K, V)
     leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     nodes, trans = up_sweep(u, m, init, plan)
-    ours = TreeReads.apply(qt, lam, init, plan, log_c, *nodes, *trans)
+    ours = TreeReads.apply(qt, lam, init, plan, log_c, "ieee", *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
     theirs = sum(torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c) for h in range(heights))
-    assert rel_err(per_chunk(ours), theirs) < 1e-12
+    assert rel_err(per_chunk(ours), theirs) < 1e-5
     rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
     for slot, h in enumerate(trailing_ones(torch.arange(c0, c0 + NC)).tolist()):
         if h < heights:
             index = torch.tensor([(c0 + slot + 1 >> h) - 1])
-            assert rel_err(nodes[h][rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-12, (slot, h)
-            assert rel_err(trans[h][rank[slot]], tree.transition(h, index)[0, :, 0]) < 1e-12, (slot, h)
+            assert rel_err(nodes[h][rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-5, (slot, h)
+            assert rel_err(trans[h][rank[slot]], tree.transition(h, index)[0, :, 0]) < 1e-5, (slot, h)
     d_out = rand(NC, H, C, V)
     grads = torch.autograd.grad((ours * d_out).sum(), leaves)
     expected = torch.autograd.grad((theirs * per_chunk(d_out)).sum(), leaves)
     for name, a, b in zip(["u", "m", "qt", "lam", "initial_state"], grads, expected):
-        assert rel_err(a, b) < 1e-12, name
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
+def test_gather_bmm(trans_a, trans_b):
+    """gdn_bmm.gather_bmm against torch: gathered operands, several tiles (M = 80, N = 96,
+    KD = 48), row weights, and atomic adds into repeated output items."""
+    from ctxpar.kernels.triton.gdn_bmm import gather_bmm
+
+    M, N, KD, H = 80, 96, 48, 2
+    a = torch.randn(5, H, *((KD, M) if trans_a else (M, KD)), device=DEVICE)
+    b = torch.randn(4, H, *((N, KD) if trans_b else (KD, N)), device=DEVICE)
+    a_idx, b_idx = torch.tensor([4, 0, 2, 2], device=DEVICE), torch.tensor([1, 3, 0, 1], device=DEVICE)
+    weight = torch.rand(4, H, M, device=DEVICE)
+    op = lambda x, t: x.transpose(-1, -2) if t else x  # noqa: E731
+    products = weight[..., None] * (op(a[a_idx], trans_a) @ op(b[b_idx], trans_b))
+    out = torch.randn(3, H, M, N, device=DEVICE)
+    expected = out.index_add(0, torch.tensor([2, 0, 2, 1], device=DEVICE), products)
+    gather_bmm(a, a_idx, b, b_idx, out, torch.tensor([2, 0, 2, 1], device=DEVICE), prec="ieee", trans_a=trans_a,
+               trans_b=trans_b, mode="atomic", weight=weight)
+    assert rel_err(out, expected) < 1e-5
 
 
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():

@@ -5,18 +5,20 @@ For each height h, the chunks with bit h set read their node carried to the chun
 is one autograd Function with a hand-written backward, not autograd over torch ops: each height's
 carried nodes fill one preallocated pool in place (autograd would copy the growing pool at every
 step, or keep it), and the backward rebuilds the pool instead of storing it, so nothing of size
-S log S is ever kept. All products are batched over the height's chunks (cuBLAS).
+S log S is ever kept. The products are gdn_bmm's: gathered operands, batched over the height's
+chunks, tf32 tensor cores for half-precision inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ctxpar.kernels.triton.gdn_bmm import gather_bmm
 from ctxpar.kernels.triton.gdn_tree import initial_node
 
 
-def _pool(r, nodes, trans, init, plan):
-    """Height r.height's carried nodes [N + readers, H, K, V] and each step's rows [lo, hi)."""
+def _pool(r, nodes, trans, init, plan, prec):
+    """Height r.height's carried nodes [N + readers, H, K, V] and each step's rows lo, lo + 1, ..."""
     base = initial_node(init, r.height, nodes[0], plan.num_docs)
     count = plan.num_docs + r.node_rank.numel() + sum(src.numel() for _, _, src in r.steps)
     pool = base.new_empty(count, *base.shape[1:])
@@ -26,8 +28,9 @@ def _pool(r, nodes, trans, init, plan):
         pool[plan.num_docs : lo] = nodes[r.height][r.node_rank]
     blocks = []
     for j, prev, src in r.steps:
-        torch.matmul(trans[j][prev], pool[src], out=pool[lo : lo + src.numel()])
-        blocks.append((lo, lo + src.numel()))
+        rows = torch.arange(lo, lo + src.numel(), device=pool.device)
+        gather_bmm(trans[j], prev, pool, src, pool, rows, prec=prec)  # sources lie before lo
+        blocks.append(rows)
         lo += src.numel()
     return pool, blocks
 
@@ -37,40 +40,44 @@ class TreeReads(torch.autograd.Function):
     nodes[0..] and trans[0..] -> the reads of every height summed in the slot grid [S, H, C, V]."""
 
     @staticmethod
-    def forward(ctx, qt, lam_slots, init, plan, log_c, *tree):
+    def forward(ctx, qt, lam_slots, init, plan, log_c, prec, *tree):
         nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
         out = qt.new_zeros(*qt.shape[:3], nodes[0].shape[-1])
         for r in plan.reads:
-            pool, _ = _pool(r, nodes, trans, init, plan)
-            weight = lam_slots[r.readers, :, :, log_c + 1 + r.height, None]
-            out.index_add_(0, r.readers, weight * (qt[r.readers] @ pool[r.pos]))
+            pool, _ = _pool(r, nodes, trans, init, plan, prec)
+            weight = lam_slots[r.readers, :, :, log_c + 1 + r.height].contiguous()
+            gather_bmm(qt, r.readers, pool, r.pos, out, r.readers, prec=prec, mode="add", weight=weight)
         ctx.save_for_backward(qt, lam_slots, init, *tree)
-        ctx.plan, ctx.log_c = plan, log_c
+        ctx.plan, ctx.log_c, ctx.prec = plan, log_c, prec
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         qt, lam_slots, init, *tree = ctx.saved_tensors
         nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
-        plan, N = ctx.plan, ctx.plan.num_docs
+        plan, prec, N = ctx.plan, ctx.prec, ctx.plan.num_docs
+        d_out = d_out.contiguous()
         d_qt, d_lam = torch.zeros_like(qt), torch.zeros_like(lam_slots)
         d_init = None if init is None else torch.zeros_like(init)
         d_tree = [torch.zeros_like(x) for x in tree]
         d_nodes, d_trans = d_tree[: len(tree) // 2], d_tree[len(tree) // 2 :]
         for r in plan.reads:
-            pool, blocks = _pool(r, nodes, trans, init, plan)
-            level = ctx.log_c + 1 + r.height
-            q, d, weight = qt[r.readers], d_out[r.readers], lam_slots[r.readers, :, :, level, None]
-            d_read = d @ pool[r.pos].transpose(-1, -2)  # [n, H, C, K]
+            pool, blocks = _pool(r, nodes, trans, init, plan, prec)
+            level, n = ctx.log_c + 1 + r.height, r.readers.numel()
+            q, weight = qt[r.readers], lam_slots[r.readers, :, :, level, None]
+            every = torch.arange(n, device=qt.device)
+            d_read = q.new_empty(q.shape)  # [n, H, C, K]: d_out @ node^T
+            gather_bmm(d_out, r.readers, pool, r.pos, d_read, every, prec=prec, trans_b=True)
             d_qt.index_add_(0, r.readers, weight * d_read)
             d_lam[r.readers, :, :, level] = (d_read * q).sum(-1)  # each reader once per height
             d_pool = torch.zeros_like(pool)
-            d_pool.index_add_(0, r.pos, (weight * q).transpose(-1, -2) @ d)
-            for (j, prev, src), (lo, hi) in zip(reversed(r.steps), reversed(blocks)):
-                d_trans[j].index_add_(0, prev, d_pool[lo:hi] @ pool[src].transpose(-1, -2))
-                d_pool.index_add_(0, src, trans[j][prev].transpose(-1, -2) @ d_pool[lo:hi])
+            gather_bmm((weight * q).contiguous(), every, d_out, r.readers, d_pool, r.pos, prec=prec, trans_a=True,
+                       mode="add")
+            for (j, prev, src), rows in zip(reversed(r.steps), reversed(blocks)):
+                gather_bmm(d_pool, rows, pool, src, d_trans[j], prev, prec=prec, trans_b=True, mode="add")
+                gather_bmm(trans[j], prev, d_pool, rows, d_pool, src, prec=prec, trans_a=True, mode="atomic")
             if r.node_rank.numel():
                 d_nodes[r.height].index_add_(0, r.node_rank, d_pool[N : N + r.node_rank.numel()])
             if d_init is not None and r.height < init.shape[2]:
                 d_init[:, :, r.height] += d_pool[:N]
-        return d_qt, d_lam, d_init, None, None, *d_tree
+        return d_qt, d_lam, d_init, None, None, None, *d_tree

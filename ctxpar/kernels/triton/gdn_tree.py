@@ -1,8 +1,9 @@
 """GDN stage 2 (counterparts: ``torch_chunked.build_tree`` + ``read_tree``): the tree over chunks.
 
 Why torch here: across chunks every step is a batched [K, K] @ [K, K or V] product, one launch per
-tree height with every node of that height in the batch, which cuBLAS already runs at its peak;
-a Triton kernel would redo that. Autograd differentiates these steps.
+tree height with every node of that height in the batch, and the up-sweep touches each node once
+(S products in all), so plain torch products differentiated by autograd are enough; the reads,
+O(S log S) products, have their own kernels (gdn_read.py, gdn_bmm.py).
 
 Nodes use the layout's Fenwick numbering (layout.py): the node of height h ending at chunk c is
 slot c's once ones(c) >= h. ``nodes[h]`` / ``trans[h]`` hold the states / transitions at height h

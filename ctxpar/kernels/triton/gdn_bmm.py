@@ -1,0 +1,68 @@
+"""Batched products of gathered tree states: out[o_i] (+)= op(a[a_i]) @ op(b[b_i]) per head.
+
+The node reads (gdn_read.py) multiply K x K transitions, K x V states and C x K queries picked
+by index lists. torch would gather copies of both operands first and, for float32 states, run
+SGEMM; here the gathers are addresses and the products run on tensor cores as tf32 when the op's
+inputs are half precision (10 mantissa bits, more than bf16 inputs carry; emulated on a 4K-token
+bf16 run it changed no error digit), as ieee float32 for float32 inputs.
+
+Every tensor is [items, H, rows, cols], contiguous; op(x) is x or its transpose. ``mode``:
+"store" writes, "add" adds (each output item at most once per call), "atomic" adds with atomics
+(an output item may repeat). ``weight`` [n, H, M] scales the rows of each product.
+"""
+
+import triton
+import triton.language as tl
+
+MODES = {"store": 0, "add": 1, "atomic": 2}
+
+
+@triton.jit
+def op_tile(base, r, c, R, CN, TRANS: tl.constexpr):
+    """Rows r, columns c of op(x), the R x CN matrix that x (row-major, CN x R when TRANS) gives."""
+    if TRANS:
+        ptr = base + c[None, :] * R + r[:, None]
+    else:
+        ptr = base + r[:, None] * CN + c[None, :]
+    return tl.load(ptr, mask=(r[:, None] < R) & (c[None, :] < CN), other=0.0)
+
+
+@triton.jit
+def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, weight, H, M, N, KD, TRANS_A: tl.constexpr,
+                      TRANS_B: tl.constexpr, MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = tile // tl.cdiv(N, BN) * BM + tl.arange(0, BM)
+    rn = tile % tl.cdiv(N, BN) * BN + tl.arange(0, BN)
+    a_base = a + (tl.load(a_idx + i) * H + h) * M * KD
+    b_base = b + (tl.load(b_idx + i) * H + h) * KD * N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        rk = k0 + tl.arange(0, BK)
+        acc = tl.dot(op_tile(a_base, rm, rk, M, KD, TRANS_A), op_tile(b_base, rk, rn, KD, N, TRANS_B), acc,
+                     input_precision=PREC)
+    if HAS_WEIGHT:
+        acc *= tl.load(weight + (i * H + h) * M + rm, mask=rm < M, other=0.0)[:, None]
+    ptr = out + (tl.load(out_idx + i) * H + h) * M * N + rm[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if MODE == 2:
+        tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
+    elif MODE == 1:
+        tl.store(ptr, tl.load(ptr, mask=mask) + acc, mask=mask)
+    else:
+        tl.store(ptr, acc, mask=mask)
+
+
+def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b=False, mode="store", weight=None):
+    """out[out_idx[i]] (+)= op(a[a_idx[i]]) @ op(b[b_idx[i]]) for every i and head (float32)."""
+    n, H = a_idx.numel(), a.shape[1]
+    if n == 0:
+        return
+    M, KD = (a.shape[3], a.shape[2]) if trans_a else (a.shape[2], a.shape[3])
+    N = b.shape[2] if trans_b else b.shape[3]
+    BM, BN = min(64, triton.next_power_of_2(M)), min(64, triton.next_power_of_2(N))
+    BK = min(32, triton.next_power_of_2(KD))
+    grid = (n, H, triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, out if weight is None else weight, H, M, N, KD,
+                            TRANS_A=trans_a, TRANS_B=trans_b, MODE=MODES[mode], HAS_WEIGHT=weight is not None,
+                            BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=4)
