@@ -14,6 +14,7 @@ q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
     python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
     TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py
     STAGES=8192,131072 python benchmarks/bench_ops.py   # also each kernel stage of ctxpar alone
+    GDN_STAGES=8192,131072 python benchmarks/bench_ops.py   # the same for ctxpar's GDN (H=16, K=V=128)
     BUDGET_S=150 python benchmarks/bench_ops.py   # rows that would start later are skipped, the table still prints
     ONLY=ctxpar_triton_gdn,fla_gated_delta_rule python benchmarks/bench_ops.py   # the GDN rows alone
 """
@@ -222,6 +223,46 @@ def stage_times(T):
     print(json.dumps(row), flush=True)
 
 
+def gdn_stage_times(T):
+    """Median ms of each stage of ctxpar's log-linear GDN alone, first shape of GDN_SHAPES."""
+    from ctxpar.kernels.triton import gdn_function as F
+
+    heads, k_dim, v_dim = GDN_SHAPES[0]
+    B = batch_of(T)
+    q, k, v, g, beta, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in gdn_inputs(*GDN_SHAPES[0], True)(B, T))
+    spans, C = [(b, 0, T) for b in range(B)], F.DEFAULT_CHUNK
+    ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
+
+    def plan():
+        layout = F.build_layout(spans, [0] * B, T, C, 1, DEV)
+        return layout, F.SlotGrid(layout, B * T, heads, heads, DEV), F.TreePlan(layout, DEV)
+
+    layout, grid, tree_plan = plan()
+    o, qt, u, m, inv = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32")
+    log_c = C.bit_length() - 1
+    pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
+    lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
+    nodes, trans = F.up_sweep(u, m, None, tree_plan)
+    tree = [x.requires_grad_() for x in (*nodes, *trans)]
+    qt.requires_grad_()
+    reads = lambda: F.TreeReads.apply(qt, lam_slots, None, tree_plan, log_c, "tf32", *tree)  # noqa: E731
+    d_reads = torch.randn_like(o)
+    grads = [torch.randn_like(x) for x in (o, qt, u, m)]
+    with torch.no_grad():
+        times = {
+            "layout, grid, tree plan (host)": ms(plan),
+            "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32")),
+            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan)),
+            "reads": ms(reads),
+            "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, *grads, layout,
+                                                                   "tf32")),
+        }
+    times["reads fwd+bwd"] = ms(lambda: torch.autograd.grad(reads(), [qt, *tree], d_reads))
+    row = dict(name="ctxpar_gdn_stage_ms", T=T, B=B, H=heads, stages=times)
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def main():
     from torch.nn.attention import SDPBackend
 
@@ -240,6 +281,13 @@ def main():
             stage_times(T)
         except Exception as e:  # the breakdown is a diagnostic, never fatal
             print("stage breakdown failed:", repr(e)[:300], flush=True)
+    for T in [int(x) for x in os.environ.get("GDN_STAGES", "").split(",") if x]:
+        if over_budget():
+            break
+        try:
+            gdn_stage_times(T)
+        except Exception as e:  # the breakdown is a diagnostic, never fatal
+            print("GDN stage breakdown failed:", repr(e)[:300], flush=True)
     fla_log_linear, fla_simple_gla = fla_ops()
     for T in ts:
         if fla_log_linear is not None and T <= 131072:
