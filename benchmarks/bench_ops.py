@@ -263,6 +263,17 @@ def gdn_stage_times(T):
     print(json.dumps(row), flush=True)
 
 
+def breakdown(env, stages):
+    """stages(T) for each T listed in the environment variable env: a diagnostic, never fatal."""
+    for T in [int(x) for x in os.environ.get(env, "").split(",") if x]:
+        if over_budget():
+            break
+        try:
+            stages(T)
+        except Exception as e:
+            print(f"{env} breakdown failed:", repr(e)[:300], flush=True)
+
+
 def main():
     from torch.nn.attention import SDPBackend
 
@@ -274,20 +285,8 @@ def main():
     for T in ts:
         run_case("ctxpar_triton_loglinear_mamba2", T, log_linear_inputs, ctxpar_call)
     gdn_rows(gdn_ts, ctxpar_rows=True)
-    for T in [int(x) for x in os.environ.get("STAGES", "").split(",") if x]:
-        if over_budget():
-            break
-        try:
-            stage_times(T)
-        except Exception as e:  # the breakdown is a diagnostic, never fatal
-            print("stage breakdown failed:", repr(e)[:300], flush=True)
-    for T in [int(x) for x in os.environ.get("GDN_STAGES", "").split(",") if x]:
-        if over_budget():
-            break
-        try:
-            gdn_stage_times(T)
-        except Exception as e:  # the breakdown is a diagnostic, never fatal
-            print("GDN stage breakdown failed:", repr(e)[:300], flush=True)
+    breakdown("STAGES", stage_times)
+    breakdown("GDN_STAGES", gdn_stage_times)
     fla_log_linear, fla_simple_gla = fla_ops()
     for T in ts:
         if fla_log_linear is not None and T <= 131072:
