@@ -30,8 +30,10 @@ class Carry:
 def carry(q, k, v, g, beta, t0: int, chunk_size: int = DEFAULT_CHUNK) -> Carry:
     """q, k [R, n, Hk, K], v [R, n, H, V], g, beta [R, n, H]: one piece, token-major."""
     if beta is None:
-        # Scalar transitions: a cumulative sum, in float64 so that 1M-token sums keep their digits.
-        decay = g.double().cumsum(1).exp().to(torch.promote_types(g.dtype, torch.float32))
+        # Scalar transitions: a cumulative sum, in float64 so that 1M-token sums keep their digits,
+        # along the last dim (a scan over the token dim of [R, n, H] runs on H GPU threads).
+        running = g.double().transpose(1, 2).cumsum(-1).transpose(1, 2)
+        decay = running.exp().to(torch.promote_types(g.dtype, torch.float32))
         return Carry(decay[:, -1, :, None, None], q, decay)
     heads = lambda x: x.transpose(1, 2)  # noqa: E731  the torch backend's [R, H, n, ...]
     expanded = [heads(_expanded(x, v.shape[2])) for x in (q, k, v)]
