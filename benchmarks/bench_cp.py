@@ -43,6 +43,8 @@ def parse():
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--backend", default="auto")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-anchor", action="store_true", help="skip flash-linear-attention's rows")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     return p.parse_args()
 
@@ -50,11 +52,11 @@ def parse():
 class Timer:
     """Median milliseconds of fn over steps, after warm-up; CUDA events on the GPU."""
 
-    def __init__(self, device, steps, group):
-        self.cuda, self.steps, self.group = device.type == "cuda", steps, group
+    def __init__(self, device, steps, group, warmup=2):
+        self.cuda, self.steps, self.group, self.warmup = device.type == "cuda", steps, group, warmup
 
-    def __call__(self, fn, warm=2, barrier=True):
-        for _ in range(warm):
+    def __call__(self, fn, barrier=True):
+        for _ in range(self.warmup):
             fn()
         times = []
         for _ in range(self.steps):
@@ -257,7 +259,7 @@ def main():
     group = dist.new_group(list(range(gpus)))
     rows = []
     if rank < gpus:
-        timer = Timer(device, args.steps, group)
+        timer = Timer(device, args.steps, group, args.warmup)
         cases = [("strong", int(t)) for t in args.strong_t.split(",")] + [("weak", args.weak_t * gpus)]
         for mode, T in cases:
             n = T // gpus
@@ -270,7 +272,7 @@ def main():
                 for scheme in args.schemes.split(","):
                     guarded(rows, ctxpar_rows, args, variant, scheme, mode, T, group, timer, device, baseline,
                             label=dict(label, scheme=scheme))
-            if device.type == "cuda":
+            if device.type == "cuda" and not args.no_anchor:
                 guarded(rows, fla_rows, args, mode, T, group, timer, device, label=dict(impl="fla", mode=mode, T=T))
     if rank == 0:
         _table(rows)
