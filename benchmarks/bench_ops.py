@@ -242,7 +242,7 @@ def gdn_stage_times(T):
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    nodes, trans = F.up_sweep(u, m, None, tree_plan)
+    nodes, trans = F.up_sweep(u, m, None, tree_plan, "tf32")
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
     reads = lambda: F.TreeReads.apply(qt, lam_slots, None, tree_plan, log_c, "tf32", *tree)  # noqa: E731
@@ -252,7 +252,7 @@ def gdn_stage_times(T):
         times = {
             "layout, grid, tree plan (host)": ms(plan),
             "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32")),
-            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan)),
+            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32")),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, *grads, layout,
                                                                    "tf32")),

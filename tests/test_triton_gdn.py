@@ -140,7 +140,7 @@ def test_tree_matches_torch_chunked():
     leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
-    nodes, trans = up_sweep(u, m, init, plan)
+    nodes, trans = up_sweep(u, m, init, plan, "ieee")
     ours = TreeReads.apply(qt, lam, init, plan, log_c, "ieee", *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]

@@ -7,8 +7,8 @@ one autograd Function and handles the Fenwick states.
 
 Log-linear Gated DeltaNet (``beta`` given): gdn_chunk (the UT transform and everything else
 inside a chunk) and gdn_chunk_grad (its backward), gdn_grid (token rows <-> the slot grid),
-gdn_tree (the up-sweep over chunks, torch) and gdn_read (the node reads, over gdn_bmm's batched
-products of gathered states), and gdn_function (the op); gdn_function.py says why it is split so.
+gdn_tree (the up-sweep over chunks) and gdn_read (the node reads), both over gdn_bmm's batched
+products of gathered states, and gdn_function (the op); gdn_function.py says why it is split so.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ Design. Inside a chunk the delta rule needs the UT transform (a triangular solve
 head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
 writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
 output; its backward (gdn_chunk_grad.py) is the mirror kernel. Across chunks everything is a
-batched K x K product over all nodes of one tree height, one launch per height and step: the
-up-sweep (gdn_tree.py, torch products differentiated by autograd: S products in all) and the
-node reads (gdn_read.py, one Function with its own backward over gdn_bmm's gathered tensor-core
-products: O(S log S) products, the bulk of the work).
+batched K x K product over all nodes of one tree height, one launch per height and step (gdn_bmm:
+gathered operands, tf32 tensor cores for half-precision inputs): the up-sweep (gdn_tree.py, S
+products) and the node reads (gdn_read.py, O(S log S) products, the bulk of the work), each one
+autograd Function with its own backward that rebuilds what it needs from the tree.
 
 Initial and final Fenwick states: the initial buckets of bits >= log2 C are tree nodes in front of
 each document (left children and read nodes with identity transitions); the sub-chunk buckets
@@ -79,7 +79,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c)
-    nodes, trans = up_sweep(u, m, init, plan)
+    nodes, trans = up_sweep(u, m, init, plan, prec)
     o = o + TreeReads.apply(qt, lam_slots, init, plan, log_c, prec, *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:

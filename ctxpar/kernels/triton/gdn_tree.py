@@ -1,16 +1,16 @@
 """GDN stage 2 (counterparts: ``torch_chunked.build_tree`` + ``read_tree``): the tree over chunks.
 
-Why torch here: across chunks every step is a batched [K, K] @ [K, K or V] product, one launch per
-tree height with every node of that height in the batch, and the up-sweep touches each node once
-(S products in all), so plain torch products differentiated by autograd are enough; the reads,
-O(S log S) products, have their own kernels (gdn_read.py, gdn_bmm.py).
+Across chunks every step is a batched [K, K] @ [K, K or V] product, one launch per tree height
+with every node of that height in the batch (gdn_bmm's gathered products, on tensor cores for
+half-precision inputs); the up-sweep is one autograd Function with its own backward, which needs
+nothing but the tree (autograd over torch ops would keep a gathered copy of every left child).
 
 Nodes use the layout's Fenwick numbering (layout.py): the node of height h ending at chunk c is
 slot c's once ones(c) >= h. ``nodes[h]`` / ``trans[h]`` hold the states / transitions at height h
-of the slots with ones >= h, in ``by_height`` order (a prefix of it), so each height is one
-gather and one batched product and no array is ever updated in place. A left child before the
-document's first chunk is the initial state's node of that height, with identity transition
-(its content is already carried to t0).
+of the slots with ones >= h, in ``by_height`` order (a prefix of it), so that the parents of a
+height are the first entries of its children's array and nothing is updated in place. A left
+child before the document's first chunk is the initial state's node of that height, with
+identity transition (its content is already carried to t0).
 
 Chunk c reads, at each set bit h, the node ending at a - 1 (a = c with its low h bits cleared)
 carried to c's start: X(c) = trans of slot c - 1 (height tz(c)) @ X(c - 2^tz(c)), X(a) = the node.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ctxpar.kernels.triton.gdn_bmm import gather_bmm
 from ctxpar.kernels.triton.layout import trailing_ones
 
 
@@ -40,6 +41,19 @@ class Read:
     steps: list
 
 
+@dataclass
+class Up:
+    """Height h -> h + 1 of the up-sweep: the parents are the first ``count`` entries of nodes[h]
+    (their right children); ``inner`` of them have their left child at ``inner_left`` in nodes[h],
+    ``front`` ones the initial node of document ``front_doc``."""
+
+    count: int
+    inner: torch.Tensor
+    inner_left: torch.Tensor
+    front: torch.Tensor
+    front_doc: torch.Tensor
+
+
 class TreePlan:
     """Host-built index tables of the up-sweep and the reads (device tensors)."""
 
@@ -49,16 +63,17 @@ class TreePlan:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
         self.layout, self.num_docs, self.rank_host = layout, layout.num_docs, rank
-        self.has_front = any(layout.c0)  # some left child lies before its document's first chunk
         self.order, self.rank = order.to(device), rank.to(device)
-        self.up = []  # per height: (parents, index of each left child in cat(nodes[h], initial nodes))
+        self.up = []
         for h in range(layout.heights):
             right = order[: layout.at_least[h + 1]]
             if right.numel() == 0:
                 break
             inside = chunk[right] - (1 << h) >= c0[right]
-            left = torch.where(inside, rank[(right - (1 << h)).clamp(min=0)], layout.at_least[h] + doc[right])
-            self.up.append((right.numel(), left.to(device)))
+            parents = torch.arange(right.numel())
+            dev = lambda x: x.to(device)  # noqa: E731
+            self.up.append(Up(right.numel(), dev(parents[inside]), dev(rank[right[inside] - (1 << h)]),
+                              dev(parents[~inside]), dev(doc[right[~inside]])))
         self.reads = [r for h in range(layout.heights) if (r := self._read(h, doc, chunk, c0, first, device))]
 
     def _read(self, h, doc, chunk, c0, first, device):
@@ -99,20 +114,64 @@ def initial_node(init, h, like, num_docs):
     return init[:, :, h]
 
 
-def up_sweep(u, m, init, plan):
+def up_sweep(u, m, init, plan, prec):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K] -> (nodes, trans) per height.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    nodes, trans = [u[plan.order]], [m[plan.order]]
-    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype).expand(plan.num_docs, m.shape[1], -1, -1)
-    for h, (count, left) in enumerate(plan.up):
-        right_m = trans[h][:count]
-        # Documents that all start at chunk 0 have every left child in a slot: no initial-node pool.
-        front = plan.has_front
-        states = torch.cat([nodes[h], initial_node(init, h, u, plan.num_docs)]) if front else nodes[h]
-        left_m = torch.cat([trans[h], eye]) if front else trans[h]
-        nodes.append(right_m @ states[left] + nodes[h][:count])
-        trans.append(right_m @ left_m[left])
-    return nodes, trans
+    tree = UpSweep.apply(u, m, init, plan, prec)
+    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :])
+
+
+class UpSweep(torch.autograd.Function):
+    """parent = M_right @ left + right, M_parent = M_right @ M_left, one height at a time, as
+    gdn_bmm products (tensor cores for half-precision inputs); the backward walks the heights top
+    down and needs only the tree itself, which the reads keep anyway."""
+
+    @staticmethod
+    def forward(ctx, u, m, init, plan, prec):
+        nodes, trans = [u[plan.order]], [m[plan.order]]
+        for h, up in enumerate(plan.up):
+            node, tr = nodes[h][: up.count].clone(), torch.empty_like(trans[h][: up.count])
+            gather_bmm(trans[h], up.inner, nodes[h], up.inner_left, node, up.inner, prec=prec, mode="add")
+            gather_bmm(trans[h], up.inner, trans[h], up.inner_left, tr, up.inner, prec=prec)
+            if up.front.numel():  # left child: an initial node, carried to t0 already (identity)
+                start = initial_node(init, h, u, plan.num_docs).contiguous()
+                gather_bmm(trans[h], up.front, start, up.front_doc, node, up.front, prec=prec, mode="add")
+                tr[up.front] = trans[h][up.front]
+            nodes.append(node)
+            trans.append(tr)
+        ctx.save_for_backward(init, *nodes, *trans)
+        ctx.plan, ctx.prec = plan, prec
+        return (*nodes, *trans)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        init, *tree = ctx.saved_tensors
+        plan, prec, half = ctx.plan, ctx.prec, len(tree) // 2
+        nodes, trans = tree[:half], tree[half:]
+        # The incoming gradients are this node's own buffers: accumulated into in place.
+        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
+        d_init = None if init is None else torch.zeros_like(init)
+        for h in reversed(range(len(plan.up))):
+            up, d_parent, d_parent_m = plan.up[h], d_nodes[h + 1], d_trans[h + 1]
+            d_nodes[h][: up.count] += d_parent
+            rows, left = up.inner, up.inner_left  # left children (ones = h) never are parents (ones > h)
+            gather_bmm(d_parent, rows, nodes[h], left, d_trans[h], rows, prec=prec, trans_b=True, mode="add")
+            gather_bmm(d_parent_m, rows, trans[h], left, d_trans[h], rows, prec=prec, trans_b=True, mode="add")
+            gather_bmm(trans[h], rows, d_parent, rows, d_nodes[h], left, prec=prec, trans_a=True, mode="add")
+            gather_bmm(trans[h], rows, d_parent_m, rows, d_trans[h], left, prec=prec, trans_a=True, mode="add")
+            if up.front.numel():
+                start = initial_node(init, h, nodes[0], plan.num_docs).contiguous()
+                gather_bmm(d_parent, up.front, start, up.front_doc, d_trans[h], up.front, prec=prec, trans_b=True,
+                           mode="add")
+                d_trans[h].index_add_(0, up.front, d_parent_m[up.front])
+                if d_init is not None and h < init.shape[2]:
+                    d_start = torch.zeros_like(start)
+                    gather_bmm(trans[h], up.front, d_parent, up.front, d_start, up.front_doc, prec=prec, trans_a=True,
+                               mode="add")
+                    d_init[:, :, h] += d_start
+        d_u, d_m = torch.empty_like(d_nodes[0]), torch.empty_like(d_trans[0])
+        d_u[plan.order], d_m[plan.order] = d_nodes[0], d_trans[0]
+        return d_u, d_m, d_init, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
