@@ -148,6 +148,6 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     KP = triton.next_power_of_2(K)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
-        layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP, BK=min(64, KP),
-        BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
+        BK=min(64, KP), BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam
