@@ -182,7 +182,8 @@ def test_gather_bmm(trans_a, trans_b):
 
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
-    Hk = 1 unexpanded and matches the reference backend, gradients included."""
+    Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch
+    backend normalises alike)."""
     from ctxpar import log_linear_gdn
 
     q, k, v, g, beta, lam = make_inputs(1, 100, 4, 1, 16, 16, 8, dtype=torch.float32)
@@ -200,5 +201,7 @@ def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     assert rel_err(o, o_ref) < 1e-5
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
     assert state.positions == (30, 70) and rel_err(state.buckets, s_ref.buckets) < 1e-5
+    on_torch, _ = log_linear_gdn(q, k, v, g, beta, lam, cu_seqlens=cu, backend="torch", use_qk_l2norm=True)
+    assert rel_err(on_torch, o_ref) < 1e-5
     unnormalised, _ = log_linear_gdn(q, k, v, g, beta, lam, cu_seqlens=cu, backend="triton")
     assert rel_err(unnormalised, o_ref) > 1e-2

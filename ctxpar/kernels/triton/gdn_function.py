@@ -84,7 +84,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:
         return out, None
-    finals = [_final_buckets(n, nodes, trans, init, plan, m, grid, (fq, fk, fv, fg, fb), buckets, log_c)
+    columns = _last_chunk_columns(layout, grid, (fq, fk, fv, fg, fb), log_c)
+    finals = [_final_buckets(n, nodes, trans, init, plan, m, columns.get(n), buckets, log_c)
               for n in range(layout.num_docs)]
     return out, FenwickState.stack(finals)
 
@@ -109,9 +110,23 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
     return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, slots, carried)
 
 
-def _final_buckets(n, nodes, trans, init, plan, m, grid, inputs, buckets, log_c):
+def _last_chunk_columns(layout, grid, inputs, log_c):
+    """{document: (E [H, K, C], v [H, C, V])} of the documents that end inside a chunk: that last
+    chunk's UT columns (token s's state contribution is E[:, s] v_s^T), one torch chunk stage for all."""
+    C = 1 << log_c
+    docs = [n for n in range(layout.num_docs) if (layout.starts[n] + layout.lengths[n]) % C]
+    if not docs:
+        return {}
+    lasts = [layout.first_slot[n] + layout.c_last[n] - layout.c0[n] for n in docs]
+    expand = (True, True, False, False, False)  # q, k have Hk heads
+    q, k, v, g, beta = (grid.tokens(x.float(), e, lasts).transpose(0, 1)[None] for x, e in zip(inputs, expand))
+    e = torch_chunked.chunk_stage(q, k, v, g, beta)["E"][0]  # [H, docs, K, C]
+    return {n: (e[:, j], v[0, :, j]) for j, n in enumerate(docs)}
+
+
+def _final_buckets(n, nodes, trans, init, plan, m, columns, buckets, log_c):
     """Document n's Fenwick state at its end t_end: the tree nodes of the bits >= log2 C carried
-    to the last token, and the sub-chunk buckets from the last chunk's own tokens."""
+    to the last token, and the sub-chunk buckets from the last chunk's own tokens (``columns``)."""
     layout, C = plan.layout, 1 << log_c
     t0, t_end = layout.starts[n], layout.starts[n] + layout.lengths[n]
     ce = t_end >> log_c
@@ -120,18 +135,14 @@ def _final_buckets(n, nodes, trans, init, plan, m, grid, inputs, buckets, log_c)
     for h in live_bits(ce):
         node = carried_node(nodes, trans, init, plan, n, ce, h)
         state[h + log_c] = m[last] @ node if t_end % C else node
-    sub = [b for b in live_bits(t_end) if b < log_c]
-    if sub:
-        expand = (True, True, False, False, False)  # q, k have Hk heads
-        q, k, v, g, beta = (grid.tokens(x.float(), e, [last])[:, :, None] for x, e in zip(inputs, expand))
-        e = torch_chunked.chunk_stage(q, k, v, g, beta)["E"][0, :, 0]  # [H, K, C]: each token's column
-        for b in sub:
-            lo, hi = (x - ce * C for x in bucket_range(t_end, b))
-            state[b] = e[:, :, lo:hi] @ v[0, :, 0, lo:hi]
-            for b0 in live_bits(t0):
-                lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
-                if lo <= lo0 and hi0 <= hi:  # an initial bucket nested in this one (same chunk)
-                    state[b] = state[b] + m[last] @ buckets[n, :, b0]
+    for b in [b for b in live_bits(t_end) if b < log_c]:
+        e, v = columns
+        lo, hi = (x - ce * C for x in bucket_range(t_end, b))
+        state[b] = e[:, :, lo:hi] @ v[:, lo:hi]
+        for b0 in live_bits(t0):
+            lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
+            if lo <= lo0 and hi0 <= hi:  # an initial bucket nested in this one (same chunk)
+                state[b] = state[b] + m[last] @ buckets[n, :, b0]
     zero = m.new_zeros(m.shape[1], m.shape[2], nodes[0].shape[-1])
     stacked = torch.stack([state.get(b, zero) for b in range(t_end.bit_length())], dim=1)
     return FenwickState(stacked[None], (t_end,))
