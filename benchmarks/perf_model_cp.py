@@ -5,13 +5,14 @@ predicted forward+backward step time and scaling efficiency out, for P = 1 .. 10
     python benchmarks/perf_model_cp.py --measured $OUT/bench_cp.json --variant gdn
 
 Per rank and step, with n = T / P tokens per GPU and S the bytes of one summary:
-  compute   c(n) = n * t_tok * (1 + overhead)      local op plus the CP boundary work
+  compute   c(n) = n * t_tok * (1 + overhead)      local op plus the CP work (carry, reads)
   exchange  all-gather: a + (P - 1) * (h + S / bw)  (ring; P - 1 summaries reach every rank)
             log P:      ceil(log2 P) * (a + S / bw) (pairwise rounds, one summary each)
             then the joins: P - 1 (all-gather fold, worst rank) or 2 ceil(log2 P) (log P)
-  step      c(n) + max(0, exchange_fwd - overlap * c_fwd(n)) + exchange_bwd
-The forward exchange overlaps the local forward (about a third of forward+backward); backward's
-exchange is the mirror image and is not overlapped. Links: NVLink within a node of 8 GPUs, the
+  step      c(n) + exchange_fwd + exchange_bwd
+A rank's summary is its local op's final state, so the forward exchange follows the local op and
+the backward exchange precedes the local backward: neither is hidden, and neither grows with T
+(tens of microseconds against milliseconds of compute). Links: NVLink within a node of 8 GPUs, the
 network (--inter-*) once a collective or a round spans nodes. S does not depend on T: for aligned
 power-of-two slices a summary is one K x V state per head plus (GDN) a K x K transition.
 """
@@ -32,7 +33,6 @@ def parse():
     p.add_argument("--measured", help="bench_cp.json: takes t_tok and the CP overhead from its rows")
     p.add_argument("--mtok-s", type=float, default=6.1, help="one-GPU fwd+bwd Mtok/s (DESIGN.md: FLA GDN at 128K)")
     p.add_argument("--overhead", type=float, default=0.15, help="CP compute overhead: boundary stage, reads")
-    p.add_argument("--overlap", type=float, default=1 / 3, help="share of fwd+bwd compute the forward exchange hides under")
     # NCCL all_gather on 2 H200s (DESIGN.md): 36 us for 1 MiB, 54 us for 8 MiB.
     p.add_argument("--ag-1mib-us", type=float, default=36.0)
     p.add_argument("--ag-8mib-us", type=float, default=54.0)
@@ -88,8 +88,7 @@ class Model:
         n = T / P
         compute = n * self.t_tok * (1 + (self.overhead if P > 1 else 0))
         comm, sent = self.exchange(scheme, P)
-        exposed = max(0.0, comm - self.args.overlap * compute) + comm
-        return compute + exposed, exposed, 2 * sent  # forward and backward
+        return compute + 2 * comm, 2 * comm, 2 * sent  # forward and backward
 
 
 def main():
