@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every 2-GPU measurement in one job (one device lease): the single-GPU op benchmark on GPU 0, the
+# Every 2-GPU measurement in one job (one device lease): the GPU tests, the single-GPU op benchmark on GPU 0, the
 # context-parallel benchmark, the training benchmark of the 1M recipe and the same model in
 # DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside).
 # Each step has its own time limit, so one slow step cannot starve the rest; logs go to $OUT.
@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 
-STEPS=${STEPS:-bench_ops,bench_cp,bench_train,bench_deepspeed}  # a subset: STEPS=bench_cp,bench_train
+STEPS=${STEPS:-gpu_tests,bench_ops,bench_cp,bench_train,bench_deepspeed}  # a subset: STEPS=bench_cp,bench_train
 
 step() {
     local name=$1 limit=$2
@@ -22,10 +22,12 @@ step() {
     grep -v '^{' "/tmp/$name.log" | tail -n "${TAIL:-14}"
 }
 
+step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"}
 step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
 step bench_cp "${CP_LIMIT:-360}" torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3 \
-    --variants "${CP_VARIANTS:-mamba2}"
+    --variants "${CP_VARIANTS:-mamba2}" ${CP_ARGS:-}
 step bench_train "${TRAIN_LIMIT:-190}" python3 benchmarks/bench_train.py --gpus 2 \
-    --lengths 131072,262144,524288,1048576 --warmup 1 --steps 2 --out "$OUT/bench_train_2gpu.json"
+    --lengths "${TRAIN_LENGTHS:-131072,262144,524288,1048576}" --warmup 1 --steps "${TRAIN_STEPS:-2}" \
+    --out "$OUT/bench_train_2gpu.json"
 step bench_deepspeed "${DS_LIMIT:-100}" python3 benchmarks/bench_deepspeed.py --gpus 2 --lengths 262144 \
     --warmup 1 --steps 2 --out "$OUT/bench_deepspeed_2gpu.json"
