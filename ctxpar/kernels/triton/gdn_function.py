@@ -18,6 +18,8 @@ from the last chunk's UT columns E (torch_chunked.chunk_stage on that one chunk)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -64,9 +66,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     B, T, H, V = v.shape
     C, log_c = chunk_size, chunk_size.bit_length() - 1
     starts = list(initial_state.positions) if initial_state is not None else [0] * len(spans)
-    layout = build_layout(spans, starts, T, C, 1, v.device)
-    grid = SlotGrid(layout, B * T, H, q.shape[2], v.device)
-    plan = TreePlan(layout, v.device)
+    layout, grid, plan = _tables(tuple(map(tuple, spans)), tuple(starts), B * T, T, C, H, q.shape[2], v.device)
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
     prec = "ieee" if fq.dtype == torch.float32 else "tf32"
@@ -88,6 +88,14 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     finals = [_final_buckets(n, nodes, trans, init, plan, m, columns.get(n), buckets, log_c)
               for n in range(layout.num_docs)]
     return out, FenwickState.stack(finals)
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
+    """The index tables of one call shape (layout, slot grid, tree plan), cached: a training loop
+    repeats its shapes every step, and building them costs host time and many small copies."""
+    layout = build_layout(list(spans), list(starts), length, chunk, 1, device)
+    return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
 
 
 def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
