@@ -30,8 +30,9 @@ def check_against_reference(chunked, inputs, spans, positions, final, tol=1e-5, 
         nbits = max(p.bit_length() for p in positions)
         buckets = torch.randn(len(spans), v.shape[2], nbits, k.shape[3], v.shape[3], dtype=v.dtype, device=v.device)
         init = FenwickState((buckets * 0.3).requires_grad_(), positions)
-    names = [n for n, x in zip(NAMES, inputs) if x is not None] + (["initial_state"] if init is not None else [])
-    leaves = [x.requires_grad_() for x in inputs if x is not None] + ([init.buckets] if init is not None else [])
+    with_state = init is not None and init.buckets.numel() > 0  # states at position 0 have no buckets
+    names = [n for n, x in zip(NAMES, inputs) if x is not None] + (["initial_state"] if with_state else [])
+    leaves = [x.requires_grad_() for x in inputs if x is not None] + ([init.buckets] if with_state else [])
     do = torch.randn_like(v)
 
     def loss_of(o, state):
@@ -52,5 +53,5 @@ def check_against_reference(chunked, inputs, spans, positions, final, tol=1e-5, 
     for name, a, b in zip(names, grads, ref_grads):
         assert not torch.isnan(a).any(), name
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
-    if init is not None:  # buckets of unset bits receive zero gradient
+    if with_state:  # buckets of unset bits receive zero gradient
         assert (grads[-1].transpose(1, 2)[~init.live_mask()] == 0).all()

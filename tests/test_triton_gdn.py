@@ -43,6 +43,22 @@ def test_forward_backward_against_reference(case):
     check_against_reference(chunked, inputs, spans, positions, final, chunk_size=chunk)
 
 
+def test_random_documents_and_states():
+    """Random packed documents (single tokens included) with random initial positions (0 too)."""
+    import random
+
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")  # shown when the test fails
+    rng = random.Random(seed)
+    T = rng.randrange(20, 120)
+    cuts = sorted({0, T, *rng.sample(range(1, T), rng.randrange(1, 6)), T - 1})
+    spans = [(0, a, b) for a, b in zip(cuts, cuts[1:])]
+    positions = [rng.choice([0, 1, 15, 16, 17, rng.randrange(200)]) for _ in spans]
+    L = max(p + b - a for p, (_, a, b) in zip(positions, spans)).bit_length() + 1
+    inputs = make_inputs(1, T, 2, 1, 16, 16, L)
+    check_against_reference(chunked, inputs, spans, positions, True, chunk_size=C)
+
+
 def test_lambda_one_is_the_gated_delta_rule():
     """With every lambda = 1: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = S_t^T q_t; outputs and gradients."""
