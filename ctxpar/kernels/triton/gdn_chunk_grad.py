@@ -58,8 +58,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     inv = tl.load(square_tile(inv, i, h, H, C))
     ut = inv * bt[None, :]
     gam = intra_decay(gl, valid, C)
-    qk, kk = dot(qt, tl.trans(kt), PREC), dot(kt, tl.trans(kt), PREC)
-    s = qk * gam
+    s = dot(qt, tl.trans(kt), PREC) * gam
     e_in = tl.where(valid, tl.exp(gl), 0.0)
     e_out = tl.where(valid, tl.exp(total - gl), 0.0)
     k_out = kt * e_out[:, None]
@@ -119,6 +118,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     d_beta = tl.sum(inv * d_t, 0)
     d_a = -dot(dot(tl.trans(inv), d_t * bt[None, :], PREC), tl.trans(inv), PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
+    kk = dot(kt, tl.trans(kt), PREC)  # recomputed here, not kept live through the tile loops
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     d_sg = d_s * gam
@@ -126,7 +126,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kout * e_out[:, None]
 
     # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings, and G_C.
-    z = (bt[:, None] * d_a * kk + d_s * qk) * gam
+    z = (bt[:, None] * d_a * kk + d_s * dot(qt, tl.trans(kt), PREC)) * gam
     out_share = e_out * tl.sum(kt * d_kout, 1)
     d_gl = tl.sum(z, 1) - tl.sum(z, 0) + d_g_in - out_share
     d_gl += tl.where(r == C - 1, tl.exp(total) * tl.sum(d_diag) + tl.sum(out_share), 0.0)
