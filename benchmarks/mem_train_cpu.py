@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import time
 import weakref
 from pathlib import Path
 
@@ -114,19 +115,21 @@ def step(model, T, device, loss_tile):
     (total / count).backward()
 
 
-def measure(model, T, device, loss_tile) -> int:
-    """Peak bytes above what was allocated before the step (gradients cleared)."""
+def measure(model, T, device, loss_tile) -> tuple[int, float]:
+    """(peak bytes above what was allocated before the step (gradients cleared), step seconds).
+    The seconds on cpu include the counting's own overhead."""
     model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step(model, T, device, loss_tile)
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, time.perf_counter() - start
     with LiveBytes() as counter:
         step(model, T, device, loss_tile)
-    return counter.peak
+    return counter.peak, time.perf_counter() - start
 
 
 def drop_gradients(model):
@@ -162,16 +165,16 @@ def main():
     if device.type == "cuda":
         measure(model, lengths[0], device, args.loss_tile)  # Triton compiles outside the figures
     rows, d = [], model.cfg.d_model
-    print(f"{'T':>8} {'peak MiB':>10} {'peak KB/tok':>12} {'slope KB/tok':>13} {'24-layer slope':>15}")
+    print(f"{'T':>8} {'step s':>7} {'peak MiB':>10} {'peak KB/tok':>12} {'slope KB/tok':>13} {'24-layer slope':>15}")
     for T in lengths:
-        peak = measure(model, T, device, args.loss_tile)
-        row = {"T": T, "peak_bytes": peak, "peak_per_token": peak / T}
+        peak, seconds = measure(model, T, device, args.loss_tile)
+        row = {"T": T, "step_s": seconds, "peak_bytes": peak, "peak_per_token": peak / T}
         if rows:
             row["slope_per_token"] = (peak - rows[-1]["peak_bytes"]) / (T - rows[-1]["T"])
             row["slope_per_token_24_layers"] = row["slope_per_token"] + (24 - args.layers) * 4 * d
         rows.append(row)
         slope = f"{row['slope_per_token'] / 1e3:13.1f} {row['slope_per_token_24_layers'] / 1e3:15.1f}" if "slope_per_token" in row else ""
-        print(f"{T:8d} {peak / 2**20:10.1f} {peak / T / 1e3:12.1f} {slope}", flush=True)
+        print(f"{T:8d} {seconds:7.2f} {peak / 2**20:10.1f} {peak / T / 1e3:12.1f} {slope}", flush=True)
     result = {"label": args.label, "device": str(device), "op": op, "layers": args.layers, "vocab": args.vocab,
               "token_tile": getattr(model, "token_tile", None), "loss_tile": args.loss_tile, "offload": args.offload,
               "counting": "cuda max_memory_allocated" if device.type == "cuda" else "live storage bytes (dispatch mode)",

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
@@ -10,6 +11,8 @@ from ctxpar.kernels.levels import level_matrix
 from ctxpar.models import CausalLM, ModelConfig, load_pretrained, save_pretrained, token_nll, token_stats
 from ctxpar.models import lm, mixers
 from ctxpar.models.layers import causal_conv1d
+from ctxpar.train.parallel import setup
+from tests.distributed import run_distributed
 
 T = 24
 
@@ -293,3 +296,30 @@ def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypat
     assert packed == [((1, 30, 32), torch.float32)] * model.cfg.n_layers
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _cp_tiles_match_one_process(arch):
+    """On each of 2 ranks: the checkpointed, token-tiled LM on this rank's half of the sequence
+    (CP = 2), summed over the ranks, has the plain LM's loss and gradients on the whole sequence.
+    ``backward()``, not ``autograd.grad(loss, params)``: that would prune the halo exchange on the
+    last rank (it leads to no parameter there) and leave its peer waiting."""
+    layout = setup(2)
+    torch.manual_seed(11)
+    model = CausalLM(tiny(arch, max_seq_len=128))
+    ids = torch.randint(0, 37, (1, 128))  # CP slices are whole 64-token chunks
+    results = []
+    for inputs, cp, checkpointing in ((ids, None, False), (layout.split(ids), layout.cp_context(), True)):
+        model.zero_grad(set_to_none=True)
+        model.activation_checkpointing, model.token_tile = checkpointing, 24
+        total, _ = token_nll(model, model(inputs, cp), inputs)
+        total.backward()
+        results.append([total.detach(), *(p.grad for p in model.parameters())])
+    ref, got = results
+    for a, b in zip(got, ref):
+        dist.all_reduce(a)  # float32 sums in another order: near-zero entries differ by rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "gdn"])
+def test_token_tiles_under_context_parallelism(arch):
+    run_distributed(_cp_tiles_match_one_process, 2, arch)
