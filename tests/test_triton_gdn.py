@@ -59,6 +59,19 @@ def test_random_documents_and_states():
     check_against_reference(chunked, inputs, spans, positions, True, chunk_size=C)
 
 
+def test_state_that_holds_nothing_only_sets_positions():
+    """FenwickState.empty (what CP starts a mid-document piece from) == a zero state there."""
+    from ctxpar.kernels.state import FenwickState
+
+    q, k, v, g, beta, lam = make_inputs(1, 60, 2, 1, 16, 16, 9, dtype=torch.float32)
+    spans, positions = [(0, 0, 25), (0, 25, 60)], (83, 5)
+    o, state = chunked(q, k, v, g, beta, lam, spans, FenwickState.empty(2, 2, 16, 16, positions), True, chunk_size=C)
+    expected, expected_state = chunked(q, k, v, g, beta, lam, spans, FenwickState.zeros(2, 2, 16, 16, positions), True,
+                                       chunk_size=C)
+    assert rel_err(o, expected) < 1e-6 and rel_err(state.buckets, expected_state.buckets) < 1e-6
+    assert state.positions == (108, 40)
+
+
 def test_lambda_one_is_the_gated_delta_rule():
     """With every lambda = 1: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = S_t^T q_t; outputs and gradients."""

@@ -75,7 +75,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
     buckets = init = None
-    if initial_state is not None:
+    if initial_state is not None and not initial_state.holds_nothing:  # one that does only sets positions
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c)
@@ -147,9 +147,9 @@ def _final_buckets(n, nodes, trans, init, plan, m, columns, buckets, log_c):
         e, v = columns
         lo, hi = (x - ce * C for x in bucket_range(t_end, b))
         state[b] = e[:, :, lo:hi] @ v[:, lo:hi]
-        for b0 in live_bits(t0):
+        for b0 in live_bits(t0) if buckets is not None else []:  # initial buckets nested in this one
             lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
-            if lo <= lo0 and hi0 <= hi:  # an initial bucket nested in this one (same chunk)
+            if lo <= lo0 and hi0 <= hi:  # (only when t0 and t_end share the chunk)
                 state[b] = state[b] + m[last] @ buckets[n, :, b0]
     zero = m.new_zeros(m.shape[1], m.shape[2], nodes[0].shape[-1])
     stacked = torch.stack([state.get(b, zero) for b in range(t_end.bit_length())], dim=1)

@@ -134,8 +134,9 @@ class UpSweep(torch.autograd.Function):
             gather_bmm(trans[h], up.inner, nodes[h], up.inner_left, node, up.inner, prec=prec, mode="add")
             gather_bmm(trans[h], up.inner, trans[h], up.inner_left, tr, up.inner, prec=prec)
             if up.front.numel():  # left child: an initial node, carried to t0 already (identity)
-                start = initial_node(init, h, u, plan.num_docs).contiguous()
-                gather_bmm(trans[h], up.front, start, up.front_doc, node, up.front, prec=prec, mode="add")
+                if init is not None:
+                    start = initial_node(init, h, u, plan.num_docs).contiguous()
+                    gather_bmm(trans[h], up.front, start, up.front_doc, node, up.front, prec=prec, mode="add")
                 tr[up.front] = trans[h][up.front]
             nodes.append(node)
             trans.append(tr)
@@ -160,11 +161,12 @@ class UpSweep(torch.autograd.Function):
             gather_bmm(trans[h], rows, d_parent, rows, d_nodes[h], left, prec=prec, trans_a=True, mode="add")
             gather_bmm(trans[h], rows, d_parent_m, rows, d_trans[h], left, prec=prec, trans_a=True, mode="add")
             if up.front.numel():
+                d_trans[h].index_add_(0, up.front, d_parent_m[up.front])
+            if up.front.numel() and init is not None:
                 start = initial_node(init, h, nodes[0], plan.num_docs).contiguous()
                 gather_bmm(d_parent, up.front, start, up.front_doc, d_trans[h], up.front, prec=prec, trans_b=True,
                            mode="add")
-                d_trans[h].index_add_(0, up.front, d_parent_m[up.front])
-                if d_init is not None and h < init.shape[2]:
+                if h < init.shape[2]:
                     d_start = torch.zeros_like(start)
                     gather_bmm(trans[h], up.front, d_parent, up.front, d_start, up.front_doc, prec=prec, trans_a=True,
                                mode="add")
