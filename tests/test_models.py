@@ -1,5 +1,7 @@
 """Models: shapes and gradients, blocks against a straightforward recomputation, save/load, tiled loss."""
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -274,7 +276,8 @@ def test_token_tiles_cut_what_a_block_saves(monkeypatch):
 
 def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypatch):
     """offload_checkpoints hands exactly each checkpointed block's input (the residual stream) to
-    save_on_cpu, and nothing else; loss and gradients stay the same."""
+    save_on_cpu, and nothing else; the original is not kept (here: layer 0's input, whose copy
+    alone outlives the forward); loss and gradients stay the same."""
     torch.manual_seed(10)
     model = CausalLM(tiny("mamba2"))
     model.activation_checkpointing, model.token_tile = True, 7
@@ -288,12 +291,17 @@ def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypat
         return hooks
 
     monkeypatch.setattr(lm, "save_on_cpu", spy)
-    results = []
+    results, kept = [], []
     for offload in (False, True):
         model.offload_checkpoints = offload
+        first = []
+        hook = model.embed.register_forward_hook(lambda m, i, out: first.append(weakref.ref(out.untyped_storage())))
         total, count = token_nll(model, model(ids), ids, tile=16)
+        hook.remove()
+        kept.append(first[0]() is not None)
         results.append([total / count, *torch.autograd.grad(total / count, list(model.parameters()))])
     assert packed == [((1, 30, 32), torch.float32)] * model.cfg.n_layers
+    assert kept == [True, False]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
