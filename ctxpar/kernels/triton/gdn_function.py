@@ -105,11 +105,12 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
     docs = [n for n in range(layout.num_docs) if layout.starts[n] % C]
     if not docs:
         return o, u
-    slots = torch.tensor([layout.first_slot[n] for n in docs], device=o.device)
+    first = [layout.first_slot[n] for n in docs]
+    slots = torch.tensor(first, device=o.device)
     subs = [[b for b in live_bits(layout.starts[n]) if b < log_c] for n in docs]
     carried = m[slots] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
     reads, offsets = [], torch.arange(C, device=o.device)
-    for n, bits, slot in zip(docs, subs, slots.tolist()):
+    for n, bits, slot in zip(docs, subs, first):
         part = 0
         for b in bits:
             level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
