@@ -270,3 +270,70 @@ def test_eval_cli_and_finetune_at_longer_context(tmp_path, capsys):
     trainer = Trainer(longer, single_layout())
     assert trainer.model.cfg.num_levels == 9 and trainer.model.cfg.d_model == 32
     assert trainer.forward_backward(0) > 0
+
+
+# --- FSDP2 --------------------------------------------------------------------------------------
+
+
+def test_data_parallel_key():
+    assert load_recipe().parallel.data_parallel == "ddp"
+    assert load_recipe(None, ["parallel.data_parallel=fsdp"]).parallel.data_parallel == "fsdp"
+    with pytest.raises(RecipeError, match=r"parallel\.data_parallel: Input should be 'ddp' or 'fsdp'"):
+        load_recipe(None, ["parallel.data_parallel=zero3"])
+    with pytest.raises(RecipeError, match=r"parallel\.data_parallel = fsdp is the native engine's"):
+        load_recipe(None, ["engine=deepspeed", "parallel.data_parallel=fsdp"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CP, reason="needs ctxpar.cp")
+def test_fsdp_cp2_x_dp2_matches_single_process_and_resumes(tmp_path):
+    """FSDP2 over 4 ranks (CP = 2 x DP = 2) takes the single process's steps, and resumes exactly.
+
+    2 micro-batches per rank (accumulation without sync), clipping that bites, activation
+    checkpointing and several checkpointed loss tiles (the tied head recomputed in backward)."""
+    from safetensors.torch import load_file
+
+    from ctxpar.train.config import dump
+
+    common = {"train": {"micro_batch_size": 1, "activation_checkpointing": True, "loss_tile": 16},
+              "optim": {"eps": 1e-3, "grad_clip": 0.05}}  # a large eps: weights comparable after steps
+    single = tiny_recipe(tmp_path, name="single", **common)
+    train(single)
+    fsdp = tiny_recipe(tmp_path, name="fsdp", parallel={"nproc": 4, "context_parallel_size": 2,
+                                                        "data_parallel": "fsdp"}, **common)
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(dump(fsdp))
+    assert train_main([str(path)]) == 0
+
+    expected, got = read_metrics(single.run_dir / "metrics.jsonl"), read_metrics(fsdp.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
+    assert all(r["grad_norm"] > 0.05 for r in expected)  # every step clipped
+    for r, g in zip(expected, got):  # fp32: only the order of reductions differs
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), r["step"]
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), r["step"]
+    weights = load_file(str(checkpoint.latest(fsdp.run_dir) / "model.safetensors"))
+    reference = load_file(str(checkpoint.latest(single.run_dir) / "model.safetensors"))
+    assert weights.keys() == reference.keys()
+    for name, ref in reference.items():
+        torch.testing.assert_close(weights[name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    import shutil
+
+    shutil.rmtree(checkpoint.latest(fsdp.run_dir))  # killed after step 3's checkpoint
+    assert train_main([str(path)]) == 0
+    assert json.loads((fsdp.run_dir / "summary.json").read_text())["resumed_from"] == 3
+    record = lambda r: (r["step"], r["loss"], r["grad_norm"])  # noqa: E731
+    assert [record(r) for r in read_metrics(fsdp.run_dir / "metrics.jsonl")] == [record(r) for r in got]
+    for name, w in load_file(str(checkpoint.latest(fsdp.run_dir) / "model.safetensors")).items():
+        assert torch.equal(w, weights[name]), f"resumed {name}"
+
+    # The same checkpoint files: each wrapper resumes the other's step 3 (on another number of ranks).
+    for source, resumer in ((single, fsdp), (fsdp, single)):
+        cross = validate({**resumer.model_dump(exclude_unset=True), "name": f"{resumer.name}-from-{source.name}"})
+        shutil.copytree(checkpoint.checkpoint_dir(source.run_dir) / "step_00000003",
+                        checkpoint.checkpoint_dir(cross.run_dir) / "step_00000003")
+        cross_path = tmp_path / f"{cross.name}.yaml"
+        cross_path.write_text(dump(cross))
+        assert train_main([str(cross_path)]) == 0
+        for r, g in zip(expected[3:], read_metrics(cross.run_dir / "metrics.jsonl"), strict=True):
+            assert g["step"] == r["step"] and g["loss"] == pytest.approx(r["loss"], rel=1e-5), cross.name

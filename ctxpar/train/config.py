@@ -85,6 +85,9 @@ class ParallelConfig(_Section):
         1, gt=0, validation_alias=AliasChoices("context_parallel_size", *[k for k, v in ALIASES.items() if v == "context_parallel_size"])
     )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    data_parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="native engine: DDP (replicated parameters) or FSDP2 (sharded over all ranks)"
+    )
 
 
 class EvalConfig(_Section):
@@ -126,6 +129,13 @@ class Recipe(_Section):
             if key in DEEPSPEED_DERIVED:
                 raise ValueError(f"deepspeed.{key} is set by ctxpar from {DEEPSPEED_DERIVED[key]}: remove it")
         return block
+
+    @model_validator(mode="after")
+    def _fsdp_is_native(self):
+        if self.engine == "deepspeed" and self.parallel.data_parallel != "ddp":
+            raise ValueError("parallel.data_parallel = fsdp is the native engine's; with engine deepspeed, "
+                             "shard with deepspeed.zero_optimization.stage")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -2,10 +2,12 @@
 
 Ranks form ``dp`` groups of ``cp`` consecutive ranks (``ctxpar.comm.mesh``). Each CP group holds one
 set of sequences, each rank a contiguous slice of every sequence. Parameters are replicated on all
-ranks, and every rank holds only part of each parameter's gradient, so gradients are averaged over
-the whole world (DDP on the default group). That average is exact because the CP loss goes through
-an all-reduce whose backward sums the gradient over the CP group: each rank ends with ``cp`` times
-its share, and dividing by ``dp * cp`` leaves the data-parallel mean of per-group token means.
+ranks (or sharded over all of them: ``parallel.data_parallel: fsdp``, see ``fsdp``), and every rank
+holds only part of each parameter's gradient, so gradients are averaged over the whole world (DDP
+on the default group, or FSDP2's reduce-scatter over a mesh of the world). That average is exact
+because the CP loss goes through an all-reduce whose backward sums the gradient over the CP group:
+each rank ends with ``cp`` times its share, and dividing by ``dp * cp`` leaves the data-parallel
+mean of per-group token means.
 """
 
 from __future__ import annotations

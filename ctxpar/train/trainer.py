@@ -25,7 +25,7 @@ from ctxpar.train.telemetry import Telemetry, plot_loss
 
 def train(recipe: Recipe) -> dict:
     """Train on this rank; every rank of the job calls it. Returns the run summary (empty off rank 0)."""
-    cls = trainer_class(recipe.engine)
+    cls = trainer_class(recipe)
     layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend, cls.needs_process_group)
     try:
         return cls(recipe, layout).run()
@@ -33,11 +33,16 @@ def train(recipe: Recipe) -> dict:
         teardown(layout)
 
 
-def trainer_class(engine: str) -> type[Trainer]:
-    if engine == "deepspeed":  # imported only here: deepspeed is an optional extra
+def trainer_class(recipe: Recipe) -> type[Trainer]:
+    """``engine``, and for the native engine ``parallel.data_parallel``, pick the trainer."""
+    if recipe.engine == "deepspeed":  # imported only here: deepspeed is an optional extra
         from ctxpar.integrations.deepspeed_trainer import DeepSpeedTrainer
 
         return DeepSpeedTrainer
+    if recipe.parallel.data_parallel == "fsdp":
+        from ctxpar.train.fsdp import FSDPTrainer
+
+        return FSDPTrainer
     return Trainer
 
 
@@ -53,6 +58,15 @@ def build_model(recipe: Recipe, data: Data) -> CausalLM:
     model = CausalLM(cfg)
     if init is not None:
         load_weights(model, load_file(str(init / "model.safetensors")))
+    return model
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> CausalLM:
+    """A fresh ``CausalLM`` holding ``state``'s tensors (built on the meta device: no initialisation,
+    which would draw from the RNG that resume restores)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.load_state_dict(state, assign=True)
     return model
 
 
@@ -78,7 +92,9 @@ def autocast(recipe: Recipe, device: torch.device):
 class Trainer:
     """ctxpar's own engine: DDP over the world, AdamW, warmup-cosine. Subclasses that run the steps
     in another engine override ``build_engine``, ``step``, ``write_state``/``read_state`` and
-    ``whole_model``; data, logging, evaluation and checkpoint rotation stay here."""
+    ``whole_model``; a data-parallel wrapper of this engine (``fsdp.FSDPTrainer``) overrides the
+    finer hooks below them (``no_sync``, ``clip_gradients``, ``load_model``, ``optimizer_state``,
+    ``load_optimizer``); data, logging, evaluation and checkpoint rotation stay here."""
 
     name = "native"  # recorded in every checkpoint: a run resumes only in the engine that wrote it
     needs_process_group = False
@@ -100,10 +116,13 @@ class Trainer:
 
     def build_engine(self) -> None:
         """Wrap ``self.model`` for training: sets the loss module, ``optimizer`` and ``scheduler``."""
-        loss = LMLoss(self.model, self.recipe.train.loss_tile)
-        self.loss = DDP(loss, device_ids=_device_ids(self.layout)) if self.layout.distributed else loss
+        self.loss = self.data_parallel(LMLoss(self.model, self.recipe.train.loss_tile))
         self.optimizer = make_optimizer(self.model, self.recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.recipe))
+
+    def data_parallel(self, loss: LMLoss) -> nn.Module:
+        """The loss module wrapped to average gradients over the world (see ``parallel``)."""
+        return DDP(loss, device_ids=_device_ids(self.layout)) if self.layout.distributed else loss
 
     def _resume(self) -> int:
         if self.layout.is_main:
@@ -124,15 +143,28 @@ class Trainer:
     def write_state(self, directory: Path) -> None:
         """Every rank: this engine's state into a checkpoint directory being written."""
         self.write_model(directory)
+        optimizer = self.optimizer_state()
         if self.layout.is_main:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
             torch.save(state, directory / "trainer.pt")
 
     def read_state(self, directory: Path) -> None:
-        load_weights(self.model, load_file(str(directory / "model.safetensors"), device=str(self.layout.device)))
+        self.load_model(load_file(str(directory / "model.safetensors"), device=str(self.layout.device)))
         state = torch.load(directory / "trainer.pt", map_location=self.layout.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def load_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Collective: the whole weights (``model.safetensors``) into the model."""
+        load_weights(self.model, state)
+
+    def optimizer_state(self) -> dict:
+        """Collective: the optimizer's whole state, as rank 0 writes it into ``trainer.pt``."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer(self, state: dict) -> None:
+        """Collective: ``optimizer_state``'s dict (read by every rank) into the optimizer."""
+        self.optimizer.load_state_dict(state)
 
     def write_model(self, directory: Path) -> None:
         """The weights as a model directory (``load_pretrained``, ``train.init_from``, ``ctxpar eval``)."""
@@ -147,12 +179,19 @@ class Trainer:
     def step(self, step: int) -> tuple[float, float]:
         """One optimizer step; returns (loss, gradient norm before clipping)."""
         loss = self.forward_backward(step)
-        clip = self.recipe.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = self.clip_gradients(self.recipe.optim.grad_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Scale the gradients to norm at most ``max_norm``; returns their norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+
+    def no_sync(self):
+        """A context in which backward accumulates gradients on this rank without averaging them."""
+        return self.loss.no_sync() if self.layout.distributed else contextlib.nullcontext()
 
     def forward_backward(self, step: int) -> float:
         """Accumulate the gradient of ``step``'s batch (its loss: the DP mean of CP token means)."""
@@ -160,8 +199,7 @@ class Trainer:
         cp, total = lay.cp_context(), 0.0
         for i, (x, y) in enumerate(self.micro_batches(step)):
             last = i == self.accum - 1
-            sync = contextlib.nullcontext() if last or not lay.distributed else self.loss.no_sync()
-            with sync:
+            with contextlib.nullcontext() if last else self.no_sync():
                 with autocast(self.recipe, lay.device):
                     loss = cp_mean(*self.loss(x, y, cp), lay.cp_group) / self.accum
                 loss.backward()
