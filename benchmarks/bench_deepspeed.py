@@ -33,12 +33,13 @@ def bench_rank(recipe, lengths, warmup, steps, stage, out):
     from ctxpar.comm.launch import init_process_group_from, resolve_launch
     from ctxpar.integrations.deepspeed import cp_loss, setup_context_parallel, split_batch, zero3_loss_module
     from ctxpar.models import CausalLM
+    from ctxpar.train.trainer import set_activation_memory
 
     device = init_process_group_from(resolve_launch())
     cpx = setup_context_parallel(dist.get_world_size())
     cfg = recipe.model.model_copy(update={"vocab_size": recipe.model.vocab_size or WordTokenizer().vocab_size})
     lm = CausalLM(cfg)
-    lm.activation_checkpointing = recipe.train.activation_checkpointing
+    set_activation_memory(lm, recipe.train)
     config = cpx.deepspeed_config({
         # torch's AdamW: DeepSpeed's fused Adam JIT-builds with nvcc and fails to parse "9.0a".
         "optimizer": {"type": "AdamW", "params": {"lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay,

@@ -60,6 +60,10 @@ class TrainConfig(_Section):
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     activation_checkpointing: bool = False
+    token_tile: int = Field(16384, gt=0, description="with activation_checkpointing: tokens per tile of a block's "
+                            "per-token parts (norms, projections, MLP), recomputed tile by tile in backward")
+    offload_checkpoints: bool = Field(False, description="with activation_checkpointing: each block's checkpointed "
+                                      "input waits for backward in pinned host memory (GPU memory / host memory trade)")
     loss_tile: int = Field(8192, gt=0, description="tokens per logits tile of the loss")
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(0, ge=0, description="0: only at the end")

@@ -61,6 +61,13 @@ def build_model(recipe: Recipe, data: Data) -> CausalLM:
     return model
 
 
+def set_activation_memory(model: CausalLM, tc) -> None:
+    """The train section's activation-memory settings on the model (trainer and benchmarks alike)."""
+    model.activation_checkpointing = tc.activation_checkpointing
+    model.token_tile = tc.token_tile
+    model.offload_checkpoints = tc.offload_checkpoints
+
+
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> CausalLM:
     """A fresh ``CausalLM`` holding ``state``'s tensors (built on the meta device: no initialisation,
     which would draw from the RNG that resume restores)."""
@@ -107,7 +114,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.data = Data(recipe.data, tc.seed)
         self.model = build_model(recipe, self.data).to(layout.device)
-        self.model.activation_checkpointing = tc.activation_checkpointing
+        set_activation_memory(self.model, tc)
         # FLOPs per rank and step, for MFU; counted before build_engine, which may partition the parameters
         self.flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / layout.world_size
         self.build_engine()
