@@ -30,7 +30,7 @@ from ctxpar.integrations.deepspeed import (
 from ctxpar.models import CausalLM
 from ctxpar.train.config import Recipe
 from ctxpar.train.parallel import Layout, cp_mean, mean_over_world
-from ctxpar.train.trainer import Trainer, lr_schedule, make_optimizer, param_groups, uses_bf16
+from ctxpar.train.trainer import Trainer, lr_schedule, make_optimizer, model_from_state, param_groups, uses_bf16
 
 TAG = "deepspeed"  # the engine's subdirectory inside a ctxpar checkpoint
 
@@ -83,10 +83,7 @@ class DeepSpeedTrainer(Trainer):
         params = list(self.model.parameters())
         with deepspeed.zero.GatheredParameters(params):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        with torch.device("meta"):  # no initialisation: it would draw from the RNG that resume restores
-            model = CausalLM(self.model.cfg)
-        model.load_state_dict(state, assign=True)
-        return model
+        return model_from_state(self.model.cfg, state)
 
 
 def engine_config(recipe: Recipe, layout: Layout, micro_batch: int, accum: int) -> dict:

@@ -3,7 +3,8 @@
 Under a launcher (torchrun, srun, mpirun, deepspeed: the environment names a world of several
 ranks) every process joins the job. Without one, the command launches its own ranks on this
 machine: one per GPU, or 2 gloo ranks on CPU (``parallel.nproc`` overrides), each running the same
-function. ``recipe.engine`` picks the trainer that runs the steps (``trainer.trainer_class``).
+function. ``recipe.engine`` and ``parallel.data_parallel`` pick the trainer that runs the steps
+(``trainer.trainer_class``).
 """
 
 from __future__ import annotations
