@@ -62,17 +62,18 @@ def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K
 
 
 def test_cp_over_triton_kernels():
-    """The CP op over the Triton Mamba-2 kernels (interpreted on CPU, float32 inside), 3 ranks:
-    each rank's summary is its local op's final state, so the incoming state's gradient must
-    reach the sender's kernel backward through that output. A document crossing two boundaries,
-    one cut mid-slice, and an initial state entering on rank 0."""
+    """The CP op over the Triton kernels of both variants (interpreted on CPU, float32 inside),
+    3 ranks: each rank's summary is its local op's final state, so the incoming state's gradient
+    must reach the sender's kernel backward through that output. A document crossing two
+    boundaries, one cut mid-slice, and an initial state entering on rank 0."""
     run_distributed(check_triton, 3, random.randrange(2**31))
 
 
 def check_triton(seed):
     torch.manual_seed(seed)
-    for cu, init in ((None, None), ([0, 100, 150, 192], (70, 0, 3))):
-        check_rank("mamba2", "allgather", 64, cu, 1, init, backend="triton", dims=(2, 16, 16), tol=1e-5)
+    for variant in VARIANTS:
+        for cu, init in ((None, None), ([0, 100, 150, 192], (70, 0, 3))):
+            check_rank(variant, "allgather", 64, cu, 1, init, backend="triton", dims=(2, 16, 16), tol=1e-5)
 
 
 def check_two_layers_and_one_requested_input(variant, scheme):
