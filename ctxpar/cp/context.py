@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ctxpar.cp import exchange, local
 from ctxpar.cp.plan import ENDED, Layout, Piece, Span, layout
@@ -143,7 +142,7 @@ class CPContext:
         comm.start(self._own_summary(c, lay, final, carry), _anchor(q, k, v, g, beta, level_scales, state))
         incoming, tie = comm.finish()
         if piece is not None:
-            o = o + self._reads(c, piece, carry, incoming, T).to(o.dtype)
+            o = self._add_reads(o, c, piece, carry, incoming)
             if output_final_state:
                 final = self._carry_final(final, piece, carry, incoming, B)
         return (o if tie is None else o + tie), (final if output_final_state else None)
@@ -195,10 +194,13 @@ class CPContext:
                 states.append(_user_state(initial_state, piece, self.cu_seqlens))
         return FenwickState.stack(states)
 
-    def _reads(self, c, piece: Piece, carry: local.Carry, incoming: Summary, length: int) -> torch.Tensor:
+    def _add_reads(self, o, c, piece: Piece, carry: local.Carry, incoming: Summary) -> torch.Tensor:
+        """o plus what the crossing-in piece (local rows [0, end)) reads from the incoming state."""
         state = to_state(incoming, c.v.shape[0])
-        reads = local.state_reads(carry, c.lam[:, piece.start : piece.end], piece.position, state.buckets)
-        return F.pad(reads, (0, 0, 0, 0, piece.start, length - piece.end))
+        reads = local.state_reads(carry, c.lam[:, : piece.end], piece.position, state.buckets).to(o.dtype)
+        if piece.end == o.shape[1]:
+            return o + reads
+        return torch.cat([o[:, : piece.end] + reads, o[:, piece.end :]], dim=1)
 
     def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,
                      rows: int) -> FenwickState:

@@ -72,7 +72,8 @@ def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
 
 def state_reads(c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
     """What queries at t0, t0+1, ... read from the Fenwick state after t0 tokens: [R, n, H, V] in
-    the state's dtype; lam [R, n, H, L], state [R, H, nbits, K, V].
+    q's dtype (the output's: one pass over [n, H, V] per live bit, no float32 copies);
+    lam [R, n, H, L], state [R, H, nbits, K, V].
 
     Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
@@ -80,23 +81,27 @@ def state_reads(c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> to
     """
     R, n, H = lam.shape[:3]
     above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)[None, :, None, None]
-    out = 0
+    out = None
     for bit in live_bits(t0):
         weight = lam.gather(-1, above.clamp(min=bit + 1).expand(R, n, H, 1)).to(state.dtype)
         if c.decay is not None:
             weight = weight * c.decay[..., None]
-        out = out + weight * _grouped(c.queries, state[:, :, bit])
+        read = _grouped(c.queries, state[:, :, bit])
+        term = weight.to(read.dtype) * read
+        out = term if out is None else out + term
     return out
 
 
 def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V] in s's dtype, head h reading group h // (H // Hq):
-    one GEMM per group, N = (H // Hq) * V wide. Half-precision q meets the float32 state as bf16
-    hi + lo parts (as the kernels' mma_f32 does): two tensor-core products, not one float32 one
-    at a fraction of the rate."""
+    """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V], head h reading group h // (H // Hq): one GEMM
+    per group, N = (H // Hq) * V wide. Half-precision q meets the float32 state as bf16 hi + lo
+    parts stacked along K (as the kernels' mma_f32 splits it), so one tensor-core product keeps
+    about 16 bits of the state; the result comes out in q's dtype."""
     s = s.unflatten(1, (q.shape[2], -1))
-    mm = lambda x: torch.einsum("rnqk,rqgkv->rnqgv", q, x).flatten(2, 3).to(s.dtype)  # noqa: E731
-    if q.dtype == s.dtype:
-        return mm(s)
-    hi = s.to(q.dtype)
-    return mm(hi) + mm((s - hi.to(s.dtype)).to(q.dtype))
+    if q.dtype in (torch.float16, torch.bfloat16):
+        hi = s.to(q.dtype)
+        s = torch.cat([hi, (s - hi.to(s.dtype)).to(q.dtype)], dim=-2)
+        q = torch.cat([q, q], dim=-1)
+    else:
+        q = q.to(s.dtype)
+    return torch.einsum("rnqk,rqgkv->rnqgv", q, s).flatten(2, 3)
