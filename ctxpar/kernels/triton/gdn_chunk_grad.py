@@ -30,6 +30,11 @@ NUM_WARPS = 8
 # No multi-buffered loads in the tile loops: a [K, 64] float32 tile of dM is 64 KB at K = 256, and
 # three stages of it alone would nearly fill the shared memory; the loops run a few steps only.
 NUM_STAGES = 1
+# dU / dM tile width. Compiled for sm_90 (benchmarks/kernel_resources.py), 64-wide tiles need 288 KiB
+# of shared memory at K = V = 128 in bf16 and 240 KiB at K = 128 in float32, over the 227 KiB a
+# block may take (the H200 refused the float32 launch); 32-wide: 224 KiB and 200 KiB. K = 192 and
+# V = 384 still need 352 KiB: the [C, K] products must be tiled over K as well.
+TILE = 32
 
 
 @triton.jit
@@ -149,5 +154,6 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
         layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
-        BK=min(64, KP), BV=min(64, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BK=min(TILE, KP), BV=min(TILE, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam

@@ -1,0 +1,136 @@
+"""Shared memory, registers and spills of every Triton kernel an op launches, compiled for an H200
+(sm_90) on a machine without a GPU, at no device time.
+
+The op runs forward and backward on CPU tensors with each kernel launch recorded instead of
+executed; every distinct launch (kernel, argument types, constexprs, warps, stages) is compiled
+ahead of time for the GPU target, and cuobjdump reads the cubin's resource usage. A kernel whose
+shared memory exceeds what one block may take would fail to launch on the device; a non-zero
+stack means register spills. The installed Triton compiles: its shared memory matched the
+device's Triton 3.6 where both were seen (GDN's chunk-stage backward, 245760 bytes), its register
+counts need not (output_kernel: 214 here with 3.7.1, 154 on the device).
+
+    python benchmarks/kernel_resources.py --variant gdn --heads 16 --groups 16 --k 128 --v 128
+    python benchmarks/kernel_resources.py --variant mamba2 --heads 32 --groups 1 --k 128 --v 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (tests/test_kernel_resources.py)
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+         torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=("mamba2", "gdn"), default="mamba2")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--groups", type=int, default=1, help="q/k heads Hk")
+    p.add_argument("--k", type=int, default=128)
+    p.add_argument("--v", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--tokens", type=int, default=512, help="enough chunks for every tree height a kernel specialises on")
+    return p.parse_args()
+
+
+def recorded_launches(fn) -> list[tuple[JITFunction, tuple, dict]]:
+    """Run ``fn()`` with every Triton launch recorded, not executed (outputs stay uninitialised)."""
+    launches, run = [], JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    try:
+        fn()
+    finally:
+        JITFunction.run = run
+    return launches
+
+
+def signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(argument types, constexpr values by position, compile options) of one launch."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    types, constexprs = {}, {}
+    for i, p in enumerate(kernel.params):
+        value = bound.get(p.name, None if p.default is inspect.Parameter.empty else p.default)
+        if p.is_constexpr or value is None:
+            types[p.name], constexprs[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            types[p.name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            types[p.name] = "i1"
+        elif isinstance(value, int):
+            types[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            types[p.name] = "fp32"
+    return types, constexprs, options
+
+
+def resources(kernel: JITFunction, types: dict, constexprs: dict, options: dict) -> dict:
+    compiled = triton.compile(ASTSource(kernel, types, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
+    shared = compiled.metadata.shared
+    return dict(shared=shared, fits=shared <= SHARED_LIMIT, registers=field("REG"), spill_stack=field("STACK"))
+
+
+def op_call(args):
+    """Forward and backward of the chosen op's Triton path on small CPU tensors."""
+    from ctxpar.kernels.levels import num_levels
+    from ctxpar.kernels.triton import chunked
+
+    dt, T, H, Hk = DTYPES[args.dtype], args.tokens, args.heads, args.groups
+    leaf = lambda *shape, dtype=dt: torch.randn(*shape, dtype=dtype).requires_grad_()  # noqa: E731
+    q, k, v = leaf(1, T, Hk, args.k), leaf(1, T, Hk, args.k), leaf(1, T, H, args.v)
+    g, lam = leaf(1, T, H, dtype=torch.float32), leaf(1, T, H, num_levels(T))
+    beta = leaf(1, T, H) if args.variant == "gdn" else None
+
+    def call():
+        o, _ = chunked(q, k, v, g, beta, lam, [(0, 0, T)])
+        o.float().sum().backward()
+
+    return call
+
+
+def main():
+    args = parse()
+    rows, seen = [], set()
+    for kernel, a, kw in recorded_launches(op_call(args)):
+        types, constexprs, options = signature(kernel, a, dict(kw))
+        key = (kernel.__name__, tuple(types.items()), repr(sorted(constexprs.items())), tuple(options.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        named = {kernel.params[i].name: v for (i,), v in constexprs.items() if v is not None}
+        row = dict(kernel=kernel.__name__, constexprs=named, **options)
+        try:
+            row.update(resources(kernel, types, constexprs, options))
+        except Exception as e:  # noqa: BLE001  a kernel that does not compile is a finding, not a crash
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if os.environ.get("OUT"):
+        name = f"kernel_resources-{args.variant}-{args.heads}x{args.k}x{args.v}-{args.dtype}.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
