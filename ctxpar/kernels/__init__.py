@@ -1,8 +1,8 @@
 """Log-linear attention on one device: the public ops and the dispatch between backends.
 
 Backends: ``"reference"`` (the materialized O(T^2) oracle; the token recurrence when a state goes
-in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels; log-linear
-Mamba-2 so far). ``"auto"`` picks triton for CUDA tensors when it can run them, torch otherwise.
+in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels, both
+variants). ``"auto"`` picks triton for CUDA Mamba-2 when it can run, torch otherwise (see _pick).
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ def available_backends() -> dict[str, str | None]:
     return {"torch": None, "reference": None, "triton": triton_kernels.unavailable_reason()}
 
 
-def _pick(backend, q):
+def _pick(backend, q, beta):
     if backend != "auto":
         return backend
-    fast = q.is_cuda and triton_kernels.unavailable_reason() is None
+    # The Triton GDN kernels pass on the CPU interpreter but not yet on the GPU: one GPU test
+    # passed, the next was refused at launch (since fixed for K <= 128; K = 192 still does not
+    # fit in shared memory). Until the GPU tests pass, "auto" keeps GDN on the torch backend.
+    fast = q.is_cuda and beta is None and triton_kernels.unavailable_reason() is None
     return "triton" if fast else "torch"
 
 
@@ -87,7 +90,7 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
     if cp is not None:
         return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
-    backend = _pick(backend, args[0])
+    backend = _pick(backend, args[0], args[4])
     reason = available_backends()[backend]
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
