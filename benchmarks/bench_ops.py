@@ -191,7 +191,7 @@ def fla_ops():
 def stage_times(T):
     """Median ms of each ctxpar stage alone (in-place stages rerun on their own output: same work)."""
     from ctxpar.kernels.triton import function as F
-    from ctxpar.kernels.triton.layout import build_layout
+    from ctxpar.kernels.triton.layout import build_layout, clear_layout_cache
 
     B = batch_of(T)
     q, k, v, g, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in log_linear_inputs(B, T))
@@ -207,7 +207,8 @@ def stage_times(T):
     _, _, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
     straddle = F.straddle(xs, ys, layout)
     times = {
-        "layout (host)": ms(lambda: build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)),
+        "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
+                                               build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV))),
         "chunk_state": ms(lambda: F.chunk_states(k, v, g, layout, fwd)),
         "cumulative_decay": ms(lambda: F.cumulative_decay(totals, layout)),
         "tree up": ms(lambda: F.up_sweep(states, None, gc, layout)),

@@ -73,6 +73,11 @@ def build_layout(spans, starts, row_length, chunk, group_size, device) -> Layout
     return _build(tuple(map(tuple, spans)), tuple(starts), row_length, chunk, group_size, torch.device(device))
 
 
+def clear_layout_cache() -> None:
+    """Forget the cached layouts (to time building one, or to free their device tables)."""
+    _build.cache_clear()
+
+
 @lru_cache(maxsize=64)
 def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
     b, s, e = (torch.tensor([x[i] for x in spans], dtype=torch.int64) for i in range(3))
