@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ctxpar.comm.launch import destroy_process_group
+
 # Read by the children at startup: gloo over loopback, one thread per rank (the CPU has 2 cores).
 _CHILD_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 # A deadlocked collective fails the test after this long instead of hanging it (gloo's default
-# is 30 minutes). Generous: ranks running interpreted Triton kernels on 2 shared cores can reach a
-# collective a minute apart (a 60 s limit aborted a rank in a loaded CI run).
-TIMEOUT = timedelta(seconds=180)
+# is 30 minutes).
+TIMEOUT = timedelta(seconds=60)
 
 
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo") -> None:
@@ -43,7 +44,7 @@ def _run_rank(rank: int, world_size: int, port: int, backend: str, fn, args: tup
     try:
         fn(*args)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def _free_port() -> int:

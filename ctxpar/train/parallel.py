@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ctxpar.comm.launch import LaunchInfo, init_process_group_from, resolve_launch
+from ctxpar.comm.launch import LaunchInfo, destroy_process_group, init_process_group_from, resolve_launch
 
 
 @dataclass
@@ -100,8 +100,7 @@ def _single_device(info: LaunchInfo) -> torch.device:
 
 
 def teardown(layout: Layout) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
 
 
 def cp_mean(nll_sum: torch.Tensor, count: torch.Tensor, cp_group=None) -> torch.Tensor:
