@@ -122,6 +122,17 @@ def row_tile(ptr, rows, heads, head, width, cols):
 
 
 @triton.jit
+def chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv):
+    """The chunk's q, k tiles [C, KP] (its q/k group) and v, dO tiles [C, VP] (its head), as both
+    backward stages read them; padded rows and columns load as zero."""
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    return qt, kt, vt, dot_
+
+
+@triton.jit
 def mma(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b for the products inside one chunk: operands in the inputs' dtype DT, float32 sums.
     bf16 inputs get bf16 tensor-core products (half the registers and twice the rate of tf32);

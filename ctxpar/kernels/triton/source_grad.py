@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          mma_f32, row_tile, slot_info)
+from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay,
+                                          local_levels, mma, mma_f32, row_tile, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -32,10 +32,7 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
-    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    qt, kt, vt, dot_ = chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv)
     gl = local_decay(g, rows, valid, H, h)
     w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     dp = mma(dot_, tl.trans(vt), dt, PREC)
