@@ -5,8 +5,8 @@ what those queries read from the Fenwick state that arrives from the ranks befor
 A piece's own summary is not here: it is the local op's final state from a zero state at the
 piece's first token, so no rank computes its states twice.
 
-Tensors are ``[R, H, n, ...]`` slices of the native canonical form (``ctxpar.kernels.inputs``):
-q, k keep their Hk groups and their input dtype.
+Tensors are token-major ``[R, n, ...]`` slices of the native canonical form
+(``ctxpar.kernels.inputs``): q, k keep their Hk groups and their input dtype.
 """
 
 from __future__ import annotations
