@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (tests/test_kernel_resources.py)
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
          torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

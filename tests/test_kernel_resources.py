@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-SHARED_LIMIT = 232448
-
 
 def kernel_rows(*args: str) -> list[dict]:
     # A fresh process: the conftest's TRITON_INTERPRET turns kernels into interpreted functions,
@@ -30,4 +28,4 @@ def test_every_kernel_compiles_within_shared_memory(shape):
     rows = kernel_rows(*shape, "--dtype", "bf16")
     assert len({r["kernel"] for r in rows}) >= 4, rows  # the forward and backward stages were all reached
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
-    assert [(r["kernel"], r["shared"]) for r in rows if r["shared"] > SHARED_LIMIT] == []
+    assert [(r["kernel"], r["shared"]) for r in rows if not r["fits"]] == []
