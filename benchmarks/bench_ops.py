@@ -199,7 +199,7 @@ def stage_times(T):
     spans = [(b, 0, T) for b in range(B)]
     ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
     fwd = bwd = "tf32"
-    layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV)
+    layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV)
     states, totals = F.chunk_states(k, v, g, layout, fwd)
     gc = F.cumulative_decay(totals, layout)
     grads = torch.zeros_like(states)
@@ -208,7 +208,7 @@ def stage_times(T):
     straddle = F.straddle(xs, ys, layout)
     times = {
         "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
-                                               build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_GROUP, DEV))),
+                                               build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV))),
         "chunk_state": ms(lambda: F.chunk_states(k, v, g, layout, fwd)),
         "cumulative_decay": ms(lambda: F.cumulative_decay(totals, layout)),
         "tree up": ms(lambda: F.up_sweep(states, None, gc, layout)),

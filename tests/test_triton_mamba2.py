@@ -46,7 +46,7 @@ CASES = {
 def test_forward_backward_against_reference(case):
     B, T, H, HK, K, V, L, spans, positions, final = CASES[case]
     q, k, v, g, lam = make_inputs(B, T, H, HK, K, V, L)
-    check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, final, chunk_size=C, group_size=2)
+    check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, final, chunk_size=C, segment=2)
 
 
 def test_float32_and_torch_backend_agree():

@@ -29,7 +29,7 @@ from ctxpar.kernels.triton.source_grad import source_grads
 from ctxpar.kernels.triton.tree import down_sweep, up_sweep
 
 DEFAULT_CHUNK = 64
-DEFAULT_GROUP = 16
+DEFAULT_SEGMENT = 32  # chunks per node-gradient segment (node_grad.py)
 
 
 class Plan:
@@ -118,7 +118,7 @@ def _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan):
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False,
-            chunk_size=DEFAULT_CHUNK, group_size=DEFAULT_GROUP):
+            chunk_size=DEFAULT_CHUNK, segment=DEFAULT_SEGMENT):
     """``torch_chunked.chunked``'s contract on the Triton kernels; q, k may keep Hk < H heads.
 
     q, k: [B, T, Hk, K] (already scaled); v: [B, T, H, V]; g: [B, T, H]; lam: [B, T, H, L];
@@ -135,7 +135,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     C = chunk_size
     log_c = C.bit_length() - 1
     starts = list(initial_state.positions) if initial_state is not None else [0] * len(spans)
-    layout = build_layout(spans, starts, T, C, group_size, v.device)
+    layout = build_layout(spans, starts, T, C, segment, v.device)
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, flam = (flat(x) for x in (q, k, v, g, lam))
     # A state that holds nothing only sets the positions: no initial-node reads in the kernels.

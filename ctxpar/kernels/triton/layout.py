@@ -32,8 +32,9 @@ class Layout:
     slot_chunk: torch.Tensor  # [S] int64: absolute chunk index of each slot
     by_height: torch.Tensor  # [S] int32: slots sorted by ones(chunk), descending
     at_least: list[int]  # at_least[h] = number of slots with ones(chunk) >= h
-    groups: torch.Tensor  # [G, 2] int64: (document, group index) of the node-gradient groups
-    group_size: int
+    segments: torch.Tensor  # [G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments
+    segments_in_slots: int  # the first ones, whose node is a slot (the rest read initial-state nodes)
+    segment: int  # chunks per segment at most
     heights: int  # bit_length of the largest chunk index: heights a read can reach
     starts: list[int]  # per document t0 (host ints)
     c0: list[int]
@@ -65,12 +66,33 @@ def trailing_ones(c: torch.Tensor) -> torch.Tensor:
     return torch.log2(lowest_zero.double()).round().long()
 
 
-def build_layout(spans, starts, row_length, chunk, group_size, device) -> Layout:
+def node_segments(slot_doc, slot_chunk, c0, heights, segment):
+    """The readers of every tree node, cut into runs of at most ``segment`` chunks: rows
+    (document, height, first chunk, chunks), those whose node is a slot first, then by length
+    (long loops start first). The node ((c >> h) - 1, h) is read by the chunks of its right
+    sibling, which are consecutive, so a run is one uniform loop for node_grad.py."""
+    rows = []
+    for h in range(heights):
+        reads = ((slot_chunk >> h) & 1) == 1
+        if not reads.any():
+            continue
+        doc, c = slot_doc[reads], slot_chunk[reads]
+        key = torch.stack([doc, c >> h, (c & ((1 << h) - 1)) // segment], dim=1)
+        _, counts = torch.unique_consecutive(key, dim=0, return_counts=True)
+        start = torch.cumsum(counts, 0) - counts
+        rows.append(torch.stack([doc[start], torch.full_like(counts, h), c[start], counts], dim=1))
+    table = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.int64)
+    in_slots = ((table[:, 2] >> table[:, 1]) << table[:, 1]) - 1 >= c0[table[:, 0]]
+    order = torch.argsort(-(in_slots.long() * (1 << 32) + table[:, 3]), stable=True)
+    return table[order], int(in_slots.sum())
+
+
+def build_layout(spans, starts, row_length, chunk, segment, device) -> Layout:
     """spans: [(batch, start, end)]; starts: t0 per span (0 without an initial state).
 
     Cached: every layer of a model calls with the same structure, and copying the tables to the
     GPU is a blocking copy that would drain the launch queue once per call."""
-    return _build(tuple(map(tuple, spans)), tuple(starts), row_length, chunk, group_size, torch.device(device))
+    return _build(tuple(map(tuple, spans)), tuple(starts), row_length, chunk, segment, torch.device(device))
 
 
 def clear_layout_cache() -> None:
@@ -79,7 +101,7 @@ def clear_layout_cache() -> None:
 
 
 @lru_cache(maxsize=64)
-def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
+def _build(spans, starts, row_length, chunk, segment, device) -> Layout:
     b, s, e = (torch.tensor([x[i] for x in spans], dtype=torch.int64) for i in range(3))
     t0 = torch.tensor(starts, dtype=torch.int64)
     length = e - s
@@ -96,11 +118,7 @@ def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
     heights = int(c_last.max()).bit_length()
     at_least = [int((ones >= h).sum()) for h in range(heights + 2)]
 
-    g_first, g_last = c0 // group_size, c_last // group_size
-    g_count = g_last - g_first + 1
-    g_doc = torch.repeat_interleave(torch.arange(len(spans)), g_count)
-    g_index = g_first[g_doc] + torch.arange(int(g_count.sum())) - (torch.cumsum(g_count, 0) - g_count)[g_doc]
-    groups = torch.stack([g_doc, g_index], dim=1)
+    segments, in_slots = node_segments(slot_doc, slot_chunk, c0, heights, segment)
 
     to = lambda x, dt: x.to(device=device, dtype=dt)  # noqa: E731
     return Layout(
@@ -110,8 +128,9 @@ def _build(spans, starts, row_length, chunk, group_size, device) -> Layout:
         slot_chunk=to(slot_chunk, torch.int64),
         by_height=to(by_height, torch.int32),
         at_least=at_least,
-        groups=to(groups, torch.int64),
-        group_size=group_size,
+        segments=to(segments, torch.int64),
+        segments_in_slots=in_slots,
+        segment=segment,
         heights=heights,
         starts=[int(x) for x in t0],
         c0=[int(x) for x in c0],
