@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, mma, mma_f32, node_carry, row_tile, slot_info)
+                                          local_decay, local_levels, mma, mma_f32, node_carry, reads_at, row_tile,
+                                          slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -40,7 +41,7 @@ def output_kernel(q, k, v, g, lam, states, init, gc, o, docs, slot_doc, slot_chu
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
-        if ((c >> height) & 1) == 1:
+        if reads_at(c, height, c0, HAS_INIT):
             in_slots, slot, carry = node_carry(gc, gl, before, c, height, c0, first, H, h)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
             weight = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height) * carry

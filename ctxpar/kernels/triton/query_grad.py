@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, gc_before, intra_decay, intra_scales, level_scale,
-                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, row_tile,
-                                          slot_info)
+                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, reads_at,
+                                          row_tile, slot_info)
 
 NUM_WARPS = 8  # the dots and [C, K] fp32 tiles of one program need the registers of 8 warps
 
@@ -52,7 +52,7 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
-        if ((c >> height) & 1) == 1:
+        if reads_at(c, height, c0, HAS_INIT):
             in_slots, slot, carry = node_carry(gc, gl, before, c, height, c0, first, H, h)
             node = load_node(states, init, in_slots, slot, n, h, height, H, NI, K, V, rk, rv, node_mask, HAS_INIT)
             y = mma_f32(dot_, tl.trans(node), dt, PREC)
