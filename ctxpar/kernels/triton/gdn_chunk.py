@@ -43,6 +43,14 @@ def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def qk_columns(q, k, rows, valid, HK, group, K, cols):
+    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero."""
+    mask = valid[:, None] & (cols[None, :] < K)
+    return (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0).to(tl.float32),
+            tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def square_tile(ptr, i, h, H, C: tl.constexpr):
     """Pointers to the [C, C] tile of slot i, head h of a [S, H, C, C] tensor."""
     r = tl.arange(0, C)
@@ -71,9 +79,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
     r, rk = tl.arange(0, C), tl.arange(0, KP)
-    qk_mask = valid[:, None] & (rk[None, :] < K)
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
-    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
@@ -94,10 +100,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
         tl.store(o_out + (head * C + r[:, None]) * V + rv[None, :], o, mask=rv[None, :] < V)
     else:
         rc = (tile - nv) * BK + tl.arange(0, BK)
-        col_mask = valid[:, None] & (rc[None, :] < K)
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
-        kc = tl.load(row_tile(k, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
-        qc = tl.load(row_tile(q, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         w = mma(ut, kc * decay_in, tl.float32, PREC)
         q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)

@@ -24,16 +24,16 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           row_tile, slot_info)
-from ctxpar.kernels.triton.gdn_chunk import square_tile
+from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 
 NUM_WARPS = 8
 # No multi-buffered loads in the tile loops: a [K, 64] float32 tile of dM is 64 KB at K = 256, and
 # three stages of it alone would nearly fill the shared memory; the loops run a few steps only.
 NUM_STAGES = 1
-# dU / dM tile width. Compiled for sm_90 (benchmarks/kernel_resources.py), 64-wide tiles need 288 KiB
-# of shared memory at K = V = 128 in bf16 and 240 KiB at K = 128 in float32, over the 227 KiB a
-# block may take (the H200 refused the float32 launch); 32-wide: 224 KiB and 200 KiB. K = 192 and
-# V = 384 still need 352 KiB: the [C, K] products must be tiled over K as well.
+# dU / dM tile width. Compiled for sm_90 (benchmarks/kernel_resources.py), 32-wide tiles need 128 KiB
+# of shared memory at K = V = 128 in bf16 (136 KiB in float32) and 192 KiB at K = 192 or 256 (184 KiB
+# in float32), within the 227 KiB a block may take. 64-wide tiles need 256 KiB at K = 192 and, at
+# K = 128, fit but spill more (3.6 KB of stack, 2.4 KB at 32).
 TILE = 32
 
 
@@ -51,10 +51,8 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
     r, rk = tl.arange(0, C), tl.arange(0, KP)
-    qk_mask = valid[:, None] & (rk[None, :] < K)
     head = (i * H + h).to(tl.int64)
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
-    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
@@ -102,8 +100,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
         col_mask = valid[:, None] & (rc[None, :] < K)
-        kc = tl.load(row_tile(k, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
-        qc = tl.load(row_tile(q, rows, HK, group, K, rc), mask=col_mask, other=0.0).to(tl.float32)
+        qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
         d_mc = tl.load(dm + head * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
                        other=0.0)
@@ -123,6 +120,10 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     d_beta = tl.sum(inv * d_t, 0)
     d_a = -dot(dot(tl.trans(inv), d_t * bt[None, :], PREC), tl.trans(inv), PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
+    # q and k loaded again rather than kept from the start: the shared-memory copies of them that the
+    # products below take (64 KB each at K = 256) would stay allocated through both tile loops (at
+    # K = 192, V = 384: 352 KiB in all, 192 KiB this way).
+    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
     kk = dot(kt, tl.trans(kt), PREC)  # recomputed here, not kept live through the tile loops
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
@@ -131,12 +132,13 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kout * e_out[:, None]
 
     # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings, and G_C.
-    z = (bt[:, None] * d_a * kk + d_s * dot(qt, tl.trans(kt), PREC)) * gam
+    z = bt[:, None] * d_a * kk * gam + d_s * s
     out_share = e_out * tl.sum(kt * d_kout, 1)
     d_gl = tl.sum(z, 1) - tl.sum(z, 0) + d_g_in - out_share
     d_gl += tl.where(r == C - 1, tl.exp(total) * tl.sum(d_diag) + tl.sum(out_share), 0.0)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), d_q, mask=qk_mask, sem="relaxed")
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
