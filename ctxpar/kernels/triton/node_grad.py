@@ -16,13 +16,12 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, level_scale, local_decay, mma_f32, node_at, node_carry,
-                                          row_tile, state_offsets)
+                                          num_warps, row_tile, state_offsets)
 
-# Swept at 128K tokens on an H200 (segments of 8-64 chunks, 4 or 8 warps, 1-3 stages): 4 warps
-# and one stage take 4.9-5.3 ms, 8 warps 8.0-9.5 ms; the segment length matters little.
-NUM_WARPS = 4
+# Swept at 128K tokens on an H200 (segments of 8-64 chunks, 4 or 8 warps, 1-3 stages, K tiles of
+# 64 or 128): 4 warps and one stage take 4.9-5.3 ms, 8 warps 8.0-9.5 ms, 64-wide K tiles 6.0 ms;
+# the segment length matters little.
 NUM_STAGES = 1
-MAX_BK = 128  # K tile width
 
 
 @triton.jit
@@ -62,7 +61,7 @@ def node_grad_kernel(q, do, g, lam, gc, grads, init_grads, docs, segments, H, HK
 def node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec):
     """Adds into grads [S, H, K, V] (and init_grads [N, H, NI, K, V]) the read nodes' gradients."""
     H, K, V, L = do.shape[1], q.shape[2], do.shape[2], lam.shape[2]
-    BK, BV = min(MAX_BK, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = min(128, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     # Without an initial state the segments reading initial nodes (the last ones) add nothing.
     count = layout.segments.shape[0] if init_grads is not None else layout.segments_in_slots
     if count == 0:
@@ -72,4 +71,5 @@ def node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec):
                            layout.segments, H, q.shape[1], K, V, L,
                            1 if init_grads is None else init_grads.shape[2], C=layout.chunk,
                            LOG_C=layout.chunk.bit_length() - 1, SEGMENT=layout.segment, BK=BK, BV=BV,
-                           num_warps=NUM_WARPS, num_stages=NUM_STAGES, PREC=prec, HAS_INIT=init_grads is not None)
+                           num_warps=num_warps(q.dtype), num_stages=NUM_STAGES, PREC=prec,
+                           HAS_INIT=init_grads is not None)

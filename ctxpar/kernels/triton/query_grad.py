@@ -17,10 +17,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, gc_before, intra_decay, intra_scales, level_scale,
-                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, reads_at,
-                                          row_tile, slot_info)
-
-NUM_WARPS = 4  # swept on an H200 at 128K tokens (H=32, K=128, V=64, bf16): 4 warps beat 8 (and 2) by 1.7-2x
+                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, num_warps,
+                                          reads_at, row_tile, slot_info)
 
 
 @triton.jit
@@ -91,6 +89,6 @@ def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
         q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
         1 if init is None else init.shape[2], nh, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-        KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), num_warps=NUM_WARPS, PREC=prec,
+        KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), num_warps=num_warps(q.dtype), PREC=prec,
         HAS_INIT=init is not None)
     return dq, dlam, dg, xs

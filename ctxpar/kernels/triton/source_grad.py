@@ -13,10 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay,
-                                          local_levels, mma, mma_f32, row_tile, slot_info)
-
-NUM_WARPS = 4  # swept on an H200 at 128K tokens (H=32, K=128, V=64, bf16): 4 warps beat 8 (and 2) by 1.7-2x
+from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay, local_levels,
+                                          mma, mma_f32, num_warps, row_tile, slot_info)
 
 
 @triton.jit
@@ -63,5 +61,5 @@ def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
     source_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
         H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        VP=triton.next_power_of_2(V), num_warps=NUM_WARPS, PREC=prec)
+        VP=triton.next_power_of_2(V), num_warps=num_warps(q.dtype), PREC=prec)
     return dk, dv
