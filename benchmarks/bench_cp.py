@@ -46,6 +46,8 @@ def parse():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-anchor", action="store_true", help="skip flash-linear-attention's rows")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--check-t", type=int, default=131072,
+                   help="first check the CP op against one GPU at this many tokens (0: no check)")
     return p.parse_args()
 
 
@@ -235,6 +237,49 @@ def fla_rows(args, mode, T, group, timer, device):
     return _scaled(row, baseline)
 
 
+def check_row(args, variant, T, group, device):
+    """The CP op's output and gradients at T total tokens against one GPU on the whole sequence
+    (the same draws on every rank, each takes its slice): relative errors, bf16 tolerances."""
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    whole = make_inputs(variant, T, device, seed=0)
+    gen = torch.Generator(device).manual_seed(1)
+    lam = 0.5 + torch.rand(1, T, SHAPES[variant]["H"], num_levels(T), device=device, generator=gen)
+    do = torch.randn(1, T, SHAPES[variant]["H"], SHAPES[variant]["V"], device=device, generator=gen)
+    whole = (*whole, lam, do)
+    n = T // P
+    mine = tuple(None if x is None else x[:, rank * n : (rank + 1) * n] for x in whole)
+    got = [_gather(x, group) for x in _fwd_bwd(variant, mine, args.backend, CPContext(group))]
+    row = dict(impl="ctxpar", variant=variant, scheme="allgather", mode="check", T=T, P=P)
+    if rank == 0:
+        want = _fwd_bwd(variant, whole, args.backend, None)
+        names = ["o", "q", "k", "v", "g"] + (["beta"] if variant == "gdn" else []) + ["level_scales"]
+        row["rel_err"] = {name: _rel(a, b) for name, a, b in zip(names, got, want)}
+        row["ok"] = all(e <= (4e-3 if name == "o" else 1e-2) for name, e in row["rel_err"].items())
+    return row
+
+
+def _fwd_bwd(variant, inputs, backend, cp):
+    """[o, dq, dk, dv, dg, (dbeta,) dlam] of one bf16 forward+backward."""
+    q, k, v, g, beta, lam, do = inputs
+    dt = torch.bfloat16
+    leaves = [x.to(dt).requires_grad_() for x in (q, k, v)] + [g.clone().requires_grad_()]
+    leaves += ([] if beta is None else [beta.to(dt).requires_grad_()]) + [lam.to(dt).requires_grad_()]
+    op = log_linear_gdn if variant == "gdn" else log_linear_mamba2
+    o, _ = op(*leaves, cp=cp, backend=backend)
+    o.backward(do.to(o.dtype))
+    return [o.detach()] + [x.grad for x in leaves]
+
+
+def _gather(x, group):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def guarded(rows, fn, *a, label):
     try:
         rows.append(fn(*a))
@@ -260,6 +305,10 @@ def main():
     rows = []
     if rank < gpus:
         timer = Timer(device, args.steps, group, args.warmup)
+        if args.check_t:
+            for variant in args.variants.split(","):
+                guarded(rows, check_row, args, variant, args.check_t, group, device,
+                        label=dict(impl="ctxpar", variant=variant, mode="check", T=args.check_t))
         cases = [("strong", int(t)) for t in args.strong_t.split(",")] + [("weak", args.weak_t * gpus)]
         for mode, T in cases:
             n = T // gpus
@@ -284,7 +333,7 @@ def main():
 
 def _table(rows):
     cols = ("impl", "variant", "scheme", "mode", "T", "P", "ms", "one_gpu_ms", "efficiency", "exposed_comm_ms",
-            "bytes_per_rank")
+            "bytes_per_rank", "ok")
     print(" | ".join(cols))
     for r in rows:
         cells = [r.get(c, r.get("error", "") if c == "ms" else "") for c in cols]

@@ -202,10 +202,11 @@ class CPContext:
     def _add_reads(self, o, c, piece: Piece, carry: local.Carry, incoming: Summary) -> torch.Tensor:
         """o plus what the crossing-in piece (local rows [0, end)) reads from the incoming state."""
         state = to_state(incoming, c.v.shape[0])
-        reads = local.state_reads(carry, c.lam[:, : piece.end], piece.position, state.buckets).to(o.dtype)
+        lam = c.lam[:, : piece.end]
         if piece.end == o.shape[1]:
-            return o + reads
-        return torch.cat([o[:, : piece.end] + reads, o[:, piece.end :]], dim=1)
+            return local.add_state_reads(o, carry, lam, piece.position, state.buckets)
+        return torch.cat([local.add_state_reads(o[:, : piece.end], carry, lam, piece.position, state.buckets),
+                          o[:, piece.end :]], dim=1)
 
     def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,
                      rows: int) -> FenwickState:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ctxpar.kernels import state_reads
 from ctxpar.kernels.levels import level_of, live_bits
 from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK, chunk_stage, transport
 
@@ -70,38 +71,20 @@ def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def state_reads(c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
-    """What queries at t0, t0+1, ... read from the Fenwick state after t0 tokens: [R, n, H, V] in
-    q's dtype (the output's: one pass over [n, H, V] per live bit, no float32 copies);
-    lam [R, n, H, L], state [R, H, nbits, K, V].
+def add_state_reads(o: torch.Tensor, c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
+    """o [R, n, H, V] plus what queries at t0, t0+1, ... read from the Fenwick state after t0
+    tokens (state [R, H, nbits, K, V]); lam [R, n, H, L].
 
     Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
     differing bit decides for every lower bucket alike.
     """
     R, n, H = lam.shape[:3]
-    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)[None, :, None, None]
-    out = None
-    for bit in live_bits(t0):
-        weight = lam.gather(-1, above.clamp(min=bit + 1).expand(R, n, H, 1)).to(state.dtype)
-        if c.decay is not None:
-            weight = weight * c.decay[..., None]
-        read = _grouped(c.queries, state[:, :, bit])
-        term = weight.to(read.dtype) * read
-        out = term if out is None else out + term
-    return out
-
-
-def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V], head h reading group h // (H // Hq): one GEMM
-    per group, N = (H // Hq) * V wide. Half-precision q meets the float32 state as bf16 hi + lo
-    parts stacked along K (as the kernels' mma_f32 splits it), so one tensor-core product keeps
-    about 16 bits of the state; the result comes out in q's dtype."""
-    s = s.unflatten(1, (q.shape[2], -1))
-    if q.dtype in (torch.float16, torch.bfloat16):
-        hi = s.to(q.dtype)
-        s = torch.cat([hi, (s - hi.to(s.dtype)).to(q.dtype)], dim=-2)
-        q = torch.cat([q, q], dim=-1)
-    else:
-        q = q.to(s.dtype)
-    return torch.einsum("rnqk,rqgkv->rnqgv", q, s).flatten(2, 3)
+    bits = live_bits(t0)
+    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
+    levels = torch.stack([above.clamp(min=b + 1) for b in bits], dim=1)  # [n, nb]
+    w = lam.gather(-1, levels[None, :, None, :].expand(R, n, H, len(bits))).to(state.dtype)
+    if c.decay is not None:
+        w = w * c.decay[..., None].to(state.dtype)
+    buckets = torch.stack([state[:, :, b] for b in bits], dim=2)  # slices: a host index list would sync
+    return state_reads.add_state_reads(o, c.queries, w, buckets)

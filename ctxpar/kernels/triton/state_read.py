@@ -1,0 +1,143 @@
+"""Reads of a Fenwick state by a run of queries, fused into the output (counterpart:
+``ctxpar.kernels.state_reads.torch_reads``).
+
+    out[t, h] = o[t, h] + sum_b w[t, h, b] * (q[t, h // (H // Hq)] @ S[h, b])
+
+Forward: one program per (block of BT tokens, head, V tile) adds its reads to o in one pass.
+Backward: dq and dw per (token block, q group), looping over the group's heads (no atomics);
+dS per (run of token blocks, head, V tile), an atomic add per run. Rows are the flattened
+[R * n] tokens; a token block never straddles two sequences.
+
+In torch the same op took 18 ms of a 512K-token context-parallel step on an H200 (separate
+passes over [n, H, V] for the weights, the sum and the add, and their backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import mma_f32, num_warps, row_tile
+
+BT = 64  # tokens per block
+RUN = 16  # token blocks per program of the dS reduction
+
+
+@triton.jit
+def block_rows(pid, n, BT: tl.constexpr):
+    """(sequence r, rows of the block, which are real) of token block pid."""
+    blocks = tl.cdiv(n, BT)
+    r = pid // blocks
+    t = (pid % blocks) * BT + tl.arange(0, BT)
+    return r, r.to(tl.int64) * n + t, t < n
+
+
+@triton.jit
+def bucket_tile(s, r, h, b, H, NB, K, V, rk, rv):
+    ptr = s + (((r * H + h) * NB + b).to(tl.int64) * K + rk[:, None]) * V + rv[None, :]
+    return tl.load(ptr, mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+
+
+@triton.jit
+def reads_kernel(o, q, w, s, out, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
+    pid, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, rows, valid = block_rows(pid, n, BT)
+    rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
+    qt = tl.load(row_tile(q, rows, HQ, h // (H // HQ), K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for b in range(NB):
+        wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
+        acc += wb[:, None] * mma_f32(qt, bucket_tile(s, r, h, b, H, NB, K, V, rk, rv), q.dtype.element_ty, PREC)
+    mask = valid[:, None] & (rv[None, :] < V)
+    x = tl.load(row_tile(o, rows, H, h, V, rv), mask=mask, other=0.0).to(tl.float32) + acc
+    tl.store(row_tile(out, rows, H, h, V, rv), x.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def query_grad_kernel(do, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
+                      VP: tl.constexpr, PREC: tl.constexpr):
+    pid, group = tl.program_id(0), tl.program_id(1)
+    r, rows, valid = block_rows(pid, n, BT)
+    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    qk_mask = valid[:, None] & (rk[None, :] < K)
+    qt = tl.load(row_tile(q, rows, HQ, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BT, KP], dtype=tl.float32)
+    per = H // HQ
+    for j in range(per):
+        h = group * per + j
+        dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        for b in range(NB):
+            y = mma_f32(dot_, tl.trans(bucket_tile(s, r, h, b, H, NB, K, V, rk, rv)), q.dtype.element_ty, PREC)
+            wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
+            acc += wb[:, None] * y
+            tl.store(dw + (rows * H + h) * NB + b, tl.sum(qt * y, 1), mask=valid)
+    tl.store(row_tile(dq, rows, HQ, group, K, rk), acc, mask=qk_mask)
+
+
+@triton.jit
+def state_grad_kernel(do, q, w, ds, n, H, HQ, K, V, NB, RUN: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
+                      BV: tl.constexpr, PREC: tl.constexpr):
+    pid, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    runs = tl.cdiv(tl.cdiv(n, BT), RUN)
+    r, first = pid // runs, pid % runs * RUN
+    rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
+    group = h // (H // HQ)
+    for b in range(NB):
+        acc = tl.zeros([KP, BV], dtype=tl.float32)
+        for j in range(RUN):
+            _, rows, valid = block_rows(r * tl.cdiv(n, BT) + first + j, n, BT)
+            valid = valid & (first + j < tl.cdiv(n, BT))
+            qt = tl.load(row_tile(q, rows, HQ, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+            dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+            wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
+            acc += mma_f32(tl.trans(qt), dot_ * wb[:, None], q.dtype.element_ty, PREC)
+        ptr = ds + (((r * H + h) * NB + b).to(tl.int64) * K + rk[:, None]) * V + rv[None, :]
+        tl.atomic_add(ptr, acc, mask=(rk[:, None] < K) & (rv[None, :] < V), sem="relaxed")
+
+
+class StateReads(torch.autograd.Function):
+    """Flattened rows: o [R n, H, V], q [R n, Hq, K], w [R n, H, nb] float32, s [R, H, nb, K, V] float32."""
+
+    @staticmethod
+    def forward(ctx, o, q, w, s, n):
+        H, V, HQ, K, NB = o.shape[1], o.shape[2], q.shape[1], q.shape[2], s.shape[2]
+        out = torch.empty_like(o)
+        BV = min(64, triton.next_power_of_2(V))
+        grid = (s.shape[0] * triton.cdiv(n, BT), H, triton.cdiv(V, BV))
+        reads_kernel[grid](o, q, w, s, out, n, H, HQ, K, V, NB, BT=BT, KP=triton.next_power_of_2(K), BV=BV,
+                           PREC=_prec(q), num_warps=num_warps(q.dtype))
+        ctx.save_for_backward(q, w, s)
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, w, s = ctx.saved_tensors
+        n, d_out = ctx.n, d_out.contiguous()
+        H, V, HQ, K, NB = d_out.shape[1], d_out.shape[2], q.shape[1], q.shape[2], s.shape[2]
+        R, KP = s.shape[0], triton.next_power_of_2(K)
+        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dw = torch.empty_like(w)
+        query_grad_kernel[(R * triton.cdiv(n, BT), HQ)](d_out, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP,
+                                                         VP=triton.next_power_of_2(V), PREC=_prec(q),
+                                                         num_warps=num_warps(q.dtype))
+        ds = torch.zeros_like(s)
+        BV = min(64, triton.next_power_of_2(V))
+        grid = (R * triton.cdiv(triton.cdiv(n, BT), RUN), H, triton.cdiv(V, BV))
+        state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=BT, KP=KP, BV=BV, PREC=_prec(q),
+                                num_warps=num_warps(q.dtype))
+        return d_out, dq.to(q.dtype), dw, ds, None
+
+
+def _prec(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def add_state_reads(o, q, w, states):
+    """``ctxpar.kernels.state_reads.add_state_reads`` on the kernels: [R, n, ...] tensors."""
+    R, n = o.shape[:2]
+    flat = lambda x: x.reshape(R * n, *x.shape[2:]).contiguous()  # noqa: E731
+    out = StateReads.apply(flat(o), flat(q), flat(w.float()), states.float().contiguous(), n)
+    return out.view(o.shape)
