@@ -53,6 +53,8 @@ def main():
     for _ in range(2):  # compile and warm the caches
         run()
     torch.cuda.synchronize()
+    if args.cp:
+        dist.barrier()  # start together, so a rank's collective time is its wait for the others
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
