@@ -140,13 +140,13 @@ class CPContext:
         shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
         comm = exchange.make(self.scheme, self.transport, lay, shape)
         state = None if initial_state is None else initial_state.buckets
-        comm.start(self._own_summary(c, lay, final, carry), _anchor(q, k, v, g, beta, level_scales, state))
+        comm.start(self._own_summary(c, lay, final, carry), exchange.anchor([q, k, v, g, beta, level_scales], [state]))
         incoming, tie = comm.finish()
         if piece is not None:
             o = self._add_reads(o, c, piece, carry, incoming)
             if output_final_state:
                 final = self._carry_final(final, piece, carry, incoming, B)
-        return (o if tie is None else o + tie), (final if output_final_state else None)
+        return exchange.tied(o, tie), (final if output_final_state else None)
 
     def _piece_rows(self, batch: int) -> int:
         """Sequences one piece holds: every batch row, or one packed document."""
@@ -217,12 +217,6 @@ class CPContext:
         carried = to_state(join(incoming, own), n)
         rest = FenwickState(final.buckets[n:], final.positions[n:])
         return FenwickState.stack([carried, rest]) if rest.num_sequences else carried
-
-
-def _anchor(*inputs) -> torch.Tensor:
-    """Zero that depends on every input needing grad, through one element of each (see ``exchange``)."""
-    needed = [x for x in inputs if x is not None and x.requires_grad and x.numel()]
-    return sum((0 * x[(0,) * x.dim()] for x in needed), torch.zeros(()))
 
 
 def _state_dtype(c) -> torch.dtype:

@@ -36,7 +36,9 @@ def straddle(xs, ys, layout):
 
     has_parent = live & (block_end <= c_last[:, None])
     up = ys.gather(0, index).where(has_parent[:, None, :], 0)
-    after = torch.cat([xs.double().flip(0).cumsum(0).flip(0), xs.new_zeros(1, H, NH, dtype=torch.float64)])
+    # Scanned along the last dim: a scan over dim 0 of [S, H, NH] runs on H * NH threads.
+    suffix = xs.double().flip(0).permute(1, 2, 0).cumsum(-1).permute(2, 0, 1).flip(0)
+    after = torch.cat([suffix, xs.new_zeros(1, H, NH, dtype=torch.float64)])
     reads = after[1:] - after.gather(0, index + 1)  # reads by slots i + 1 .. end of i's block
     reads = reads.where(live[:, None, :], 0)
     return (up.double().sum(-1) + reads.sum(-1)).float()

@@ -56,7 +56,7 @@ def reads_kernel(o, q, w, s, out, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.c
 
 
 @triton.jit
-def query_grad_kernel(do, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
+def reads_grad_kernel(do, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
                       VP: tl.constexpr, PREC: tl.constexpr):
     pid, group = tl.program_id(0), tl.program_id(1)
     r, rows, valid = block_rows(pid, n, BT)
@@ -120,7 +120,7 @@ class StateReads(torch.autograd.Function):
         R, KP = s.shape[0], triton.next_power_of_2(K)
         dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dw = torch.empty_like(w)
-        query_grad_kernel[(R * triton.cdiv(n, BT), HQ)](d_out, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP,
+        reads_grad_kernel[(R * triton.cdiv(n, BT), HQ)](d_out, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP,
                                                          VP=triton.next_power_of_2(V), PREC=_prec(q),
                                                          num_warps=num_warps(q.dtype))
         ds = torch.zeros_like(s)
