@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 MODES = {"store": 0, "add": 1, "atomic": 2}
+TILE_M, TILE_N, TILE_K, NUM_WARPS = 64, 64, 32, 4  # the largest output tile and reduction step
 
 
 @triton.jit
@@ -60,9 +61,9 @@ def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b
         return
     M, KD = (a.shape[3], a.shape[2]) if trans_a else (a.shape[2], a.shape[3])
     N = b.shape[2] if trans_b else b.shape[3]
-    BM, BN = min(64, triton.next_power_of_2(M)), min(64, triton.next_power_of_2(N))
-    BK = min(32, triton.next_power_of_2(KD))
+    BM, BN = min(TILE_M, triton.next_power_of_2(M)), min(TILE_N, triton.next_power_of_2(N))
+    BK = min(TILE_K, triton.next_power_of_2(KD))
     grid = (n, H, triton.cdiv(M, BM) * triton.cdiv(N, BN))
     gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, out if weight is None else weight, H, M, N, KD,
                             TRANS_A=trans_a, TRANS_B=trans_b, MODE=MODES[mode], HAS_WEIGHT=weight is not None,
-                            BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=4)
+                            BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=NUM_WARPS)
