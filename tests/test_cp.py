@@ -219,3 +219,17 @@ def test_log_p_sends_only_what_short_documents_need():
     for P in (8, 64, 1024):
         assert messages_per_rank(P, [*range(0, 64 * P, 40), 64 * P]) < 2
         assert messages_per_rank(P, [0, 64 * P]) > math.log2(P) - 1.5
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 5000])
+def test_two_level_prefix_sum_matches_cumsum(n):
+    """The crossing-in piece's decays come from a blocked scan (local._prefix_sum): values and
+    gradient equal torch's cumsum on both sides of a block boundary."""
+    from ctxpar.cp.local import _prefix_sum
+
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(2, 3, n, dtype=torch.float64)
+    got = _prefix_sum(x)
+    want = x.cumsum(-1)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(*(torch.autograd.grad(y, x, d)[0] for y in (got, want)), rtol=1e-12, atol=1e-12)
