@@ -44,6 +44,7 @@ def parse():
     p.add_argument("--k", type=int, default=128)
     p.add_argument("--v", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--cp", action="store_true", help="also the kernels context parallelism adds (the state reads)")
     p.add_argument("--tokens", type=int, default=512, help="enough chunks for every tree height a kernel specialises on")
     return p.parse_args()
 
@@ -104,6 +105,11 @@ def op_call(args):
 
     def call():
         o, _ = chunked(q, k, v, g, beta, lam, [(0, 0, T)])
+        if args.cp:
+            from ctxpar.kernels.triton.state_read import add_state_reads
+
+            w, state = leaf(1, T, H, 2, dtype=torch.float32), leaf(1, H, 2, args.k, args.v, dtype=torch.float32)
+            o = add_state_reads(o, q, w, state)
         o.float().sum().backward()
 
     return call

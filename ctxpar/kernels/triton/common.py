@@ -179,3 +179,13 @@ def mma_f32(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     hi = b.to(DT)
     lo = (b - hi.to(tl.float32)).to(DT)
     return tl.dot(a.to(DT), lo, acc=tl.dot(a.to(DT), hi, out_dtype=tl.float32))
+
+
+@triton.jit
+def mma_parts(a, hi, lo, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """a @ (hi + lo), a float32 operand split as mma_f32 splits it (SPLIT), else a @ hi: for a
+    state that many programs read, split once on the host instead of once per program. (mma_f32
+    keeps its own two products: routing them through here changed ptxas's spills in source_grad.)"""
+    if SPLIT:
+        return tl.dot(a, lo, acc=tl.dot(a, hi, out_dtype=tl.float32))
+    return tl.dot(a, hi, input_precision=PREC, out_dtype=tl.float32)
