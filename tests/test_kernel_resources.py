@@ -22,9 +22,10 @@ def kernel_rows(*args: str) -> list[dict]:
 
 @pytest.mark.parametrize("shape", [
     ("--variant", "mamba2", "--heads", "32", "--groups", "1", "--k", "128", "--v", "64", "--cp"),
+    ("--variant", "mamba2", "--heads", "4", "--groups", "2", "--k", "256", "--v", "256", "--cp"),
     ("--variant", "gdn", "--heads", "16", "--groups", "16", "--k", "128", "--v", "128"),
     ("--variant", "gdn", "--heads", "6", "--groups", "6", "--k", "192", "--v", "384"),
-], ids=["mamba2-H32-K128-V64-with-cp-reads", "gdn-H16-K128-V128", "gdn-H6-K192-V384"])
+], ids=["mamba2-H32-K128-V64-with-cp-reads", "mamba2-K256-V256-split-v", "gdn-H16-K128-V128", "gdn-H6-K192-V384"])
 def test_every_kernel_compiles_within_shared_memory(shape):
     rows = kernel_rows(*shape, "--dtype", "bf16")
     assert len({r["kernel"] for r in rows}) >= 4, rows  # the forward and backward stages were all reached

@@ -23,9 +23,11 @@ def rel(a, b):
     (2, 70, 4, 2, 16, 32, 3, torch.float32, 1e-5, 1e-5),
     (1, 1100, 2, 2, 16, 16, 1, torch.float32, 1e-5, 1e-5),  # more blocks than one dS run
     (1, 90, 4, 2, 32, 16, 2, torch.float16, 2e-3, 1e-5),  # the hi + lo split of the state
+    (1, 70, 2, 1, 256, 48, 2, torch.float32, 1e-5, 1e-5),  # V split into tiles (common.v_tile)
     # bf16 on the device only: the Triton interpreter does not emulate bf16 dots
     pytest.param(1, 3000, 32, 1, 128, 64, 2, torch.bfloat16, 4e-3, 1e-4, marks=pytest.mark.gpu),
-], ids=["hq1-two-buckets", "batch-hq-divisor", "long-run", "fp16-split-state", "bf16-benchmark-heads"])
+], ids=["hq1-two-buckets", "batch-hq-divisor", "long-run", "fp16-split-state", "wide-k-split-v",
+    "bf16-benchmark-heads"])
 def test_fused_reads_match_torch(R, n, H, HQ, K, V, NB, dtype, tol, tol32):
     from ctxpar.kernels.triton.state_read import add_state_reads
 

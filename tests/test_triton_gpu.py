@@ -127,6 +127,13 @@ def test_bfloat16_state_in_and_out():
     check(args, [(0, 0, 3000)], init, True, 4e-3, 1e-2)
 
 
+def test_bfloat16_widest_k_v_with_states():
+    """K = V = 256: the backward stages split V into tiles (common.v_tile) that add their shares."""
+    args = inputs(1, 3000, 4, 2, 256, 256, 13, torch.bfloat16)
+    init = FenwickState(torch.randn(1, 4, 12, 256, 256, device=DEV) * 0.05, (1500,))
+    check(args, [(0, 0, 3000)], init, True, 4e-3, 1e-2)
+
+
 def test_one_million_tokens_against_torch_backend():
     """Every gradient, g included: dg is summed from straddling pairs (kernels/triton/dg.py), so
     it no longer random-walks over the million tokens."""

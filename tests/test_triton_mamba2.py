@@ -38,6 +38,8 @@ CASES = {
     "hk_divisor": (1, 40, 4, 2, 16, 16, 7, [(0, 0, 40)], None, False),
     "packed_documents": (1, 130, 2, 1, 16, 16, 8, [(0, 0, 37), (0, 37, 41), (0, 41, 130)], None, True),
     "initial_state_chunk_and_sub_chunk_bits": (1, 90, 2, 2, 16, 16, 9, [(0, 0, 90)], [91], True),
+    # K x V over the backward stages' budget: V split into tiles that add their shares (common.v_tile)
+    "wide_k_split_v": (1, 70, 2, 1, 256, 48, 9, [(0, 0, 70)], [45], True),
     "packed_with_states": (1, 100, 2, 1, 16, 16, 9, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [75, 32, 5], True),
 }
 

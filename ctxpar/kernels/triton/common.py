@@ -13,6 +13,38 @@ import triton
 import triton.language as tl
 
 
+def v_tile(k_dim: int, v_dim: int, dtype: torch.dtype) -> int:
+    """V tile of the per-chunk backward stages (query_grad, source_grad, the CP state reads): all
+    of V while the [K, V] state tiles fit beside the [C, K] operands in shared memory, else a
+    split over V tiles whose programs add their shares. Compiled for sm_90 (kernel_resources),
+    whole tiles overflowed the 227 KiB a block may take at K x V = 32768 in bf16 (source_grad:
+    240 KiB at K = 128, V = 256) and in float32 (320 KiB); float32 at 16384 left 2 KiB
+    (K = 64, V = 256), so its budget is half. With these, K x V from 16 x 256 to 256 x 256
+    fit in bf16, fp16 and float32 (the shapes tried)."""
+    budget = 8192 if dtype == torch.float32 else 16384
+    return min(triton.next_power_of_2(v_dim), max(16, budget // triton.next_power_of_2(k_dim)))
+
+
+@triton.jit
+def tile_of_v(SHARED: tl.constexpr):
+    """This program's V tile: grid axis 2 when V is split (v_tile), else the constant 0, which
+    keeps the whole-V kernels' addresses compile-time."""
+    vb = 0
+    if SHARED:
+        vb = tl.program_id(2)
+    return vb
+
+
+@triton.jit
+def put(ptr, x, mask, SHARED: tl.constexpr):
+    """Store x into a zeroed buffer, or add it atomically where the V tiles of a split (v_tile)
+    each bring a share."""
+    if SHARED:
+        tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
 def num_warps(dtype: torch.dtype) -> int:
     """Warps per program of the per-chunk stages (output, node_grad, query_grad, source_grad).
     Half-precision inputs: 4, swept on an H200 at 128K tokens (H=32, K=128, V=64), 1.7-2x faster

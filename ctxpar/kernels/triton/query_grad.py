@@ -1,11 +1,12 @@
 """Backward stage 3a (mirror of the output pass): dq, dlambda and the query-side shares of dg.
 
-One program per (slot, head): the intra-chunk block (dq += (lam exp(dG) * do v^T) k; dlambda of
+One program per (slot, head, V tile): the intra-chunk block (dq += (lam exp(dG) * do v^T) k; dlambda of
 levels <= log2 C as per-level row sums of exp(dG) * q k^T * do v^T) and one node read per set bit
 h of c (dq += w * do N^T, dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). The heads of a
 q/k group add their dq into one float32 buffer with atomics: a program that looped over the heads
 and kept their sum in registers spilled ~1 KB per thread (ptxas, sm_90), and partial buffers
-per head would cost H / Hk copies of dq.
+per head would cost H / Hk copies of dq. Every output is linear in the V products (do v^T,
+do N^T), so wide K x V splits V into tiles (common.v_tile) whose programs add their shares.
 
 dg (see dg.py): dg[r] first gets the pairs of this chunk that straddle r (s < r <= t, from the
 intra pair matrix) plus the node reads of this chunk's queries t >= r; each read's chunk total
@@ -18,18 +19,19 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, gc_before, intra_decay, intra_scales, level_scale,
                                           load_node, local_decay, local_levels, mma, mma_f32, node_carry, num_warps,
-                                          reads_at, row_tile, slot_info)
+                                          put, reads_at, row_tile, slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
 def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
                       H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                      VP: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
+                      BV: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
+    vb = tile_of_v(SHARED)
     group = h // (H // HK)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
-    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     dt = q.dtype.element_ty
@@ -43,7 +45,7 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     pair = mma(qt, tl.trans(kt), dt, PREC) * dp * decay
     lam_rows = dlam + (rows * H + h) * L
     for level in tl.static_range(LOG_C + 1):
-        tl.store(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), mask=valid & (level < L))
+        put(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), valid & (level < L), SHARED)
     dg_r = straddling_pairs(pair * scales, C)
 
     read_share = tl.zeros([C], dtype=tl.float32)
@@ -57,10 +59,10 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
             lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
             dq_h += (lam_h * carry)[:, None] * y
             d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
-            tl.store(lam_rows + LOG_C + 1 + height, d_lam, mask=valid)
-            tl.store(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam))
+            put(lam_rows + LOG_C + 1 + height, d_lam, valid, SHARED)
+            put(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam), None, SHARED)
             read_share += lam_h * d_lam
-    tl.store(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), mask=valid)
+    put(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), valid, SHARED)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), dq_h, mask=qk_mask, sem="relaxed")
 
 
@@ -85,10 +87,11 @@ def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
     dg = torch.zeros(R, H, device=v.device, dtype=torch.float32)
     nh = max(layout.heights, 1)
     xs = torch.zeros(layout.num_slots, H, nh, device=v.device, dtype=torch.float32)
-    query_grad_kernel[(layout.num_slots, H)](
+    BV = v_tile(K, V, q.dtype)
+    query_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
         q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
         1 if init is None else init.shape[2], nh, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-        KP=triton.next_power_of_2(K), VP=triton.next_power_of_2(V), num_warps=num_warps(q.dtype), PREC=prec,
+        KP=triton.next_power_of_2(K), BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec,
         HAS_INIT=init is not None)
     return dq, dlam, dg, xs

@@ -1,9 +1,10 @@
 """Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the last shares of dg.
 
-One program per (slot, head): the intra-chunk block (dk += (A' * do v^T)^T q, dv += (A' * q k^T)^T
-do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of the down-swept node
-gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T. The heads of a q/k
-group add their dk into one float32 buffer with atomics (see query_grad.py).
+One program per (slot, head, V tile): the intra-chunk block (dk += (A' * do v^T)^T q,
+dv += (A' * q k^T)^T do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of
+the down-swept node gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T. The
+heads of a q/k group add their dk into one float32 buffer with atomics (see query_grad.py), and
+so do the V tiles of a wide K x V (common.v_tile): dk and dg are linear in the V products.
 
 dg (see dg.py): dg[r] += the pairs from this chunk's sources s < r to later queries (each source's
 share <exp(G_last - G_s) k_s v_s^T, dU>) + the chunk's straddle total ``straddle[slot, head]``.
@@ -14,18 +15,19 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay, local_levels,
-                                          mma, mma_f32, num_warps, row_tile, slot_info)
+                                          mma, mma_f32, num_warps, row_tile, slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
 def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, slot_doc, slot_chunk, H, HK, K, V, L,
-                       C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
-                       PREC: tl.constexpr):
+                       C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                       SHARED: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
+    vb = tile_of_v(SHARED)
     group = h // (H // HK)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
-    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
@@ -47,9 +49,12 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), dk_h, mask=qk_mask, sem="relaxed")
 
     outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
-    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h)
+    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h) * (vb == 0)
     dg_ptr = dg + rows * H + h
-    tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
+    if SHARED:
+        tl.atomic_add(dg_ptr, share, mask=valid, sem="relaxed")
+    else:
+        tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
 
 
 def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
@@ -58,8 +63,9 @@ def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
     H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     dk = torch.zeros(v.shape[0], q.shape[1], K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
-    source_grad_kernel[(layout.num_slots, H)](
+    BV = v_tile(K, V, q.dtype)
+    source_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
         q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
         H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        VP=triton.next_power_of_2(V), num_warps=num_warps(q.dtype), PREC=prec)
+        BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec)
     return dk, dv

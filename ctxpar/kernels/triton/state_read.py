@@ -5,10 +5,11 @@
 
 Forward: one program per (block of BT tokens, q group, V tile) loads the block's queries once
 and adds the reads of each head of the group to o in one pass. Backward: dq and dw per (token
-block, q group), looping over the group's heads (no atomics); dS per (run of token blocks, head,
-V tile), an atomic add per run. For half-precision queries the float32 state is split into hi +
-lo parts in q's dtype once, on the host (common.mma_parts). Rows are the flattened [R * n]
-tokens; a token block never straddles two sequences.
+block, q group, V tile), looping over the group's heads (atomics only when V is split,
+common.v_tile); dS per (run of token blocks, head, V tile), an atomic add per run. For
+half-precision queries the float32 state is split into hi + lo parts in q's dtype once, on the
+host (common.mma_parts). Rows are the flattened [R * n] tokens; a token block never straddles
+two sequences.
 
 In torch the same op took 18 ms of a 512K-token context-parallel step on an H200 (separate
 passes over [n, H, V] for the weights, the sum and the add, and their backward).
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import mma_f32, mma_parts, num_warps, row_tile
+from ctxpar.kernels.triton.common import mma_f32, mma_parts, num_warps, put, row_tile, tile_of_v, v_tile
 
 BT = 64  # tokens per block
 RUN = 16  # token blocks per program of the dS reduction
@@ -63,10 +64,10 @@ def reads_kernel(o, q, w, s_hi, s_lo, out, n, H, HQ, K, V, NB, BT: tl.constexpr,
 
 @triton.jit
 def reads_grad_kernel(do, q, w, s_hi, s_lo, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
-                      VP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, SHARED: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     pid, group = tl.program_id(0), tl.program_id(1)
     r, rows, valid = block_rows(pid, n, BT)
-    rk, rv = tl.arange(0, KP), tl.arange(0, VP)
+    rk, rv = tl.arange(0, KP), tile_of_v(SHARED) * BV + tl.arange(0, BV)
     qk_mask = valid[:, None] & (rk[None, :] < K)
     qt = tl.load(row_tile(q, rows, HQ, group, K, rk), mask=qk_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BT, KP], dtype=tl.float32)
@@ -80,8 +81,8 @@ def reads_grad_kernel(do, q, w, s_hi, s_lo, dq, dw, n, H, HQ, K, V, NB, BT: tl.c
             y = mma_parts(dot_, hi, tl.trans(bucket_tile(s_lo, r, h, b, H, NB, K, V, rk, rv)), SPLIT, PREC)
             wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
             acc += wb[:, None] * y
-            tl.store(dw + (rows * H + h) * NB + b, tl.sum(qt * y, 1), mask=valid)
-    tl.store(row_tile(dq, rows, HQ, group, K, rk), acc, mask=qk_mask)
+            put(dw + (rows * H + h) * NB + b, tl.sum(qt * y, 1), valid, SHARED)
+    put(row_tile(dq, rows, HQ, group, K, rk), acc, qk_mask, SHARED)
 
 
 @triton.jit
@@ -127,11 +128,13 @@ class StateReads(torch.autograd.Function):
         n, d_out = ctx.n, d_out.contiguous()
         H, V, HQ, K, NB = d_out.shape[1], d_out.shape[2], q.shape[1], q.shape[2], s.shape[2]
         R, KP = s.shape[0], triton.next_power_of_2(K)
-        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dw = torch.empty_like(w)
-        reads_grad_kernel[(R * triton.cdiv(n, BT), HQ)](d_out, q, w, hi, lo, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP,
-                                                         VP=triton.next_power_of_2(V), SPLIT=_split(q),
-                                                         PREC=_prec(q), num_warps=num_warps(q.dtype))
+        BV = v_tile(K, V, q.dtype)
+        shared = BV < V  # V tiles add their shares of dq and dw
+        dq = (torch.zeros if shared else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
+        dw = (torch.zeros_like if shared else torch.empty_like)(w)
+        reads_grad_kernel[(R * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))](
+            d_out, q, w, hi, lo, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP, BV=BV, SHARED=shared, SPLIT=_split(q),
+            PREC=_prec(q), num_warps=num_warps(q.dtype))
         ds = torch.zeros_like(s)
         BV = min(64, triton.next_power_of_2(V))
         grid = (R * triton.cdiv(triton.cdiv(n, BT), RUN), H, triton.cdiv(V, BV))
