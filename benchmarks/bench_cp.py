@@ -6,7 +6,9 @@ context-parallel Gated DeltaNet, in the same processes and the same run (as
     torchrun --nproc_per_node 2 benchmarks/bench_cp.py --device cpu --strong-t 2048 --weak-t 1024  # smoke test
 
 For each variant (log-linear GDN: H=16, K=V=128; log-linear Mamba-2: H=32, K=128 shared, V=64;
-bf16, B=1) and each exchange scheme:
+bf16, B=1), first a check: every rank draws the same inputs and rank 0 compares the CP op's
+output and gradients with one device on the whole sequence (--check-t tokens, default the first
+--strong-t; bf16 tolerances). Then, for each variant and each exchange scheme:
   * strong scaling: T = --strong-t total (128K and 1M) split over the GPUs, against one GPU on all of it;
   * weak scaling: --weak-t tokens per GPU (512K), against one GPU on one share;
 each row: forward+backward ms, bytes each rank sends (forward and backward, the largest rank),
@@ -46,8 +48,9 @@ def parse():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-anchor", action="store_true", help="skip flash-linear-attention's rows")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--check-t", type=int, default=131072,
-                   help="first check the CP op against one GPU at this many tokens (0: no check)")
+    p.add_argument("--check-t", type=int, default=None,
+                   help="first check the CP op against one device at this many tokens (default: the first "
+                        "--strong-t; 0: no check)")
     return p.parse_args()
 
 
@@ -305,10 +308,11 @@ def main():
     rows = []
     if rank < gpus:
         timer = Timer(device, args.steps, group, args.warmup)
-        if args.check_t:
+        check_t = int(args.strong_t.split(",")[0]) if args.check_t is None else args.check_t
+        if check_t:
             for variant in args.variants.split(","):
-                guarded(rows, check_row, args, variant, args.check_t, group, device,
-                        label=dict(impl="ctxpar", variant=variant, mode="check", T=args.check_t))
+                guarded(rows, check_row, args, variant, check_t, group, device,
+                        label=dict(impl="ctxpar", variant=variant, mode="check", T=check_t))
         cases = [("strong", int(t)) for t in args.strong_t.split(",")] + [("weak", args.weak_t * gpus)]
         for mode, T in cases:
             n = T // gpus
