@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every 2-GPU measurement in one job (one device lease): the GPU tests, the single-GPU op benchmark on GPU 0, the
-# context-parallel benchmark, the training benchmark of the 1M recipe and the same model in
-# DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside).
+# Every 2-GPU measurement in one job (one device lease): the GPU tests (ops and CP state reads),
+# the single-GPU op benchmark on GPU 0, the context-parallel benchmark, the training benchmark of
+# the 1M recipe and the same model in DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside).
 # Each step has its own time limit, so one slow step cannot starve the rest; logs go to $OUT.
 #     OUT=/tmp/out bash benchmarks/run_2gpu.sh
 set -u
@@ -22,7 +22,8 @@ step() {
     grep -v '^{' "/tmp/$name.log" | tail -n "${TAIL:-14}"
 }
 
-step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py tests/test_state_reads.py \
+    ${TESTS_K:+-k "$TESTS_K"}
 step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
 step bench_cp "${CP_LIMIT:-360}" torchrun --nproc_per_node 2 benchmarks/bench_cp.py --gpus 2 --steps 3 \
     --variants "${CP_VARIANTS:-mamba2}" ${CP_ARGS:-}
