@@ -34,6 +34,13 @@ def torch_reads(q: torch.Tensor, w: torch.Tensor, states: torch.Tensor) -> torch
     return out
 
 
+def hi_lo(s: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 state as two parts in a half-precision ``dtype`` with hi + lo ~= s to about 16
+    bits (the split the kernels' mma_f32 makes in registers)."""
+    hi = s.to(dtype)
+    return hi, (s - hi.to(s.dtype)).to(dtype)
+
+
 def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V], head h reading group h // (H // Hq): one GEMM
     per group, N = (H // Hq) * V wide. Half-precision q meets the float32 state as bf16 hi + lo
@@ -41,8 +48,7 @@ def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     about 16 bits of the state; the result comes out in q's dtype."""
     s = s.unflatten(1, (q.shape[2], -1))
     if q.dtype in (torch.float16, torch.bfloat16):
-        hi = s.to(q.dtype)
-        s = torch.cat([hi, (s - hi.to(s.dtype)).to(q.dtype)], dim=-2)
+        s = torch.cat(hi_lo(s, q.dtype), dim=-2)
         q = torch.cat([q, q], dim=-1)
     else:
         q = q.to(s.dtype)

@@ -20,6 +20,7 @@ import torch
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
+from ctxpar.kernels.triton.common import dot_precision
 from ctxpar.kernels.triton.dg import straddle
 from ctxpar.kernels.triton.layout import build_layout
 from ctxpar.kernels.triton.node_grad import node_grads
@@ -150,7 +151,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
             leaf_extra = torch.stack([docs.first_chunk_extra(n, buckets[n], log_c) for n in extra_docs])
     finals = _final_nodes(layout, log_c) if output_final_state else []
     plan = Plan(layout, extra_docs, finals)
-    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    prec = dot_precision(fq.dtype)
     o, final_nodes = LogLinearMamba2.apply(fq, fk, fv, fg, flam, init_nodes, leaf_extra, plan, prec)
     if extra_docs:
         o = o.index_add(0, *docs.first_chunk_reads(extra_docs, buckets, log_c))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
+from ctxpar.kernels.triton.common import dot_precision
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
@@ -69,7 +70,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     layout, grid, plan = _tables(tuple(map(tuple, spans)), tuple(starts), B * T, T, C, H, q.shape[2], v.device)
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
-    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    prec = dot_precision(fq.dtype)
     o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import mma_f32, mma_parts, num_warps, put, row_tile, tile_of_v, v_tile
+from ctxpar.kernels.state_reads import hi_lo
+from ctxpar.kernels.triton.common import (dot_precision, mma_f32, mma_parts, num_warps, put, row_tile, tile_of_v,
+                                          v_tile)
 
 BT = 64  # tokens per block
 RUN = 16  # token blocks per program of the dS reduction
@@ -113,11 +115,11 @@ class StateReads(torch.autograd.Function):
     def forward(ctx, o, q, w, s, n):
         H, V, HQ, K, NB = o.shape[1], o.shape[2], q.shape[1], q.shape[2], s.shape[2]
         out = torch.empty_like(o)
-        hi, lo = _parts(s, q.dtype)
+        hi, lo = _parts(s, q)
         BV = min(64, triton.next_power_of_2(V))
         grid = (s.shape[0] * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))
         reads_kernel[grid](o, q, w, hi, lo, out, n, H, HQ, K, V, NB, BT=BT, KP=triton.next_power_of_2(K), BV=BV,
-                           SPLIT=_split(q), PREC=_prec(q), num_warps=num_warps(q.dtype))
+                           SPLIT=_split(q), PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
         ctx.save_for_backward(q, w, s, hi, lo)
         ctx.n = n
         return out
@@ -134,12 +136,12 @@ class StateReads(torch.autograd.Function):
         dw = (torch.zeros_like if shared else torch.empty_like)(w)
         reads_grad_kernel[(R * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))](
             d_out, q, w, hi, lo, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP, BV=BV, SHARED=shared, SPLIT=_split(q),
-            PREC=_prec(q), num_warps=num_warps(q.dtype))
+            PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
         ds = torch.zeros_like(s)
         BV = min(64, triton.next_power_of_2(V))
         grid = (R * triton.cdiv(triton.cdiv(n, BT), RUN), H, triton.cdiv(V, BV))
-        state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=BT, KP=KP, BV=BV, PREC=_prec(q),
-                                num_warps=num_warps(q.dtype))
+        state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=BT, KP=KP, BV=BV,
+                                PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
         return d_out, dq.to(q.dtype), dw, ds, None
 
 
@@ -147,16 +149,9 @@ def _split(q):
     return q.dtype != torch.float32
 
 
-def _parts(s, dtype):
+def _parts(s, q):
     """The state's hi and lo parts in the queries' dtype (float32 queries: the state itself, twice)."""
-    if dtype == torch.float32:
-        return s, s
-    hi = s.to(dtype)
-    return hi, (s - hi.float()).to(dtype)
-
-
-def _prec(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    return hi_lo(s, q.dtype) if _split(q) else (s, s)
 
 
 def add_state_reads(o, q, w, states):
