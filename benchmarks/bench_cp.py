@@ -121,21 +121,26 @@ def make_inputs(variant, T, device, seed):
     return q, k, v, g, beta
 
 
+def leaves_of(q, k, v, g, beta, lam):
+    """The op's inputs as leaves requiring grad: bf16, g float32 (beta only for GDN)."""
+    bf16 = lambda x: x.to(torch.bfloat16).requires_grad_()  # noqa: E731
+    gdn = [] if beta is None else [bf16(beta)]
+    return [bf16(q), bf16(k), bf16(v), g.clone().requires_grad_()] + gdn + [bf16(lam)]
+
+
+def call_op(variant, leaves, backend, cp):
+    op = log_linear_gdn if variant == "gdn" else log_linear_mamba2
+    return op(*leaves, cp=cp, backend=backend)[0]
+
+
 def step_fn(variant, inputs, levels, backend, cp):
     """One forward+backward of the op on these inputs (bf16 leaves requiring grad)."""
     q, k, v, g, beta = inputs
-    dt = torch.bfloat16
-    leaves = [x.to(dt).requires_grad_() for x in (q, k, v)] + [g.clone().requires_grad_()]
-    lam = torch.full((*v.shape[:3], levels), 1.0, device=v.device, dtype=dt, requires_grad=True)
-    b = None if beta is None else beta.to(dt).requires_grad_()
+    leaves = leaves_of(q, k, v, g, beta, torch.ones(*v.shape[:3], levels, device=v.device))
     do = torch.randn_like(leaves[2])
 
     def run():
-        if variant == "gdn":
-            o, _ = log_linear_gdn(*leaves, b, lam, cp=cp, backend=backend)
-        else:
-            o, _ = log_linear_mamba2(*leaves, lam, cp=cp, backend=backend)
-        o.backward(do)
+        call_op(variant, leaves, backend, cp).backward(do)
 
     return run
 
@@ -263,12 +268,9 @@ def check_row(args, variant, T, group, device):
 
 def _fwd_bwd(variant, inputs, backend, cp):
     """[o, dq, dk, dv, dg, (dbeta,) dlam] of one bf16 forward+backward."""
-    q, k, v, g, beta, lam, do = inputs
-    dt = torch.bfloat16
-    leaves = [x.to(dt).requires_grad_() for x in (q, k, v)] + [g.clone().requires_grad_()]
-    leaves += ([] if beta is None else [beta.to(dt).requires_grad_()]) + [lam.to(dt).requires_grad_()]
-    op = log_linear_gdn if variant == "gdn" else log_linear_mamba2
-    o, _ = op(*leaves, cp=cp, backend=backend)
+    *args, do = inputs
+    leaves = leaves_of(*args)
+    o = call_op(variant, leaves, backend, cp)
     o.backward(do.to(o.dtype))
     return [o.detach()] + [x.grad for x in leaves]
 
