@@ -115,8 +115,9 @@ def intra_decay(gl, valid, C: tl.constexpr):
 
 @triton.jit
 def level_scale(lam, rows, valid, H, h, L, level):
-    """[C] lam_t[level] of the chunk's tokens."""
-    return tl.load(lam + (rows * H + h) * L + level, mask=valid, other=0.0).to(tl.float32)
+    """[C] lam_t[level] of the chunk's tokens; a level past L weighs zero, as in the torch backend
+    (unmasked, a call with too few levels read the next token's scales: a 2026-11-30 GPU test did)."""
+    return tl.load(lam + (rows * H + h) * L + level, mask=valid & (level < L), other=0.0).to(tl.float32)
 
 
 @triton.jit
