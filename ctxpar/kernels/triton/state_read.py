@@ -25,8 +25,14 @@ from ctxpar.kernels.state_reads import hi_lo
 from ctxpar.kernels.triton.common import (dot_precision, mma_f32, mma_parts, num_warps, put, row_tile, tile_of_v,
                                           v_tile)
 
-BT = 64  # tokens per block
-RUN = 16  # token blocks per program of the dS reduction
+# Swept on an H200 at the 1M-token CP shape (512K tokens read one bucket, H=32, Hk=1, K=128,
+# V=64, bf16; 2026-11-30-h200-sweep_reads.json): forward 3.47 -> 2.02 ms (a copy of o, the floor
+# of its read and write, takes 1.00), dq/dw 2.97 -> 1.69, dS 2.15 -> 1.80.
+BLOCK_ELEMENTS = 16384  # a block's [BT, K] query tile: BT = 128 at K = 128
+READ_STAGES = 2  # forward pipeline stages (2.02 ms; 3 stages 2.85)
+GRAD_WARPS = 8  # the dq/dw kernel's [BT, K] float32 accumulator (4 warps: 4.9-5.5 ms)
+STATE_BT = 64  # tokens per block of the dS reduction
+RUN = 64  # token blocks per program of the dS reduction
 
 
 @triton.jit
@@ -116,10 +122,11 @@ class StateReads(torch.autograd.Function):
         H, V, HQ, K, NB = o.shape[1], o.shape[2], q.shape[1], q.shape[2], s.shape[2]
         out = torch.empty_like(o)
         hi, lo = _parts(s, q)
-        BV = min(64, triton.next_power_of_2(V))
+        BV, BT = min(64, triton.next_power_of_2(V)), _block_tokens(K)
         grid = (s.shape[0] * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))
         reads_kernel[grid](o, q, w, hi, lo, out, n, H, HQ, K, V, NB, BT=BT, KP=triton.next_power_of_2(K), BV=BV,
-                           SPLIT=_split(q), PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
+                           SPLIT=_split(q), PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype),
+                           num_stages=READ_STAGES)
         ctx.save_for_backward(q, w, s, hi, lo)
         ctx.n = n
         return out
@@ -129,20 +136,24 @@ class StateReads(torch.autograd.Function):
         q, w, s, hi, lo = ctx.saved_tensors
         n, d_out = ctx.n, d_out.contiguous()
         H, V, HQ, K, NB = d_out.shape[1], d_out.shape[2], q.shape[1], q.shape[2], s.shape[2]
-        R, KP = s.shape[0], triton.next_power_of_2(K)
+        R, KP, BT = s.shape[0], triton.next_power_of_2(K), _block_tokens(K)
         BV = v_tile(K, V, q.dtype)
         shared = BV < V  # V tiles add their shares of dq and dw
         dq = (torch.zeros if shared else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
         dw = (torch.zeros_like if shared else torch.empty_like)(w)
         reads_grad_kernel[(R * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))](
             d_out, q, w, hi, lo, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP, BV=BV, SHARED=shared, SPLIT=_split(q),
-            PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
+            PREC=dot_precision(q.dtype), num_warps=GRAD_WARPS)
         ds = torch.zeros_like(s)
         BV = min(64, triton.next_power_of_2(V))
-        grid = (R * triton.cdiv(triton.cdiv(n, BT), RUN), H, triton.cdiv(V, BV))
-        state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=BT, KP=KP, BV=BV,
+        grid = (R * triton.cdiv(triton.cdiv(n, STATE_BT), RUN), H, triton.cdiv(V, BV))
+        state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=STATE_BT, KP=KP, BV=BV,
                                 PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
         return d_out, dq.to(q.dtype), dw, ds, None
+
+
+def _block_tokens(k_dim):
+    return max(16, min(128, BLOCK_ELEMENTS // triton.next_power_of_2(k_dim)))
 
 
 def _split(q):
