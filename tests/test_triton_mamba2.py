@@ -126,3 +126,27 @@ def test_g_gradient_does_not_cancel_over_a_long_sequence():
     dg, expected = g_grad(chunked, torch.float32), g_grad(torch_chunked.chunked, torch.float64)
     for h in range(H):
         assert rel(dg[..., h], expected[..., h]) < 1e-4, (h, rel(dg[..., h], expected[..., h]))
+
+
+def test_node_gradients_cover_every_slot():
+    """node_grads stores where it is a node's only writer, so the backward zeroes only
+    layout.shared_slots: a NaN-filled buffer with those zeroed must end like a zeroed one, NaN-free."""
+    from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
+    from ctxpar.kernels.triton.layout import build_layout
+    from ctxpar.kernels.triton.node_grad import node_grads
+
+    spans = [(0, 0, 40), (0, 40, 300), (1, 0, 300)]
+    q, k, v, g, lam = make_inputs(2, 300, 2, 1, 16, 16, 10, dtype=torch.float32)
+    flat = lambda x: x.reshape(600, *x.shape[2:]).contiguous()  # noqa: E731
+    q, k, v, g, lam = (flat(x) for x in (q, k, v, g, lam))
+    layout = build_layout(spans, [0] * 3, 300, C, 2, DEVICE)
+    states, totals = chunk_states(k, v, g, layout, "ieee")
+    gc = cumulative_decay(totals, layout)
+    do = torch.randn_like(v)
+    zeroed = torch.zeros_like(states)
+    node_grads(q, do, g, lam, gc, zeroed, None, layout, "ieee")
+    poisoned = torch.full_like(states, float("nan"))
+    poisoned[layout.shared_slots] = 0
+    node_grads(q, do, g, lam, gc, poisoned, None, layout, "ieee")
+    assert 0 < layout.shared_slots.numel() < layout.num_slots
+    assert not torch.isnan(poisoned).any() and torch.equal(poisoned, zeroed)

@@ -67,11 +67,12 @@ class LogLinearMamba2(torch.autograd.Function):
         plan, prec = ctx.plan, ctx.prec
         layout = plan.layout
         do = do.contiguous()
-        grads = torch.zeros_like(states)
+        grads = torch.empty_like(states)
+        grads[layout.shared_slots] = 0  # node_grads stores the rest (single writers)
         init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
+        node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
         if dfinal is not None and plan.finals:
             _scatter_finals(dfinal, grads, init_grads, plan)
-        node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
         ys = torch.zeros(layout.num_slots, states.shape[1], max(layout.heights, 1), device=states.device)
         down_sweep(grads, states, ys, gc, layout)
         if init_grads is not None:

@@ -34,6 +34,7 @@ class Layout:
     at_least: list[int]  # at_least[h] = number of slots with ones(chunk) >= h
     segments: torch.Tensor  # [G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments
     segments_in_slots: int  # the first ones, whose node is a slot (the rest read initial-state nodes)
+    shared_slots: torch.Tensor  # [Z] int64: slots without a single node-gradient writer (see node_grad.py)
     segment: int  # chunks per segment at most
     heights: int  # bit_length of the largest chunk index: heights a read can reach
     starts: list[int]  # per document t0 (host ints)
@@ -87,6 +88,18 @@ def node_segments(slot_doc, slot_chunk, c0, heights, segment):
     return table[order], int(in_slots.sum())
 
 
+def shared_slots(segments, c0, first_slot, num_slots, segment):
+    """Slots whose node gradient does not come from one node_grad program alone: nodes read by
+    several segments (atomic adds) and nodes no chunk reads. Only these need zeros first; every
+    other slot's single writer stores its gradient."""
+    doc, h, c = segments[:, 0], segments[:, 1], segments[:, 2]
+    sole = (1 << h) <= segment
+    slot = first_slot[doc] + ((c >> h) << h) - 1 - c0[doc]
+    single = torch.zeros(num_slots, dtype=torch.bool)
+    single[slot[sole]] = True
+    return torch.nonzero(~single)[:, 0]
+
+
 def build_layout(spans, starts, row_length, chunk, segment, device) -> Layout:
     """spans: [(batch, start, end)]; starts: t0 per span (0 without an initial state).
 
@@ -119,6 +132,7 @@ def _build(spans, starts, row_length, chunk, segment, device) -> Layout:
     at_least = [int((ones >= h).sum()) for h in range(heights + 2)]
 
     segments, in_slots = node_segments(slot_doc, slot_chunk, c0, heights, segment)
+    shared = shared_slots(segments[:in_slots], c0, off, int(count.sum()), segment)
 
     to = lambda x, dt: x.to(device=device, dtype=dt)  # noqa: E731
     return Layout(
@@ -130,6 +144,7 @@ def _build(spans, starts, row_length, chunk, segment, device) -> Layout:
         at_least=at_least,
         segments=to(segments, torch.int64),
         segments_in_slots=in_slots,
+        shared_slots=to(shared, torch.int64),
         segment=segment,
         heights=heights,
         starts=[int(x) for x in t0],

@@ -4,8 +4,8 @@ Node ((c >> h) - 1, h) is read by the chunks of its right sibling, which are con
 gradient sum over their tokens t of lam_t[log2 C + 1 + h] exp(G_t - G_node_end) q_t do_t^T is one
 GEMM over a contiguous run of tokens. A program owns a segment of at most ``layout.segment`` of
 those chunks (layout.node_segments), one head and one K x V tile: a branch-free loop over the
-segment's chunks (so its loads pipeline), then one add to the node. Nodes read by more chunks
-than a segment holds get one atomic add per segment; the others have a single writer.
+segment's chunks (so its loads pipeline), then one write to the node. Nodes read by more chunks
+than a segment holds get one atomic add per segment; the others have a single writer, which stores.
 
 (The first version looped over every height for a group of chunks and branched on each chunk's
 bit, reloading q and dO once per height: 21.9 ms at 128K tokens on an H200 (H=32, K=128, V=64,
@@ -55,11 +55,14 @@ def node_grad_kernel(q, do, g, lam, gc, grads, init_grads, docs, segments, H, HK
     if (1 << height) > SEGMENT:  # the node's readers span several segments
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:
-        tl.store(out, tl.load(out, mask=mask) + acc, mask=mask)
+        tl.store(out, acc, mask=mask)
 
 
 def node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec):
-    """Adds into grads [S, H, K, V] (and init_grads [N, H, NI, K, V]) the read nodes' gradients."""
+    """The read nodes' gradients into grads [S, H, K, V] (and init_grads [N, H, NI, K, V]): stored
+    where one program is a node's only writer, added elsewhere, so only ``layout.shared_slots``
+    (and init_grads) need zeros before. The single writers' stores replaced a load-add-store into a
+    zeroed buffer: a fill and a read of the [S, H, K, V] float32 buffer (2 GiB at 128K tokens)."""
     H, K, V, L = do.shape[1], q.shape[2], do.shape[2], lam.shape[2]
     BK, BV = min(128, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     # Without an initial state the segments reading initial nodes (the last ones) add nothing.
