@@ -217,7 +217,7 @@ def stage_times(T):
         "tree down": ms(lambda: F.down_sweep(grads, states, ys, gc, layout)),
         "query_grad": ms(lambda: F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)),
         "dg straddle": ms(lambda: F.straddle(xs, ys, layout)),
-        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, bwd)),
+        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dg, layout, bwd)),
     }
     row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)
     results.append(row)

@@ -61,8 +61,9 @@ def test_float32_and_torch_backend_agree():
 
 
 def test_stages_match_torch_chunked():
-    """chunk_state == chunk_stage's U, and after the up-sweep slot c holds build_tree's node of
-    height ones(c) ending at chunk c."""
+    """chunk_state == chunk_stage's U (odd chunks: build_tree's height-1 node, the up-sweep's first
+    height folded in), and after the up-sweep slot c holds build_tree's node of height ones(c)
+    ending at chunk c."""
     from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
     from ctxpar.kernels.triton.tree import up_sweep
@@ -73,10 +74,13 @@ def test_stages_match_torch_chunked():
     states, totals = chunk_states(k[0], v[0], g[0], layout, "ieee")
     per_chunk = lambda x: x[0].transpose(0, 1).unflatten(1, (NC, C))[None]  # noqa: E731
     stage = torch_chunked.chunk_stage(per_chunk(q), per_chunk(k), per_chunk(v), per_chunk(g), None)
-    assert rel(states.transpose(0, 1), stage["U"][0]) < 1e-5
+    tree = torch_chunked.build_tree(stage["U"], stage["M"], 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
+    for c in range(NC):
+        h = c & 1
+        assert rel(states[c], tree.node(h, torch.tensor([(c + 1 >> h) - 1]))[0, :, 0]) < 1e-5, c
+    assert rel(states[0::2].transpose(0, 1), stage["U"][0, :, 0::2]) < 1e-5
 
     up_sweep(states, None, cumulative_decay(totals, layout), layout)
-    tree = torch_chunked.build_tree(stage["U"], stage["M"], 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
     for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
         if h < tree.heights:
             node = tree.node(h, torch.tensor([(c + 1 >> h) - 1]))[0, :, 0]

@@ -1,8 +1,12 @@
-"""Stage 1 (counterpart: ``torch_chunked.chunk_stage``'s U): each chunk's own end state.
+"""Stage 1 (counterpart: ``torch_chunked.chunk_stage``'s U, then the first height of
+``build_tree``): each chunk's end state, with the up-sweep's height 0 folded in.
 
-U_c = sum_{s in c} exp(G_last - G_s) k_s v_s^T, one program per (slot, head, K x V tile); the
-program of tile 0 also writes the chunk's total log decay, from which the caller takes the
-chunk-level cumulative decays.
+U_c = sum_{s in c} exp(G_last - G_s) k_s v_s^T, one program per (slot, head, K x V tile). An odd
+chunk whose left sibling c - 1 belongs to the same document stores the pair's node instead,
+U_c + exp(G_c) U_{c-1}: one more product over the sibling's tokens, where the separate height-0
+launch of tree.up_sweep read and rewrote half of all slots (the [S, H, K, V] float32 buffer is
+2 GiB at 128K tokens). The program of tile 0 also writes the chunk's total log decay, from which
+the caller takes the chunk-level cumulative decays.
 """
 
 import torch
@@ -28,6 +32,14 @@ def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, H
     vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
     kd = kt.to(tl.float32) * tl.exp(total - gl)[:, None]
     u = mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
+    if ((c & 1) == 1) & (c > c0):
+        rows, valid = chunk_rows(c - 1, token_start, t0, length, C)
+        gl = local_decay(g, rows, valid, H, h)
+        last = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+        kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        kd = kt.to(tl.float32) * tl.exp(total + last - gl)[:, None]
+        u += mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
     tile_off = rk[:, None] * V + rv[None, :]
     tl.store(states + (i * H + h).to(tl.int64) * K * V + tile_off, u, mask=(rk[:, None] < K) & (rv[None, :] < V))
     if tile == 0:
@@ -35,7 +47,8 @@ def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, H
 
 
 def chunk_states(k, v, g, layout, prec):
-    """k [rows, Hk, K], v [rows, H, V], g [rows, H] -> (states [S, H, K, V] f32, totals [S, H] f32)."""
+    """k [rows, Hk, K], v [rows, H, V], g [rows, H] -> (states [S, H, K, V] f32, totals [S, H] f32);
+    odd chunks with a left sibling in their document hold the pair's node (up-sweep height 0)."""
     H, K, V = v.shape[1], k.shape[2], v.shape[2]
     S = layout.num_slots
     states = torch.empty(S, H, K, V, device=v.device, dtype=torch.float32)

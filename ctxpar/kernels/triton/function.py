@@ -53,7 +53,7 @@ class LogLinearMamba2(torch.autograd.Function):
         states, totals = chunk_states(k, v, g, layout, prec)
         gc = cumulative_decay(totals, layout)
         if leaf_extra is not None:
-            states.index_add_(0, _index(plan.first_slot, plan.extra_docs, states.device), leaf_extra)
+            _add_extra(states, leaf_extra, gc, plan)
         up_sweep(states, init_nodes, gc, layout)
         o = outputs(q, k, v, g, lam, states, init_nodes, gc, layout, prec)
         final = _gather_finals(states, init_nodes, plan)
@@ -78,15 +78,36 @@ class LogLinearMamba2(torch.autograd.Function):
         if init_grads is not None:
             _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
         dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
-        dk, dv = source_grads(q, k, v, g, lam, do, grads, straddle(xs, ys, layout), dg, layout, prec)
-        d_extra = None
-        if leaf_extra is not None:
-            d_extra = grads[_index(plan.first_slot, plan.extra_docs, grads.device)]
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dg, layout, prec)
+        d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
 
 
 def _index(values, picks, device):
     return torch.tensor([values[p] for p in picks], dtype=torch.long, device=device)
+
+
+def _add_extra(states, leaf_extra, gc, plan):
+    """The sub-chunk initial buckets into their document's first chunk state, and into its
+    right sibling's where chunk_state folded the pair (an even first chunk with a successor)."""
+    layout = plan.layout
+    states.index_add_(0, _index(plan.first_slot, plan.extra_docs, states.device), leaf_extra)
+    for j, n in enumerate(plan.extra_docs):
+        if layout.c0[n] % 2 == 0 and layout.c0[n] < layout.c_last[n]:
+            slot = plan.first_slot[n]
+            states[slot + 1] += torch.exp(gc[slot + 1] - gc[slot]).float()[:, None, None] * leaf_extra[j]
+
+
+def _extra_grad(grads, gc, plan):
+    """The gradient of ``_add_extra``'s buckets: their first chunk state's, plus its parent's where
+    the chunk is a left child (source_grad adds that height of the down-sweep in registers only)."""
+    layout = plan.layout
+    d_extra = grads[_index(plan.first_slot, plan.extra_docs, grads.device)]
+    for j, n in enumerate(plan.extra_docs):
+        if layout.c0[n] % 2 == 0 and layout.c0[n] < layout.c_last[n]:
+            slot = plan.first_slot[n]
+            d_extra[j] += torch.exp(gc[slot + 1] - gc[slot]).float()[:, None, None] * grads[slot + 1]
+    return d_extra
 
 
 def _gather_finals(states, init_nodes, plan):

@@ -8,6 +8,11 @@ so do the V tiles of a wide K x V (common.v_tile): dk and dg are linear in the V
 
 dg (see dg.py): dg[r] += the pairs from this chunk's sources s < r to later queries (each source's
 share <exp(G_last - G_s) k_s v_s^T, dU>) + the chunk's straddle total ``straddle[slot, head]``.
+
+Height 0 of the down-sweep is done here, not in tree.down_sweep: an even chunk adds its parent's
+gradient (the next slot's) to dU, and an odd chunk, whose slot is that parent, adds the transport's
+dg share <exp(G_c - G_{c-1}) U_{c-1}, dU_c> to its tokens. The separate launch read three and wrote
+one [K, V] tile per pair; here each slot reads one more.
 """
 
 import torch
@@ -19,8 +24,8 @@ from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, 
 
 
 @triton.jit
-def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, slot_doc, slot_chunk, H, HK, K, V, L,
-                       C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dg, docs, slot_doc, slot_chunk,
+                       H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                        SHARED: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     vb = tile_of_v(SHARED)
@@ -41,7 +46,19 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
 
     total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
     to_end = tl.where(valid, tl.exp(total - gl), 0.0)
-    du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], mask=state_mask, other=0.0)
+    tile = rk[:, None] * V + rv[None, :]
+    du = tl.load(grads + (i * H + h).to(tl.int64) * K * V + tile, mask=state_mask, other=0.0)
+    left_child = ((c & 1) == 0) & (c < c_last)  # masked loads: no traffic where False
+    right_child = ((c & 1) == 1) & (c > c0)
+    gc_here = tl.load(gc + i * H + h)
+    # Off a pair the decays are exp(0) = 1 times zero tiles (an unrelated slot's exp could be inf).
+    up = tl.exp(tl.where(left_child, tl.load(gc + (i + 1) * H + h, mask=left_child, other=0.0) - gc_here, 0.0)
+                .to(tl.float32))
+    du += up * tl.load(grads + ((i + 1) * H + h).to(tl.int64) * K * V + tile, mask=state_mask & left_child, other=0.0)
+    across = tl.exp(tl.where(right_child, gc_here - tl.load(gc + (i - 1) * H + h, mask=right_child, other=0.0), 0.0)
+                    .to(tl.float32))
+    left = tl.load(states + ((i - 1) * H + h).to(tl.int64) * K * V + tile, mask=state_mask & right_child, other=0.0)
+    transport = across * tl.sum(left * du)
     k_du = to_end[:, None] * mma_f32(kt, du, dt, PREC)
     dv_h += k_du
     dk_h += to_end[:, None] * mma_f32(vt, tl.trans(du), dt, PREC)
@@ -49,7 +66,7 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), dk_h, mask=qk_mask, sem="relaxed")
 
     outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
-    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h) * (vb == 0)
+    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h) * (vb == 0) + transport
     dg_ptr = dg + rows * H + h
     if SHARED:
         tl.atomic_add(dg_ptr, share, mask=valid, sem="relaxed")
@@ -57,15 +74,16 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, straddle, dk, dv, dg, docs, s
         tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
 
 
-def source_grads(q, k, v, g, lam, do, grads, straddle, dg, layout, prec):
+def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place
-    (straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
+    (grads: down-swept to height 1; states: the up-swept tree; straddle [S, H]: each chunk's share
+    from pairs on both sides of it, dg.py)."""
     H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     dk = torch.zeros(v.shape[0], q.shape[1], K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     BV = v_tile(K, V, q.dtype)
     source_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
-        q, k, v, g, lam, do, grads, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
+        q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
         H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
         BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec)
     return dk, dv

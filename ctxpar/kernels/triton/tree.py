@@ -3,11 +3,13 @@
 Up-sweep, height h = 0, 1, ...: every slot j with ones(j) >= h + 1 becomes the parent of its two
 height-h children, ``slot[j] += exp(gc[j] - gc[j - 2^h]) * slot[j - 2^h]`` (the right child already
 sits in slot j). A left child that ends before the document's first chunk is the initial state's
-node of that height (carried with decay exp(gc[j]), since initial nodes sit at t0).
+node of that height (carried with decay exp(gc[j]), since initial nodes sit at t0). Height 0
+with both children in slots is done by chunk_state.py; here it only adds initial nodes.
 
 Down-sweep (backward), height h = top .. 0: each left node of height h receives its parent's
 gradient, ``d[j] += exp(gc[j + 2^h] - gc[j]) * d[j + 2^h]``, so that afterwards slot c holds the
-gradient of chunk c's own end state. One launch per height; programs tile K x V.
+gradient of chunk c's own end state. One launch per height; programs tile K x V. Height 0 is
+left to source_grad.py, which reads each slot's gradient anyway.
 
 The same step yields the transport's share of dg: ``y = <exp(...) * left, d parent>`` is the sum of
 every pair (source in the left child, query reading the parent) and so belongs to every g of the
@@ -22,7 +24,7 @@ from ctxpar.kernels.triton.common import load_node, slot_info
 
 @triton.jit
 def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI, K, V,
-              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, INIT_ONLY: tl.constexpr):
     j = tl.load(slots + tl.program_id(0)).to(tl.int64)
     h, tile = tl.program_id(1), tl.program_id(2)
     rk = tile // tl.cdiv(V, BV) * BK + tl.arange(0, BK)
@@ -30,6 +32,8 @@ def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI
     mask = (rk[:, None] < K) & (rv[None, :] < V)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, j)
     left_in_slots = c - (1 << height) >= c0
+    if INIT_ONLY:  # height 0: chunk_state folded the left children that are slots
+        mask = mask & (left_in_slots == 0)
     left = tl.where(left_in_slots, j - (1 << height), 0)
     gc_left = tl.load(gc + left * H + h, mask=left_in_slots, other=0.0)
     decay = tl.exp((tl.load(gc + j * H + h) - gc_left).to(tl.float32))
@@ -65,23 +69,25 @@ def _grid(count, states):
 
 
 def up_sweep(states, init, gc, layout):
-    """In place: chunk states [S, H, K, V] -> Fenwick array of tree nodes. init: [N, H, NI, K, V] or None."""
+    """In place: chunk_states' output [S, H, K, V] -> Fenwick array of tree nodes. init: [N, H, NI, K, V] or None."""
     H, K, V = states.shape[1:]
     for h in range(layout.heights):
         slots = layout.slots_up(h)
         if slots.numel() == 0:
             break
+        if h == 0 and init is None:  # chunk_state built height 1 from slots alone
+            continue
         grid, BK, BV = _grid(slots.numel(), states)
         up_kernel[grid](states, states if init is None else init, gc, slots, layout.docs, layout.slot_doc,
                         layout.slot_chunk, h, H, 1 if init is None else init.shape[2], K, V,
-                        BK=BK, BV=BV, HAS_INIT=init is not None)
+                        BK=BK, BV=BV, HAS_INIT=init is not None, INIT_ONLY=h == 0)
 
 
 def down_sweep(grads, states, ys, gc, layout):
-    """In place: gradients of the read nodes -> gradient of every chunk's end state; adds each
-    transport's dg share into ys [S, H, NH] (states: the up-swept tree)."""
+    """In place: gradients of the read nodes -> gradient of every node of height <= 1 (source_grad
+    adds height 0); adds each transport's dg share into ys [S, H, NH] (states: the up-swept tree)."""
     H, K, V = grads.shape[1:]
-    for h in reversed(range(layout.heights)):
+    for h in reversed(range(1, layout.heights)):
         slots = layout.slots_down(h)
         if slots.numel() == 0:
             continue
