@@ -3,9 +3,9 @@
 
 U_c = sum_{s in c} exp(G_last - G_s) k_s v_s^T, one program per (slot, head, K x V tile). An odd
 chunk whose left sibling c - 1 belongs to the same document stores the pair's node instead,
-U_c + exp(G_c) U_{c-1}: one more product over the sibling's tokens, where the separate height-0
-launch of tree.up_sweep read and rewrote half of all slots (the [S, H, K, V] float32 buffer is
-2 GiB at 128K tokens). The program of tile 0 also writes the chunk's total log decay, from which
+U_c + exp(G_c) U_{c-1}; its program also computes and stores U_{c-1}, and the sibling's program
+does nothing. The separate height-0 launch of tree.up_sweep read and rewrote half of all slots
+(the [S, H, K, V] float32 buffer is 2 GiB at 128K tokens). The program of tile 0 also writes the chunk's total log decay, from which
 the caller takes the chunk-level cumulative decays.
 """
 
@@ -22,24 +22,32 @@ def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, H
     i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kb, vb = tile // tl.cdiv(V, BV), tile % tl.cdiv(V, BV)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rk = kb * BK + tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    if ((c & 1) == 1) | (c == c_last):  # an even chunk with a right sibling: the sibling's program writes it
+        u, total = end_state(k, v, g, c, token_start, t0, length, H, HK, h, K, V, rk, rv, C, PREC)
+        if ((c & 1) == 1) & (c > c0):
+            left, last = end_state(k, v, g, c - 1, token_start, t0, length, H, HK, h, K, V, rk, rv, C, PREC)
+            store_state(states, totals, i - 1, h, left, last, tile, H, K, V, rk, rv)
+            u += tl.exp(total) * left
+        store_state(states, totals, i, h, u, total, tile, H, K, V, rk, rv)
+
+
+@triton.jit
+def end_state(k, v, g, c, token_start, t0, length, H, HK, h, K, V, rk, rv, C: tl.constexpr, PREC: tl.constexpr):
+    """(U_c tile, total log decay of chunk c)."""
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     gl = local_decay(g, rows, valid, H, h)
     total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
-    rk = kb * BK + tl.arange(0, BK)
-    rv = vb * BV + tl.arange(0, BV)
     group = h // (H // HK)
     kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
     vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
     kd = kt.to(tl.float32) * tl.exp(total - gl)[:, None]
-    u = mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
-    if ((c & 1) == 1) & (c > c0):
-        rows, valid = chunk_rows(c - 1, token_start, t0, length, C)
-        gl = local_decay(g, rows, valid, H, h)
-        last = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
-        kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        kd = kt.to(tl.float32) * tl.exp(total + last - gl)[:, None]
-        u += mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC)
+    return mma_f32(tl.trans(kd), vt, k.dtype.element_ty, PREC), total
+
+
+@triton.jit
+def store_state(states, totals, i, h, u, total, tile, H, K, V, rk, rv):
     tile_off = rk[:, None] * V + rv[None, :]
     tl.store(states + (i * H + h).to(tl.int64) * K * V + tile_off, u, mask=(rk[:, None] < K) & (rv[None, :] < V))
     if tile == 0:
