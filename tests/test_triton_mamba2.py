@@ -150,7 +150,7 @@ def test_node_gradients_cover_every_slot():
     zeroed = torch.zeros_like(states)
     node_grads(q, do, g, lam, gc, zeroed, None, layout, "ieee")
     poisoned = torch.full_like(states, float("nan"))
-    poisoned[layout.shared_slots] = 0
+    poisoned.index_fill_(0, layout.shared_slots, 0)
     node_grads(q, do, g, lam, gc, poisoned, None, layout, "ieee")
     assert 0 < layout.shared_slots.numel() < layout.num_slots
     assert not torch.isnan(poisoned).any() and torch.equal(poisoned, zeroed)
