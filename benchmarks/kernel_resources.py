@@ -108,8 +108,8 @@ def op_call(args):
         if args.cp:
             from ctxpar.kernels.triton.state_read import add_state_reads
 
-            decay, state = leaf(1, T, H, dtype=torch.float32), leaf(1, H, 2, args.k, args.v, dtype=torch.float32)
-            o = add_state_reads(o, q, lam, torch.zeros(T, 2, dtype=torch.long), decay, state)
+            w, state = leaf(1, T, H, 2, dtype=torch.float32), leaf(1, H, 2, args.k, args.v, dtype=torch.float32)
+            o = add_state_reads(o, q, w, state)
         o.float().sum().backward()
 
     return call

@@ -89,8 +89,12 @@ def add_state_reads(o: torch.Tensor, c: Carry, lam: torch.Tensor, t0: int, state
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
     differing bit decides for every lower bucket alike.
     """
+    R, n, H = lam.shape[:3]
     bits = live_bits(t0)
-    above = level_of(torch.arange(t0, t0 + lam.shape[1], device=lam.device), t0)
+    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
     levels = torch.stack([above.clamp(min=b + 1) for b in bits], dim=1)  # [n, nb]
+    w = lam.gather(-1, levels[None, :, None, :].expand(R, n, H, len(bits))).to(state.dtype)
+    if c.decay is not None:
+        w = w * c.decay[..., None].to(state.dtype)
     buckets = torch.stack([state[:, :, b] for b in bits], dim=2)  # slices: a host index list would sync
-    return state_reads.add_state_reads(o, c.queries, lam, levels, c.decay, buckets)
+    return state_reads.add_state_reads(o, c.queries, w, buckets)

@@ -1,13 +1,12 @@
 """o plus what a run of queries reads from a Fenwick state: the one op context parallelism adds
-on the rank where a document crosses in (ctxpar.cp.local gives the levels and decays).
+on the rank where a document crosses in (ctxpar.cp.local computes the weights).
 
-    out[t, h] = o[t, h] + sum_b w[t, h, b] * (q[t, h // (H // Hq)] @ S[h, b]),
-    w[t, h, b] = lam[t, h, levels[t, b]] * decay[t, h]
+    out[t, h] = o[t, h] + sum_b w[t, h, b] * (q[t, h // (H // Hq)] @ S[h, b])
 
-levels[t, b] is the level at which token t reads live bucket b of the state, decay the decay from
-the state's position to t (None: GDN carries its queries instead); S the buckets, float32.
-``add_state_reads`` runs the Triton kernels (kernels/triton/state_read.py) for half-precision
-queries on a GPU, ``torch_reads`` of ``read_weights`` (the reference and the CPU path) otherwise.
+w holds, per token, head and live bucket b of the state, lambda at the bucket's level times the
+decay from the state's position to t; S the buckets, float32. ``add_state_reads`` runs the Triton
+kernels (kernels/triton/state_read.py) for half-precision queries on a GPU, ``torch_reads`` (the
+reference and the CPU path) otherwise.
 """
 
 from __future__ import annotations
@@ -15,23 +14,14 @@ from __future__ import annotations
 import torch
 
 
-def add_state_reads(o: torch.Tensor, q: torch.Tensor, lam: torch.Tensor, levels: torch.Tensor,
-                    decay: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
-    """o [R, n, H, V], q [R, n, Hq, K], lam [R, n, H, L], levels [n, nb] int, decay [R, n, H] or None,
-    states [R, H, nb, K, V] float32 -> o + reads, in o's dtype."""
+def add_state_reads(o: torch.Tensor, q: torch.Tensor, w: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """o [R, n, H, V], q [R, n, Hq, K], w [R, n, H, nb] float32, states [R, H, nb, K, V] float32
+    -> o + reads, in o's dtype."""
     if o.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from ctxpar.kernels.triton.state_read import add_state_reads as fused
 
-        return fused(o, q, lam, levels, decay, states)
-    return o + torch_reads(q, read_weights(lam, levels, decay, states.dtype), states).to(o.dtype)
-
-
-def read_weights(lam: torch.Tensor, levels: torch.Tensor, decay: torch.Tensor | None,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """w [R, n, H, nb] in ``dtype``: lam at each bucket's level, times the decay."""
-    R, n, H = lam.shape[:3]
-    w = lam.gather(-1, levels[None, :, None, :].expand(R, n, H, levels.shape[1])).to(dtype)
-    return w if decay is None else w * decay[..., None].to(dtype)
+        return fused(o, q, w, states)
+    return o + torch_reads(q, w, states).to(o.dtype)
 
 
 def torch_reads(q: torch.Tensor, w: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
