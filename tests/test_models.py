@@ -309,8 +309,9 @@ def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypat
 def _cp_tiles_match_one_process(arch):
     """On each of 2 ranks: the checkpointed, token-tiled LM on this rank's half of the sequence
     (CP = 2), summed over the ranks, has the plain LM's loss and gradients on the whole sequence.
-    ``backward()``, not ``autograd.grad(loss, params)``: that would prune the halo exchange on the
-    last rank (it leads to no parameter there) and leave its peer waiting."""
+    Through ``autograd.grad(loss, params)``, which runs only the calls with a path to a parameter:
+    the last rank's halo exchange reaches one only through its anchor (collectives.send_recv);
+    without it that rank skipped the call and left its peer waiting."""
     layout = setup(2)
     torch.manual_seed(11)
     model = CausalLM(tiny(arch, max_seq_len=128))
@@ -320,8 +321,7 @@ def _cp_tiles_match_one_process(arch):
         model.zero_grad(set_to_none=True)
         model.activation_checkpointing, model.token_tile = checkpointing, 24
         total, _ = token_nll(model, model(inputs, cp), inputs)
-        total.backward()
-        results.append([total.detach(), *(p.grad for p in model.parameters())])
+        results.append([total.detach(), *torch.autograd.grad(total, list(model.parameters()))])
     ref, got = results
     for a, b in zip(got, ref):
         dist.all_reduce(a)  # float32 sums in another order: near-zero entries differ by rounding

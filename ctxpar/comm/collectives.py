@@ -232,6 +232,7 @@ def _run_exchange(
     recv: list[tuple[int | None, RecvSpec]],
     group: ProcessGroup,
     device: torch.device,
+    anchor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     peers = [*send, *(p for p, _ in recv if p is not None)]
@@ -239,7 +240,7 @@ def _run_exchange(
     if bad:
         raise ValueError(f"peers {bad} are not other ranks of this group (rank {rank} of {size})")
     dsts = sorted(send)
-    return _Exchange.apply(_anchor(), group, device, dsts, recv, *(send[p] for p in dsts))
+    return _Exchange.apply(_anchor() if anchor is None else anchor, group, device, dsts, recv, *(send[p] for p in dsts))
 
 
 def exchange(
@@ -283,10 +284,14 @@ def send_recv(
     what it received is added to ``x``'s gradient.
 
     Unlike ``exchange``, a rank that only sends still gets a result (zeros) out of this call:
-    using it in the loss is what lets autograd reach the call and collect that gradient.
+    using it in the loss is what lets autograd reach the call and collect that gradient. And ``x``
+    is the call's anchor (gradient None) even where it is not sent: ``torch.autograd.grad(loss,
+    params)`` runs only the calls with a path to ``params``, and a rank that only receives (the
+    last one of a halo exchange) would otherwise skip the call its sender waits in.
     """
     send = {} if dst is None else {dst: x}
-    (out,) = _run_exchange(send, [(src, (x.shape, x.dtype))], _resolve(group), x.device)
+    anchor = x if x.requires_grad else None
+    (out,) = _run_exchange(send, [(src, (x.shape, x.dtype))], _resolve(group), x.device, anchor)
     return out
 
 
