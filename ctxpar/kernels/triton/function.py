@@ -89,25 +89,32 @@ def _index(values, picks, device):
 
 def _add_extra(states, leaf_extra, gc, plan):
     """The sub-chunk initial buckets into their document's first chunk state, and into its
-    right sibling's where chunk_state folded the pair (an even first chunk with a successor)."""
-    layout = plan.layout
+    right sibling's where chunk_state folded the pair."""
     states.index_add_(0, _index(plan.first_slot, plan.extra_docs, states.device), leaf_extra)
-    for j, n in enumerate(plan.extra_docs):
-        if layout.c0[n] % 2 == 0 and layout.c0[n] < layout.c_last[n]:
-            slot = plan.first_slot[n]
-            states[slot + 1] += torch.exp(gc[slot + 1] - gc[slot]).float()[:, None, None] * leaf_extra[j]
+    for j, slot in _folded_firsts(plan):
+        states[slot + 1] += _pair_decay(gc, slot) * leaf_extra[j]
 
 
 def _extra_grad(grads, gc, plan):
     """The gradient of ``_add_extra``'s buckets: their first chunk state's, plus its parent's where
     the chunk is a left child (source_grad adds that height of the down-sweep in registers only)."""
-    layout = plan.layout
     d_extra = grads[_index(plan.first_slot, plan.extra_docs, grads.device)]
-    for j, n in enumerate(plan.extra_docs):
-        if layout.c0[n] % 2 == 0 and layout.c0[n] < layout.c_last[n]:
-            slot = plan.first_slot[n]
-            d_extra[j] += torch.exp(gc[slot + 1] - gc[slot]).float()[:, None, None] * grads[slot + 1]
+    for j, slot in _folded_firsts(plan):
+        d_extra[j] += _pair_decay(gc, slot) * grads[slot + 1]
     return d_extra
+
+
+def _folded_firsts(plan):
+    """(index in extra_docs, first slot) of the documents whose first chunk is even and has a
+    successor: chunk_state folded it into the successor's pair node."""
+    layout = plan.layout
+    return [(j, plan.first_slot[n]) for j, n in enumerate(plan.extra_docs)
+            if layout.c0[n] % 2 == 0 and layout.c0[n] < layout.c_last[n]]
+
+
+def _pair_decay(gc, slot):
+    """[H, 1, 1] decay across the chunk after ``slot``."""
+    return torch.exp(gc[slot + 1] - gc[slot]).float()[:, None, None]
 
 
 def _gather_finals(states, init_nodes, plan):
