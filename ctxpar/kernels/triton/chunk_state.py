@@ -5,8 +5,8 @@ U_c = sum_{s in c} exp(G_last - G_s) k_s v_s^T, one program per (slot, head, K x
 chunk whose left sibling c - 1 belongs to the same document stores the pair's node instead,
 U_c + exp(G_c) U_{c-1}; its program also computes and stores U_{c-1}, and the sibling's program
 does nothing. The separate height-0 launch of tree.up_sweep read and rewrote half of all slots
-(the [S, H, K, V] float32 buffer is 2 GiB at 128K tokens). The program of tile 0 also writes the chunk's total log decay, from which
-the caller takes the chunk-level cumulative decays.
+(the [S, H, K, V] float32 buffer is 2 GiB at 128K tokens). The program of tile 0 also writes the
+chunk's total log decay, from which the caller takes the chunk-level cumulative decays.
 """
 
 import torch

@@ -68,7 +68,8 @@ class LogLinearMamba2(torch.autograd.Function):
         layout = plan.layout
         do = do.contiguous()
         grads = torch.empty_like(states)
-        grads.index_fill_(0, layout.shared_slots, 0)  # node_grads stores the rest; indexing by assignment synced the host
+        # node_grads stores every other slot; assigning through the index tensor synced the host
+        grads.index_fill_(0, layout.shared_slots, 0)
         init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
         node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
         if dfinal is not None and plan.finals:

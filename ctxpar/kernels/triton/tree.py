@@ -84,8 +84,9 @@ def up_sweep(states, init, gc, layout):
 
 
 def down_sweep(grads, states, ys, gc, layout):
-    """In place: gradients of the read nodes -> gradient of every node of height <= 1 (source_grad
-    adds height 0); adds each transport's dg share into ys [S, H, NH] (states: the up-swept tree)."""
+    """In place: gradients of the read nodes, each pushed down to its left children of height >= 1
+    (source_grad pushes height 0 in registers); adds each transport's dg share into ys [S, H, NH]
+    (states: the up-swept tree)."""
     H, K, V = grads.shape[1:]
     for h in reversed(range(1, layout.heights)):
         slots = layout.slots_down(h)
