@@ -55,7 +55,8 @@ def parse():
 
 
 class Timer:
-    """Median milliseconds of fn over steps, after warm-up; CUDA events on the GPU."""
+    """Median milliseconds of fn over steps, after warm-up; CUDA events on the GPU. When every rank
+    runs fn (``barrier``), the slowest rank's median: a step ends when its last rank does."""
 
     def __init__(self, device, steps, group, warmup=2):
         self.cuda, self.steps, self.group, self.warmup = device.type == "cuda", steps, group, warmup
@@ -77,7 +78,8 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append(1e3 * (time.perf_counter() - t0))
-        return sorted(times)[len(times) // 2]
+        median = sorted(times)[len(times) // 2]
+        return max_over_ranks(median, self.group) if barrier else median
 
     def _sync(self, barrier):
         if self.cuda:

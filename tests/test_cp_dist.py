@@ -16,7 +16,7 @@ from ctxpar.comm.collectives import comm_stats, reset_comm_stats
 from ctxpar.cp import SCHEMES, CPContext
 from tests.distributed import run_distributed
 from tests.factories import rel_err
-from tests.test_cp import TOL, VARIANTS, H, K, V, cases, inputs, leaves, op, reference
+from tests.test_cp import TOL, VARIANTS, H, K, V, cases, inputs, leaves, op, prefix_final_state, reference
 
 
 @pytest.mark.slow
@@ -39,41 +39,56 @@ def check_world(seed):
             check_bytes_do_not_depend_on_T(variant, scheme)
 
 
-def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K, V), tol=TOL):
-    """This rank's output and gradient shares vs one process (float64, torch backend), the rank
-    running ``backend``."""
+def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K, V), tol=TOL, lengths=None):
+    """This rank's output, gradient shares and final state vs one process (float64, torch
+    backend), the rank running ``backend`` on ``lengths[rank]`` tokens (default ``n`` each)."""
     rank, P = dist.get_rank(), dist.get_world_size()
-    xs, state = inputs(variant, B, P * n, init, dims)  # the same draw on every rank
-    do = torch.randn(B, P * n, dims[0], dims[2], dtype=torch.float64)
+    lengths = lengths or [n] * P
+    lo, hi = sum(lengths[:rank]), sum(lengths[: rank + 1])
+    xs, state = inputs(variant, B, sum(lengths), init, dims)  # the same draw on every rank
+    do = torch.randn(B, sum(lengths), dims[0], dims[2], dtype=torch.float64)
     o_ref, grads_ref = reference(variant, xs, state, cu, do)
 
-    mine = own_leaves(xs, rank, n)
+    mine = [None if x is None else x[:, lo:hi].detach().clone().requires_grad_() for x in xs]
     my_state = None if state is None else type(state)(state.buckets.detach().clone().requires_grad_(), state.positions)
-    o, _ = op(variant, mine, backend, cu_seqlens=cu, initial_state=my_state, cp=CPContext(None, cu, scheme))
-    grads = torch.autograd.grad((o * mine_of(do, rank, n)).sum(), leaves(mine, my_state))
-    assert rel_err(o, mine_of(o_ref, rank, n)) < tol, (variant, scheme, cu)
-    sliced_ref = [mine_of(x, rank, n) for x in grads_ref[: len(mine) - mine.count(None)]]
+    cp = CPContext(None, cu, scheme, slice_lengths=lengths)
+    o, final = op(variant, mine, backend, cu_seqlens=cu, initial_state=my_state, output_final_state=True, cp=cp)
+    grads = torch.autograd.grad((o * do[:, lo:hi]).sum(), leaves(mine, my_state))
+    assert rel_err(o, o_ref[:, lo:hi]) < tol, (variant, scheme, cu)
+    sliced_ref = [x[:, lo:hi] for x in grads_ref[: len(mine) - mine.count(None)]]
     for got, want in zip(grads, sliced_ref):
         assert rel_err(got, want) < tol, (variant, scheme, cu)
     if state is not None:  # each document's state is consumed (and differentiated) on one rank
         total = grads[-1].clone()
         dist.all_reduce(total)
         assert rel_err(total, grads_ref[-1]) < tol, (variant, scheme, cu)
+    want = prefix_final_state(variant, [x if x is None else x.detach() for x in xs], state, cu, lo, hi)
+    assert final.positions == want.positions, (variant, scheme, cu)
+    assert rel_err(final.buckets, want.with_bits(final.buckets.shape[2]).buckets.detach()) < tol, (variant, scheme, cu)
 
 
 def test_cp_over_triton_kernels():
     """The CP op over the Triton kernels of both variants (interpreted on CPU, float32 inside),
     3 ranks: each rank's summary is its local op's final state, so the incoming state's gradient
-    must reach the sender's kernel backward through that output. A document crossing two
-    boundaries, one cut mid-slice, and an initial state entering on rank 0."""
+    must reach the sender's kernel backward through that output. Pieces that cross in on a chunk
+    boundary inside an aligned block take the incoming state into the Mamba-2 kernels (two rows,
+    unequal slices, a final node before the piece, initial states at chunk boundaries); the others
+    (cut mid-chunk, an initial state of 70 tokens) add its reads afterwards."""
     run_distributed(check_triton, 3, random.randrange(2**31))
 
 
 def check_triton(seed):
     torch.manual_seed(seed)
+    cases = [
+        (None, 2, None, [128, 128, 128]),
+        (None, 1, None, [128, 64, 128]),
+        ([0, 300, 384], 1, (128, 0), [128, 128, 128]),
+        ([0, 100, 150, 192], 1, (70, 0, 3), [64, 64, 64]),
+    ]
     for variant in VARIANTS:
-        for cu, init in ((None, None), ([0, 100, 150, 192], (70, 0, 3))):
-            check_rank(variant, "allgather", 64, cu, 1, init, backend="triton", dims=(2, 16, 16), tol=1e-5)
+        for cu, B, init, lengths in cases:
+            check_rank(variant, "allgather", None, cu, B, init, backend="triton", dims=(2, 16, 16), tol=1e-5,
+                       lengths=lengths)
 
 
 def check_two_layers_and_one_requested_input(variant, scheme):
