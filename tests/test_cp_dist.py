@@ -70,10 +70,10 @@ def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K
 def test_cp_over_triton_kernels():
     """The CP op over the Triton kernels of both variants (interpreted on CPU, float32 inside),
     3 ranks: each rank's summary is its local op's final state, so the incoming state's gradient
-    must reach the sender's kernel backward through that output. Pieces that cross in on a chunk
-    boundary inside an aligned block take the incoming state into the Mamba-2 kernels (two rows,
-    unequal slices, a final node before the piece, initial states at chunk boundaries); the others
-    (cut mid-chunk, an initial state of 70 tokens) add its reads afterwards."""
+    must reach the sender's kernel backward through that output. Outputs, gradients and final
+    states: two rows; unequal slices, where the middle rank's final state has a bucket that ends
+    before its first chunk; a document crossing two boundaries, one cut mid-slice; initial states
+    entering on rank 0."""
     run_distributed(check_triton, 3, random.randrange(2**31))
 
 

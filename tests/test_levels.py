@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from ctxpar.kernels.levels import bucket_range, deferrable, level_matrix, level_of, live_bits, num_levels
+from ctxpar.kernels.levels import bucket_range, level_matrix, level_of, live_bits, num_levels
 
 
 def brute_levels(t):
@@ -56,21 +56,3 @@ def test_buckets_partition_the_prefix_by_level(position):
         assert sorted(covered) == list(range(position))
     with pytest.raises(ValueError):
         bucket_range(position, max(live_bits(position)) + 1)
-
-
-def test_deferrable_means_no_read_node_straddles_the_start():
-    """``deferrable`` against its definition, chunk by chunk: no chunk of the run reads a tree node
-    (node ((c >> h) - 1) at height h, for each set bit h of c) that begins before the run's first
-    chunk and ends inside it."""
-    C = 64
-    for _ in range(3000):
-        c0, chunks = random.randrange(200), random.randrange(1, 80)
-        straddles = any(
-            a - (1 << h) < c0 <= a - 1
-            for c in range(c0, c0 + chunks)
-            for h in live_bits(c)
-            for a in [(c >> h) << h]
-        )
-        length = (chunks - 1) * C + random.randrange(1, C + 1)  # the last chunk may be partial
-        assert deferrable(c0 * C, length, C) == (not straddles), (c0, chunks)
-        assert not deferrable(c0 * C + random.randrange(1, C), length, C)

@@ -1,26 +1,18 @@
 """CPContext: this rank's place in a context-parallel op, and the op itself.
 
 Forward on rank r:
-  1. the local tree: every local piece's states, the piece that crosses in from nothing at its
-     true position (``FenwickState.empty``), documents that start here from the caller's state.
-     Its final state is this rank's summary (the state of the piece that crosses out from its first
+  1. the local op on every local piece: the piece that crosses in from nothing at its true
+     position (``FenwickState.empty``), documents that start here from the caller's state. Its
+     final state is this rank's summary (the state of the piece that crosses out from its first
      token, plus the product of its transitions) - the only thing the other ranks need;
   2. exchange the summaries (all-gather or log P); the exchange moves O(P) or O(log P) states,
      never anything that grows with T;
-  3. the joined prefix is the Fenwick state at the first token of the piece that crosses in.
-
-Two ways to finish. Deferred (Triton Mamba-2, the crossing-in piece on a chunk boundary inside an
-aligned block of chunks): the Triton op runs the exchange between its tree and its outputs, and
-the outputs read the incoming state as initial nodes. Its backward is split the same way: the
-outputs' half (dq, dlambda, the nodes' read gradients, the incoming state's gradient) runs before
-the rank waits for the gradient of the summary it sent, so the ranks wait on each other only for
-their difference. Separate (any other case): the whole local op from the empty state, then what
-the crossing-in queries read from the incoming state is added to the outputs (they are linear in
-it); a sender's local backward then waits for its receivers' forward and read gradients (on 2
-H200s, 7 ms of a 120 ms step at 512K tokens per GPU).
-
+  3. the joined prefix is the Fenwick state at the first token; add what the queries of the piece
+     that crosses in read from it (the output is linear in that state, so this equals running from it).
 Backward is autograd through all of it, the exchange included: the incoming state's gradient flows
-back to the senders' final states; the exchange itself is tens of microseconds.
+back to the senders' final states. So a sender's local backward waits for its receivers' forward
+and read gradients (on 2 H200s, 7 ms of a 120 ms step at 512K tokens per GPU); the exchange
+itself is tens of microseconds.
 """
 
 from __future__ import annotations
@@ -32,10 +24,8 @@ from ctxpar.cp import exchange, local
 from ctxpar.cp.plan import ENDED, Layout, Piece, Span, layout
 from ctxpar.cp.summary import Shape, Summary, compact, join, to_state
 from ctxpar.cp.transport import DistTransport, SimGroup, SimTransport
-from ctxpar.kernels import FenwickState, available_backends, log_linear_gdn, log_linear_mamba2, resolve_backend
-from ctxpar.kernels import triton as triton_kernels
+from ctxpar.kernels import FenwickState, log_linear_gdn, log_linear_mamba2
 from ctxpar.kernels.inputs import canonicalize
-from ctxpar.kernels.levels import deferrable
 from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK
 
 
@@ -137,60 +127,26 @@ class CPContext:
         self._check_call(B, cu_seqlens)
         lay = self.layout(T, self._starts(initial_state, B))
         local_cu = None if self.cu_seqlens is None else lay.local_cu_seqlens
-        states = self._local_states(k, v, lay, initial_state)
-        c = canonicalize(q, k, v, g, beta, level_scales, scale, states, local_cu, default_scale=default_scale,
+        c = canonicalize(q, k, v, g, beta, level_scales, scale, None, local_cu, default_scale=default_scale,
                          native=True)
-        shape = Shape(B, H, k.shape[-1], V, 1 if beta is None else k.shape[-1])
-        comm = exchange.make(self.scheme, self.transport, lay, shape)
-        buckets = None if initial_state is None else initial_state.buckets
-        anchor = exchange.anchor([q, k, v, g, beta, level_scales], [buckets])
-        run = self._deferred if self._defers(backend, q, beta, lay) else self._separate
-        o, final, incoming, tie, trans = run(c, lay, comm, anchor, backend, output_final_state)
-        piece = lay.crosses_in
-        if output_final_state and piece is not None:
-            final = self._carry_final(final, piece, trans, incoming, B)
-        return exchange.tied(o, tie), (final if output_final_state else None)
-
-    def _defers(self, backend, q, beta, lay: Layout) -> bool:
-        """Whether the incoming state can enter the local op's kernels: Triton Mamba-2 with the
-        crossing-in piece aligned (``levels.deferrable``)."""
-        triton = resolve_backend(backend, q, beta) == "triton" and available_backends()["triton"] is None
-        if beta is not None or not triton:
-            return False
-        piece = lay.crosses_in
-        return piece is None or deferrable(piece.position, piece.end - piece.start, self.chunk_size)
-
-    def _deferred(self, c, lay: Layout, comm, anchor, backend, output_final_state):
-        """Tree, exchange, outputs: the Triton op calls the exchange between its two halves."""
-        piece = lay.crosses_in
-        trans = None if piece is None else local.transition(c.g[:, piece.start : piece.end])
-        got = {}
-
-        def exchange_final(final: FenwickState) -> FenwickState | None:
-            comm.start(self._own_summary(c, lay, final, trans), anchor)
-            got["incoming"], got["tie"] = comm.finish()
-            return None if piece is None else to_state(got["incoming"], self._piece_rows(c.v.shape[0]))
-
-        o, final = triton_kernels.chunked(c.q, c.k, c.v, c.g, None, c.lam, c.spans, c.initial_state, True,
-                                          deferred=exchange_final, chunk_size=self.chunk_size)
-        return o.to(c.out_dtype), final, got["incoming"], got["tie"], trans
-
-    def _separate(self, c, lay: Layout, comm, anchor, backend, output_final_state):
-        """The local op from an empty state at the piece's position, exchange, then the crossing-in
-        queries' reads of the incoming state added to the outputs (the output is linear in it)."""
-        op = log_linear_mamba2 if c.beta is None else log_linear_gdn
-        args = (c.q, c.k, c.v, c.g, c.lam) if c.beta is None else (c.q, c.k, c.v, c.g, c.beta, c.lam)
-        o, final = op(*args, scale=1.0, initial_state=c.initial_state,
+        op = log_linear_mamba2 if beta is None else log_linear_gdn
+        args = (q, k, v, g, level_scales) if beta is None else (q, k, v, g, beta, level_scales)
+        o, final = op(*args, scale=scale, initial_state=self._local_states(c, lay, initial_state),
                       output_final_state=output_final_state or lay.crosses_out is not None,
-                      cu_seqlens=lay.local_cu_seqlens if self.cu_seqlens is not None else None, backend=backend)
+                      cu_seqlens=local_cu, backend=backend)
         piece = lay.crosses_in
         carry = None if piece is None else local.carry(*_inputs(c, piece), piece.position, self.chunk_size)
-        trans = None if carry is None else carry.trans
-        comm.start(self._own_summary(c, lay, final, trans), anchor)
+
+        shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
+        comm = exchange.make(self.scheme, self.transport, lay, shape)
+        state = None if initial_state is None else initial_state.buckets
+        comm.start(self._own_summary(c, lay, final, carry), exchange.anchor([q, k, v, g, beta, level_scales], [state]))
         incoming, tie = comm.finish()
         if piece is not None:
             o = self._add_reads(o, c, piece, carry, incoming)
-        return o, final, incoming, tie, trans
+            if output_final_state:
+                final = self._carry_final(final, piece, carry, incoming, B)
+        return exchange.tied(o, tie), (final if output_final_state else None)
 
     def _piece_rows(self, batch: int) -> int:
         """Sequences one piece holds: every batch row, or one packed document."""
@@ -218,27 +174,27 @@ class CPContext:
                              f"of all {len(self.cu_seqlens) - 1} documents")
         return state.positions
 
-    def _own_summary(self, c, lay: Layout, final: FenwickState | None, trans: torch.Tensor | None) -> Summary:
+    def _own_summary(self, c, lay: Layout, final: FenwickState | None, carry: local.Carry | None) -> Summary:
         """The local op's final state of the piece that crosses out (the last local sequences):
         from a zero state at its first token when it crosses in too, else its document's whole state."""
         rows = self._piece_rows(c.v.shape[0])
         if lay.crosses_out is None:
             K, V = c.k.shape[-1], c.v.shape[-1]
-            return Summary(ENDED, c.v.new_zeros(rows, c.v.shape[2], 0, K, V, dtype=_state_dtype(c.v)), None)
-        buckets = final.buckets[-rows:].to(_state_dtype(c.v))  # one wire dtype on every rank, whatever the backend
-        return compact(lay.summaries[lay.rank], buckets, trans)
+            return Summary(ENDED, c.v.new_zeros(rows, c.v.shape[2], 0, K, V, dtype=_state_dtype(c)), None)
+        buckets = final.buckets[-rows:].to(_state_dtype(c))  # one wire dtype on every rank, whatever the backend
+        return compact(lay.summaries[lay.rank], buckets, None if carry is None else carry.trans)
 
-    def _local_states(self, k, v, lay: Layout, initial_state) -> FenwickState | None:
+    def _local_states(self, c, lay: Layout, initial_state) -> FenwickState | None:
         """The local op's initial states: nothing at the true position for the piece that crosses
         in (its incoming state is added after the exchange), the caller's for documents starting here."""
         if initial_state is None and lay.crosses_in is None:
             return None
-        rows = v.shape[0]
+        rows = c.v.shape[0]
         states = []
         for piece in lay.pieces:
             if piece.crosses_in or initial_state is None:
-                states.append(FenwickState.empty(rows, v.shape[2], k.shape[-1], v.shape[-1], (piece.position,) * rows,
-                                                 dtype=_state_dtype(v), device=v.device))
+                states.append(FenwickState.empty(rows, c.v.shape[2], c.k.shape[-1], c.v.shape[-1],
+                                                 (piece.position,) * rows, dtype=_state_dtype(c), device=c.v.device))
             else:
                 states.append(_user_state(initial_state, piece, self.cu_seqlens))
         return FenwickState.stack(states)
@@ -252,20 +208,20 @@ class CPContext:
         return torch.cat([local.add_state_reads(o[:, : piece.end], carry, lam, piece.position, state.buckets),
                           o[:, piece.end :]], dim=1)
 
-    def _carry_final(self, final: FenwickState, piece: Piece, trans: torch.Tensor, incoming: Summary,
+    def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,
                      rows: int) -> FenwickState:
         """The crossing-in piece's final state came from a zero start: join the incoming state in."""
         n = self._piece_rows(rows)
         end = piece.position + piece.end - piece.start
-        own = compact(Span(piece.position, end), final.buckets[:n], trans)
+        own = compact(Span(piece.position, end), final.buckets[:n], carry.trans)
         carried = to_state(join(incoming, own), n)
         rest = FenwickState(final.buckets[n:], final.positions[n:])
         return FenwickState.stack([carried, rest]) if rest.num_sequences else carried
 
 
-def _state_dtype(v) -> torch.dtype:
+def _state_dtype(c) -> torch.dtype:
     """Fenwick states and summaries are float32 (float64 for float64 inputs), whatever q, k, v are."""
-    return torch.promote_types(v.dtype, torch.float32)
+    return torch.promote_types(c.v.dtype, torch.float32)
 
 
 def _inputs(c, piece: Piece):

@@ -40,12 +40,6 @@ def carry(q, k, v, g, beta, t0: int, chunk_size: int = DEFAULT_CHUNK) -> Carry:
     return _delta_carry(*expanded, heads(g), heads(beta), t0, chunk_size)
 
 
-def transition(g: torch.Tensor) -> torch.Tensor:
-    """Mamba-2's product of one piece's scalar transitions, [R, H, 1, 1], from g [R, n, H] (summed
-    in float64, as ``carry`` does)."""
-    return g.double().sum(1).exp().to(torch.promote_types(g.dtype, torch.float32))[:, :, None, None]
-
-
 def _prefix_sum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """Inclusive cumsum along the last dim in two levels (inside blocks, then over block totals):
     torch scans each row on one thread block, and R x H rows of 512K tokens took 6.9 ms for the

@@ -2,7 +2,7 @@
 
 Backends: ``"reference"`` (the materialized O(T^2) oracle; the token recurrence when a state goes
 in or out), ``"torch"`` (chunkwise PyTorch, the CPU path), ``"triton"`` (CUDA kernels, both
-variants). ``"auto"`` picks triton for CUDA Mamba-2 when it can run, torch otherwise (see resolve_backend).
+variants). ``"auto"`` picks triton for CUDA Mamba-2 when it can run, torch otherwise (see _pick).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ __all__ = [
     "log_linear_mamba2",
     "log_linear_mamba2_step",
     "num_levels",
-    "resolve_backend",
 ]
 
 
@@ -75,8 +74,7 @@ def available_backends() -> dict[str, str | None]:
     return {"torch": None, "reference": None, "triton": triton_kernels.unavailable_reason()}
 
 
-def resolve_backend(backend, q, beta=None):
-    """The backend a call with ``backend`` runs on, for these q (its device) and beta (GDN or not)."""
+def _pick(backend, q, beta):
     if backend != "auto":
         return backend
     # The Triton GDN kernels pass on the CPU interpreter; on the GPU their tests have not all run
@@ -92,7 +90,7 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
     if cp is not None:
         return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
-    backend = resolve_backend(backend, args[0], args[4])
+    backend = _pick(backend, args[0], args[4])
     reason = available_backends()[backend]
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")

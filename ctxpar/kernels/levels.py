@@ -45,16 +45,3 @@ def bucket_range(position: int, bit: int) -> tuple[int, int]:
         raise ValueError(f"bit {bit} of position {position} is not set: no such bucket")
     lo = (position >> (bit + 1)) << (bit + 1)
     return lo, lo + (1 << bit)
-
-
-def deferrable(position: int, length: int, chunk: int) -> bool:
-    """Whether ``length`` tokens from ``position`` can start from a state that is known only after
-    their own tree over chunks of ``chunk`` tokens (context parallelism's incoming state): they start
-    on a chunk boundary and their chunks lie inside the aligned block of 2^tz(c0) chunks from their
-    first chunk c0. Then every tree node that ends among them lies wholly among them or wholly
-    before them (a node of the state), except the nodes that end at their last chunk, which no
-    query of theirs reads."""
-    if position % chunk:
-        return False
-    c0, c_last = position // chunk, (position + length - 1) // chunk
-    return c0 == 0 or c_last - c0 < (c0 & -c0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.kernels.levels import bucket_range, deferrable, level_of, live_bits
+from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.chunk_state import chunk_states, cumulative_decay
 from ctxpar.kernels.triton.common import dot_precision
@@ -46,91 +46,42 @@ class Plan:
                             for (n, h, e), s in zip(finals, self.final_in_slots)]
 
 
-class Tree(torch.autograd.Function):
-    """Chunk states and the up-sweep: the tree (every node, in place in ``states``), the chunk-end
-    cumulative decays ``gc``, and the nodes the final states are made of. Its backward completes
-    the one of ``Outputs``: the final states' gradients, the down-sweep, and dk, dv, dg (source_grad
-    needs the output gradient and the query side's dg, which ``Outputs.backward`` leaves in ``handoff``)."""
-
+class LogLinearMamba2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, g, init_nodes, leaf_extra, plan, prec, handoff):
+    def forward(ctx, q, k, v, g, lam, init_nodes, leaf_extra, plan, prec):
         layout = plan.layout
         states, totals = chunk_states(k, v, g, layout, prec)
         gc = cumulative_decay(totals, layout)
         if leaf_extra is not None:
             _add_extra(states, leaf_extra, gc, plan)
         up_sweep(states, init_nodes, gc, layout)
+        o = outputs(q, k, v, g, lam, states, init_nodes, gc, layout, prec)
         final = _gather_finals(states, init_nodes, plan)
-        ctx.save_for_backward(k, v, g, init_nodes, leaf_extra, states, gc)
-        ctx.plan, ctx.prec, ctx.handoff = plan, prec, handoff
-        ctx.mark_non_differentiable(gc)  # g's gradient through gc is in the dg shares (dg.py)
-        return states, gc, final
+        ctx.save_for_backward(q, k, v, g, lam, init_nodes, leaf_extra, states, gc)
+        ctx.plan, ctx.prec = plan, prec
+        return o, final
 
     @staticmethod
-    def backward(ctx, grads, _, dfinal):
-        k, v, g, init_nodes, leaf_extra, states, gc = ctx.saved_tensors
-        plan, prec, layout = ctx.plan, ctx.prec, ctx.plan.layout
-        init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
-        if plan.finals:
-            _scatter_finals(dfinal, grads, init_grads, plan)  # grads: Outputs' node gradients, its own buffer
-        ys = torch.zeros(layout.num_slots, states.shape[1], max(layout.heights, 1), device=states.device)
-        down_sweep(grads, states, ys, gc, layout)
-        if init_grads is not None:
-            _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
-        q, lam, do, dg, xs = ctx.handoff.take(v, g, states.shape[1], layout)
-        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dg, layout, prec)
-        d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
-        return dk.to(k.dtype), dv, dg.to(g.dtype), init_grads, d_extra, None, None, None
-
-
-class Outputs(torch.autograd.Function):
-    """Every chunk's output: its intra-chunk block and its node reads (tree nodes and initial
-    nodes). The backward gives dq, dlambda, the read nodes' gradients and the initial nodes' read
-    gradients; what source_grad needs of it goes to ``Tree.backward`` through ``handoff``.
-
-    Split from ``Tree`` so that a context-parallel rank can exchange the final states between the
-    two (the initial nodes it reads may arrive then) and, in backward, compute this half before it
-    waits for the gradient of the final state it sent."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, lam, states, gc, init_nodes, plan, prec, handoff):
-        o = outputs(q, k, v, g, lam, states, init_nodes, gc, plan.layout, prec)
-        ctx.save_for_backward(q, k, v, g, lam, init_nodes, states, gc)
-        ctx.plan, ctx.prec, ctx.handoff = plan, prec, handoff
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, g, lam, init_nodes, states, gc = ctx.saved_tensors
-        prec, layout = ctx.prec, ctx.plan.layout
+    def backward(ctx, do, dfinal):
+        q, k, v, g, lam, init_nodes, leaf_extra, states, gc = ctx.saved_tensors
+        plan, prec = ctx.plan, ctx.prec
+        layout = plan.layout
         do = do.contiguous()
         grads = torch.empty_like(states)
         # node_grads stores every other slot; assigning through the index tensor synced the host
         grads.index_fill_(0, layout.shared_slots, 0)
         init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
         node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
+        if dfinal is not None and plan.finals:
+            _scatter_finals(dfinal, grads, init_grads, plan)
+        ys = torch.zeros(layout.num_slots, states.shape[1], max(layout.heights, 1), device=states.device)
+        down_sweep(grads, states, ys, gc, layout)
+        if init_grads is not None:
+            _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
         dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
-        ctx.handoff.put(do, dg, xs)
-        return dq.to(q.dtype), None, None, None, dlam.to(lam.dtype), grads, None, init_grads, None, None, None
-
-
-class Handoff:
-    """What ``Outputs.backward`` leaves for ``Tree.backward`` (autograd runs it first: the tree's
-    outputs feed the outputs). When the outputs get no gradient (a loss on the final state alone)
-    it never runs, and the tree's backward sees a zero output gradient."""
-
-    def __init__(self, q, lam):
-        self.q, self.lam, self._grads = q, lam, None
-
-    def put(self, do, dg, xs):
-        self._grads = (do, dg, xs)
-
-    def take(self, v, g, heads, layout):
-        grads, self._grads = self._grads, None
-        if grads is None:
-            xs = g.new_zeros(layout.num_slots, heads, max(layout.heights, 1))
-            grads = (torch.zeros_like(v), torch.zeros_like(g), xs)
-        return (self.q, self.lam, *grads)
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dg, layout, prec)
+        d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
 
 
 def _index(values, picks, device):
@@ -176,7 +127,8 @@ def _gather_finals(states, init_nodes, plan):
 
 
 def _initial_node(init_nodes, index, states):
-    """Initial node (document, height); zero when no state holds anything."""
+    """Initial node (document, height): zero where no initial state holds anything (a context-
+    parallel rank's piece from an empty state, whose final state has a bucket ending before it)."""
     return states.new_zeros(states.shape[1:]) if init_nodes is None else init_nodes[index[0], :, index[1]]
 
 
@@ -203,20 +155,13 @@ def _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan):
                 ys[slot, :, h] += decay * (init_nodes[n, :, h] * grads[slot]).sum((-1, -2))
 
 
-def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, *, deferred=None,
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False,
             chunk_size=DEFAULT_CHUNK, segment=DEFAULT_SEGMENT):
     """``torch_chunked.chunked``'s contract on the Triton kernels; q, k may keep Hk < H heads.
 
     q, k: [B, T, Hk, K] (already scaled); v: [B, T, H, V]; g: [B, T, H]; lam: [B, T, H, L];
     spans: [(batch, start, end)]. Float64 inputs run in float32. Returns (o [B, T, H, V],
     FenwickState or None).
-
-    ``deferred`` (context parallelism): the first sequences' real initial state is known only once
-    the final states are. ``initial_state`` gives them empty buckets at their positions; the tree
-    runs from those, and ``deferred(final_state)`` returns the FenwickState of the first R
-    sequences (or None), which the outputs read as initial nodes. Each such sequence must lie
-    inside one aligned block of chunks after its position (``deferrable``), so that no tree node
-    mixes the arriving state in.
     """
     if beta is not None:
         raise ValueError("beta given: Gated DeltaNet runs in gdn_function.chunked")
@@ -241,34 +186,15 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         extra_docs = [n for n in range(len(spans)) if starts[n] % C]
         if extra_docs:
             leaf_extra = torch.stack([docs.first_chunk_extra(n, buckets[n], log_c) for n in extra_docs])
-    want_final = output_final_state or deferred is not None
-    plan = Plan(layout, extra_docs, _final_nodes(layout, log_c) if want_final else [])
+    finals = _final_nodes(layout, log_c) if output_final_state else []
+    plan = Plan(layout, extra_docs, finals)
     prec = dot_precision(fq.dtype)
-    handoff = Handoff(fq, flam)
-    states, gc, final_nodes = Tree.apply(fk, fv, fg, init_nodes, leaf_extra, plan, prec, handoff)
-    state = docs.final_state(final_nodes, plan, buckets, log_c) if want_final else None
-    if deferred is not None:
-        arrived = deferred(state)
-        if arrived is not None:
-            init_nodes = _initial_nodes(_with_arrived(arrived, initial_state, spans, C), layout, log_c)
-    o = Outputs.apply(fq, fk, fv, fg, flam, states, gc, init_nodes, plan, prec, handoff)
+    o, final_nodes = LogLinearMamba2.apply(fq, fk, fv, fg, flam, init_nodes, leaf_extra, plan, prec)
     if extra_docs:
         o = o.index_add(0, *docs.first_chunk_reads(extra_docs, buckets, log_c))
     o = o.reshape(B, T, H, V).to(out_dtype)
-    return o, state if output_final_state else None
-
-
-def _with_arrived(arrived, initial_state, spans, chunk):
-    """The initial buckets of every sequence, the first R from ``arrived``."""
-    R = arrived.num_sequences
-    if arrived.positions != initial_state.positions[:R]:
-        raise ValueError(f"the deferred state is at {arrived.positions}, not {initial_state.positions[:R]}")
-    for (_, start, end), t0 in zip(spans[:R], arrived.positions):
-        if not deferrable(t0, end - start, chunk):
-            raise ValueError(f"a sequence of {end - start} tokens at position {t0} cannot take a deferred state")
-    rest = FenwickState(initial_state.buckets[R:], initial_state.positions[R:])
-    both = FenwickState.stack([arrived, rest]) if rest.num_sequences else arrived
-    return both.buckets.float()
+    state = docs.final_state(final_nodes, plan, buckets, log_c) if output_final_state else None
+    return o, state
 
 
 def _initial_nodes(buckets, layout, log_c):
