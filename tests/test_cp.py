@@ -221,15 +221,17 @@ def test_log_p_sends_only_what_short_documents_need():
         assert messages_per_rank(P, [0, 64 * P]) > math.log2(P) - 1.5
 
 
-@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 5000])
-def test_two_level_prefix_sum_matches_cumsum(n):
-    """The crossing-in piece's decays come from a blocked scan (local._prefix_sum): values and
-    gradient equal torch's cumsum on both sides of a block boundary."""
-    from ctxpar.cp.local import _prefix_sum
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 5000])
+def test_blocked_decay_matches_exp_of_cumsum(n):
+    """The crossing-in piece's decays come from blocks (local._decay): float64 values and gradient
+    equal exp(cumsum) on both sides of a block boundary; float32 ones stay within float32 error."""
+    from ctxpar.cp.local import _decay
 
-    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
-    d = torch.randn(2, 3, n, dtype=torch.float64)
-    got = _prefix_sum(x)
-    want = x.cumsum(-1)
-    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(*(torch.autograd.grad(y, x, d)[0] for y in (got, want)), rtol=1e-12, atol=1e-12)
+    g = (-0.1 * torch.rand(2, n, 3, dtype=torch.float64)).requires_grad_()
+    d = torch.randn(2, n, 3, dtype=torch.float64)
+    got, want = _decay(g), g.cumsum(1).exp()
+    assert torch.allclose(got, want, rtol=1e-11, atol=0)  # every value, down to exp(-250)
+    assert rel_err(*(torch.autograd.grad(y, g, d)[0] for y in (got, want))) < 1e-12
+    mild = g.detach() * 0.1
+    truth = mild.cumsum(1).exp()
+    assert rel_err(_decay(mild.float()).double(), truth) < 1e-6

@@ -129,12 +129,15 @@ class CPContext:
         local_cu = None if self.cu_seqlens is None else lay.local_cu_seqlens
         c = canonicalize(q, k, v, g, beta, level_scales, scale, None, local_cu, default_scale=default_scale,
                          native=True)
+        piece = lay.crosses_in
+        lam, scales = level_scales, None
+        if piece is not None:  # the scales at which the crossing-in queries read the incoming state
+            lam, scales = local.pick_scales(level_scales, piece.end, piece.position)
         op = log_linear_mamba2 if beta is None else log_linear_gdn
-        args = (q, k, v, g, level_scales) if beta is None else (q, k, v, g, beta, level_scales)
+        args = (q, k, v, g, lam) if beta is None else (q, k, v, g, beta, lam)
         o, final = op(*args, scale=scale, initial_state=self._local_states(c, lay, initial_state),
                       output_final_state=output_final_state or lay.crosses_out is not None,
                       cu_seqlens=local_cu, backend=backend)
-        piece = lay.crosses_in
         carry = None if piece is None else local.carry(*_inputs(c, piece), piece.position, self.chunk_size)
 
         shape = Shape(B, H, c.k.shape[-1], V, 1 if beta is None else c.k.shape[-1])
@@ -143,7 +146,7 @@ class CPContext:
         comm.start(self._own_summary(c, lay, final, carry), exchange.anchor([q, k, v, g, beta, level_scales], [state]))
         incoming, tie = comm.finish()
         if piece is not None:
-            o = self._add_reads(o, c, piece, carry, incoming)
+            o = self._add_reads(o, c, piece, carry, scales, incoming)
             if output_final_state:
                 final = self._carry_final(final, piece, carry, incoming, B)
         return exchange.tied(o, tie), (final if output_final_state else None)
@@ -199,13 +202,12 @@ class CPContext:
                 states.append(_user_state(initial_state, piece, self.cu_seqlens))
         return FenwickState.stack(states)
 
-    def _add_reads(self, o, c, piece: Piece, carry: local.Carry, incoming: Summary) -> torch.Tensor:
+    def _add_reads(self, o, c, piece: Piece, carry: local.Carry, scales, incoming: Summary) -> torch.Tensor:
         """o plus what the crossing-in piece (local rows [0, end)) reads from the incoming state."""
         state = to_state(incoming, c.v.shape[0])
-        lam = c.lam[:, : piece.end]
         if piece.end == o.shape[1]:
-            return local.add_state_reads(o, carry, lam, piece.position, state.buckets)
-        return torch.cat([local.add_state_reads(o[:, : piece.end], carry, lam, piece.position, state.buckets),
+            return local.add_state_reads(o, carry, scales, piece.position, state.buckets)
+        return torch.cat([local.add_state_reads(o[:, : piece.end], carry, scales, piece.position, state.buckets),
                           o[:, piece.end :]], dim=1)
 
     def _carry_final(self, final: FenwickState, piece: Piece, carry: local.Carry, incoming: Summary,

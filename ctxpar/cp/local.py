@@ -31,24 +31,24 @@ class Carry:
 def carry(q, k, v, g, beta, t0: int, chunk_size: int = DEFAULT_CHUNK) -> Carry:
     """q, k [R, n, Hk, K], v [R, n, H, V], g, beta [R, n, H]: one piece, token-major."""
     if beta is None:
-        # Scalar transitions: a cumulative sum, in float64 so that 1M-token sums keep their digits.
-        running = _prefix_sum(g.double().transpose(1, 2)).transpose(1, 2)
-        decay = running.exp().to(torch.promote_types(g.dtype, torch.float32))
+        decay = _decay(g.to(torch.promote_types(g.dtype, torch.float32)))
         return Carry(decay[:, -1, :, None, None], q, decay)
     heads = lambda x: x.transpose(1, 2)  # noqa: E731  the torch backend's [R, H, n, ...]
     expanded = [heads(_expanded(x, v.shape[2])) for x in (q, k, v)]
     return _delta_carry(*expanded, heads(g), heads(beta), t0, chunk_size)
 
 
-def _prefix_sum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Inclusive cumsum along the last dim in two levels (inside blocks, then over block totals):
-    torch scans each row on one thread block, and R x H rows of 512K tokens took 6.9 ms for the
-    scan and its backward in a profile of a 1M-token CP step (an H200 that another process
-    shared)."""
-    n = x.shape[-1]
-    blocks = F.pad(x, (0, -n % block)).unflatten(-1, (-1, block)).cumsum(-1)
-    totals = blocks[..., -1].cumsum(-1) - blocks[..., -1]
-    return (blocks + totals[..., None]).flatten(-2)[..., :n]
+def _decay(g: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """exp(g_0 + ... + g_t) for every t along dim 1 of g [R, n, H], as exp(the sum inside t's block
+    of ``block`` tokens) times exp(the sums of the blocks before, added in float64): a million-token
+    sum keeps its digits where the decay is not negligible, and every pass over the [R, n, H]
+    tensor stays in g's dtype. (A float64 scan of the whole tensor and its backward took about 1 ms
+    of a 512K-token-per-GPU CP step on an H200.)"""
+    n = g.shape[1]
+    inside = F.pad(g, (0, 0, 0, -n % block)).unflatten(1, (-1, block)).cumsum(2)  # [R, blocks, block, H]
+    totals = inside[:, :, -1].double().cumsum(1)
+    before = torch.cat([torch.zeros_like(totals[:, :1]), totals[:, :-1]], dim=1).exp().to(g.dtype)
+    return (inside.exp() * before[:, :, None]).flatten(1, 2)[:, :n]
 
 
 def _expanded(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -81,20 +81,49 @@ def _inclusive_products(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def add_state_reads(o: torch.Tensor, c: Carry, lam: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
-    """o [R, n, H, V] plus what queries at t0, t0+1, ... read from the Fenwick state after t0
-    tokens (state [R, H, nbits, K, V]); lam [R, n, H, L].
+def pick_scales(lam: torch.Tensor, n: int, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam itself, for the local op; [R, n, H, nb] the scales at which its first n queries, at
+    positions t0, t0 + 1, ..., read each live bucket of the state after t0 tokens).
 
     Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
     where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
     differing bit decides for every lower bucket alike.
     """
-    R, n, H = lam.shape[:3]
-    bits = live_bits(t0)
     above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
-    levels = torch.stack([above.clamp(min=b + 1) for b in bits], dim=1)  # [n, nb]
-    w = lam.gather(-1, levels[None, :, None, :].expand(R, n, H, len(bits))).to(state.dtype)
+    levels = torch.stack([above.clamp(min=b + 1) for b in live_bits(t0)], dim=1)  # [n, nb]
+    return _PickScales.apply(lam, levels)
+
+
+class _PickScales(torch.autograd.Function):
+    """lam and the gather of its first rows at ``levels``. Backward adds the scales' gradient into
+    the op's lambda gradient in place: a plain gather made a lambda-sized zero gradient, scattered
+    into it and added it to the op's (about 1 ms of a 512K-token-per-GPU step on an H200)."""
+
+    @staticmethod
+    def forward(ctx, lam, levels):
+        ctx.save_for_backward(levels)
+        return lam.view_as(lam), lam[:, : levels.shape[0]].gather(-1, _expand(levels, lam))
+
+    @staticmethod
+    def backward(ctx, d_lam, d_scales):
+        (levels,) = ctx.saved_tensors
+        if d_lam._base is not None or not d_lam.is_contiguous():  # add only into a buffer of our own
+            d_lam = d_lam.clone()
+        d_lam[:, : levels.shape[0]].scatter_add_(-1, _expand(levels, d_lam), d_scales.to(d_lam.dtype))
+        return d_lam, None
+
+
+def _expand(levels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[n, nb] levels as a gather index into ``like``'s first n rows, [R, n, H, nb]."""
+    return levels[None, :, None, :].expand(like.shape[0], levels.shape[0], like.shape[2], levels.shape[1])
+
+
+def add_state_reads(o: torch.Tensor, c: Carry, scales: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:
+    """o [R, n, H, V] plus what queries at t0, t0+1, ... read from the Fenwick state after t0
+    tokens (state [R, H, nbits, K, V]), each live bucket weighed by ``scales`` [R, n, H, nb]
+    (``pick_scales``) and Mamba-2's decay."""
+    w = scales.to(state.dtype)
     if c.decay is not None:
         w = w * c.decay[..., None].to(state.dtype)
-    buckets = torch.stack([state[:, :, b] for b in bits], dim=2)  # slices: a host index list would sync
+    buckets = torch.stack([state[:, :, b] for b in live_bits(t0)], dim=2)  # slices: a host index list would sync
     return state_reads.add_state_reads(o, c.queries, w, buckets)
