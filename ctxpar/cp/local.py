@@ -98,7 +98,10 @@ def pick_scales(lam: torch.Tensor, n: int, t0: int) -> tuple[torch.Tensor, torch
 class _PickScales(torch.autograd.Function):
     """lam and the gather of its first rows at ``levels``. Backward adds the scales' gradient into
     the op's lambda gradient in place: a plain gather made a lambda-sized zero gradient, scattered
-    into it and added it to the op's (about 1 ms of a 512K-token-per-GPU step on an H200)."""
+    into it and added it to the op's (about 1 ms of a 512K-token-per-GPU step on an H200). The op's
+    lambda gradient is a buffer its backward made (the Triton op's, seen through a reshape), or a
+    slice of one (the torch backend pads lambda): a slice, or anything not contiguous, is copied
+    first, since its memory may hold more than this gradient."""
 
     @staticmethod
     def forward(ctx, lam, levels):
@@ -108,7 +111,8 @@ class _PickScales(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_lam, d_scales):
         (levels,) = ctx.saved_tensors
-        if d_lam._base is not None or not d_lam.is_contiguous():  # add only into a buffer of our own
+        whole = d_lam._base is None or d_lam._base.numel() == d_lam.numel()
+        if not (whole and d_lam.is_contiguous()):
             d_lam = d_lam.clone()
         d_lam[:, : levels.shape[0]].scatter_add_(-1, _expand(levels, d_lam), d_scales.to(d_lam.dtype))
         return d_lam, None
