@@ -15,7 +15,11 @@ import triton
 import triton.language as tl
 
 MODES = {"store": 0, "add": 1, "atomic": 2}
-TILE_M, TILE_N, TILE_K, NUM_WARPS = 64, 64, 32, 4  # the largest output tile and reduction step
+# The largest output tile and reduction step. Swept on an H200 at 128K tokens (H=16, K=V=128, the
+# up-sweep and reads, fwd+bwd; 2026-11-30-h200-sweep_gdn_bmm.json): 64 x 64 tiles 215.9 ms, 128 x 128
+# with 8 warps 184.3 (4 warps 178.2, but ptxas spills 1.5 KB per thread there, 104 B with 8), 128 x 64
+# 194.3, a 64-wide reduction step 215.7 / 251.5.
+TILE_M, TILE_N, TILE_K, NUM_WARPS = 128, 128, 32, 8
 
 
 @triton.jit
