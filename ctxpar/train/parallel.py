@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ctxpar.comm.launch import LaunchInfo, destroy_process_group, init_process_group_from, resolve_launch
+from ctxpar.comm.mesh import Mesh, build_mesh
 
 
 @dataclass
@@ -28,12 +29,7 @@ class Layout:
     local_rank: int
     local_world_size: int
     device: torch.device
-    cp_size: int = 1
-    cp_rank: int = 0
-    dp_size: int = 1
-    dp_rank: int = 0
-    cp_group: object = None
-    mesh: object = None  # the ctxpar.comm.mesh.Mesh when cp_size > 1
+    mesh: Mesh | None = None  # the dp x cp mesh when cp_size > 1; without CP every rank is its own CP group
 
     @property
     def is_main(self) -> bool:
@@ -42,6 +38,26 @@ class Layout:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.cp_size
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh.cp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size if self.mesh is None else self.mesh.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank if self.mesh is None else self.mesh.dp_rank
+
+    @property
+    def cp_group(self):
+        return None if self.mesh is None else self.mesh.cp_group
 
     def cp_context(self):
         """What the model passes to the attention op and the short conv: None without CP."""
@@ -73,16 +89,8 @@ def setup(cp_size: int, backend: str = "auto", always_group: bool = False) -> La
     if info.world_size == 1 and not dist.is_initialized() and not always_group:
         return Layout(0, 1, 0, 1, _single_device(info))
     device = init_process_group_from(info, None if backend == "auto" else backend)  # only the device if it exists
-    layout = Layout(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
-    if cp_size > 1:
-        from ctxpar.comm.mesh import build_mesh
-
-        mesh = build_mesh(info.world_size // cp_size, cp_size)
-        layout.cp_size, layout.cp_rank, layout.cp_group, layout.mesh = mesh.cp_size, mesh.cp_rank, mesh.cp_group, mesh
-        layout.dp_size, layout.dp_rank = mesh.dp_size, mesh.dp_rank
-    else:
-        layout.dp_size, layout.dp_rank = info.world_size, info.rank
-    return layout
+    mesh = build_mesh(info.world_size // cp_size, cp_size) if cp_size > 1 else None
+    return Layout(info.rank, info.world_size, info.local_rank, info.local_world_size, device, mesh)
 
 
 def _existing_group() -> LaunchInfo:
