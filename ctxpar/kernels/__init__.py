@@ -77,9 +77,10 @@ def available_backends() -> dict[str, str | None]:
 def _pick(backend, q, beta):
     if backend != "auto":
         return backend
-    # The Triton GDN kernels pass on the CPU interpreter; on the GPU their tests have not all run
-    # since the chunk-stage backward was changed to fit K = 192 / 256 (only the K = 192 test has),
-    # and they are far slower than their targets. Until then "auto" keeps GDN on the torch backend.
+    # The Triton GDN kernels pass their GPU tests (all 8 on 2026-11-30; 7, all but the 512K one,
+    # with the current gather_bmm tiles), but they run far below their targets (about 0.5 Mtok/s at
+    # 128K) and have not been timed against the torch backend on a GPU: until they are, "auto"
+    # keeps GDN on the torch backend.
     fast = q.is_cuda and beta is None and triton_kernels.unavailable_reason() is None
     return "triton" if fast else "torch"
 
