@@ -44,25 +44,25 @@ def check_rank(variant, scheme, n, cu, B, init=None, backend="torch", dims=(H, K
     backend), the rank running ``backend`` on ``lengths[rank]`` tokens (default ``n`` each)."""
     rank, P = dist.get_rank(), dist.get_world_size()
     lengths = lengths or [n] * P
-    lo, hi = sum(lengths[:rank]), sum(lengths[: rank + 1])
+    part = share(rank, lengths)
     xs, state = inputs(variant, B, sum(lengths), init, dims)  # the same draw on every rank
     do = torch.randn(B, sum(lengths), dims[0], dims[2], dtype=torch.float64)
     o_ref, grads_ref = reference(variant, xs, state, cu, do)
 
-    mine = [None if x is None else x[:, lo:hi].detach().clone().requires_grad_() for x in xs]
+    mine = own_leaves(xs, part)
     my_state = None if state is None else type(state)(state.buckets.detach().clone().requires_grad_(), state.positions)
     cp = CPContext(None, cu, scheme, slice_lengths=lengths)
     o, final = op(variant, mine, backend, cu_seqlens=cu, initial_state=my_state, output_final_state=True, cp=cp)
-    grads = torch.autograd.grad((o * do[:, lo:hi]).sum(), leaves(mine, my_state))
-    assert rel_err(o, o_ref[:, lo:hi]) < tol, (variant, scheme, cu)
-    sliced_ref = [x[:, lo:hi] for x in grads_ref[: len(mine) - mine.count(None)]]
+    grads = torch.autograd.grad((o * do[:, part]).sum(), leaves(mine, my_state))
+    assert rel_err(o, o_ref[:, part]) < tol, (variant, scheme, cu)
+    sliced_ref = [x[:, part] for x in grads_ref[: len(mine) - mine.count(None)]]
     for got, want in zip(grads, sliced_ref):
         assert rel_err(got, want) < tol, (variant, scheme, cu)
     if state is not None:  # each document's state is consumed (and differentiated) on one rank
         total = grads[-1].clone()
         dist.all_reduce(total)
         assert rel_err(total, grads_ref[-1]) < tol, (variant, scheme, cu)
-    want = prefix_final_state(variant, [x if x is None else x.detach() for x in xs], state, cu, lo, hi)
+    want = prefix_final_state(variant, [x if x is None else x.detach() for x in xs], state, cu, part.start, part.stop)
     assert final.positions == want.positions, (variant, scheme, cu)
     assert rel_err(final.buckets, want.with_bits(final.buckets.shape[2]).buckets.detach()) < tol, (variant, scheme, cu)
 
@@ -104,20 +104,22 @@ def check_two_layers_and_one_requested_input(variant, scheme):
 
     o_ref = two_layers(xs)
     (grad_ref,) = torch.autograd.grad(o_ref.square().sum(), xs[2])
-    mine = own_leaves(xs, rank, n)
+    part = share(rank, [n] * P)
+    mine = own_leaves(xs, part)
     o = two_layers(mine, cp=CPContext(None, cu, scheme))
     (grad,) = torch.autograd.grad(o.square().sum(), mine[2])
-    assert rel_err(o, mine_of(o_ref, rank, n)) < TOL, (variant, scheme)
-    assert rel_err(grad, mine_of(grad_ref, rank, n)) < TOL, (variant, scheme)
+    assert rel_err(o, o_ref[:, part]) < TOL, (variant, scheme)
+    assert rel_err(grad, grad_ref[:, part]) < TOL, (variant, scheme)
 
 
-def mine_of(x, rank, n):
-    return x[:, rank * n : (rank + 1) * n]
+def share(rank, lengths):
+    """This rank's token range of the global sequence, ``lengths[r]`` tokens on rank r."""
+    return slice(sum(lengths[:rank]), sum(lengths[: rank + 1]))
 
 
-def own_leaves(xs, rank, n):
+def own_leaves(xs, part):
     """This rank's slice of the global inputs, as its own leaves."""
-    return [None if x is None else mine_of(x, rank, n).detach().clone().requires_grad_() for x in xs]
+    return [None if x is None else x[:, part].detach().clone().requires_grad_() for x in xs]
 
 
 def check_bytes_do_not_depend_on_T(variant, scheme):
@@ -125,7 +127,7 @@ def check_bytes_do_not_depend_on_T(variant, scheme):
     sent = []
     for n in (64, 256):
         xs, _ = inputs(variant, 1, P * n, None)
-        mine = own_leaves(xs, rank, n)
+        mine = own_leaves(xs, share(rank, [n] * P))
         reset_comm_stats()
         o, _ = op(variant, mine, cp=CPContext(None, None, scheme))
         o.square().sum().backward()
