@@ -3,7 +3,10 @@ import random
 import pytest
 import torch
 
-from ctxpar.kernels.levels import bucket_range, level_matrix, level_of, live_bits, num_levels
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxpar.kernels.levels import bucket_range, level_matrix, level_of, live_bits, num_levels, read_levels
 
 
 def brute_levels(t):
@@ -56,3 +59,16 @@ def test_buckets_partition_the_prefix_by_level(position):
         assert sorted(covered) == list(range(position))
     with pytest.raises(ValueError):
         bucket_range(position, max(live_bits(position)) + 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(1, 1 << 21), n=st.integers(1, 5000), data=st.data())
+def test_read_levels_are_the_levels_of_each_query(position, n, data):
+    bit = data.draw(st.sampled_from(live_bits(position)))
+    runs = read_levels(position, n, bit)
+    levels = [level for a, e, level in runs for _ in range(a, e)]
+    lo, hi = bucket_range(position, bit)  # every source of the bucket: the level of the pair (t, s)
+    t = torch.arange(position, position + n)
+    assert levels == level_of(t, lo).tolist() == level_of(t, hi - 1).tolist()
+    assert [a for a, _, _ in runs] == [0] + [e for _, e, _ in runs[:-1]]
+    assert len({level for _, _, level in runs}) == len(runs)

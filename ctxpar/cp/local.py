@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxpar.kernels import state_reads
-from ctxpar.kernels.levels import level_of, live_bits
+from ctxpar.kernels.levels import live_bits, read_levels
 from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK, chunk_stage, transport
 
 
@@ -86,41 +86,36 @@ def pick_scales(lam: torch.Tensor, n: int, t0: int) -> tuple[torch.Tensor, torch
     """(lam itself, for the local op; [R, n, H, nb] the scales at which its first n queries, at
     positions t0, t0 + 1, ..., read each live bucket of the state after t0 tokens).
 
-    Query t reads the bucket of bit j at level bit_length(t XOR lo_j) = max(j + 1, bit_length(t XOR t0)):
-    where t still agrees with t0 above bit j the bucket is its own level j + 1, else the highest
-    differing bit decides for every lower bucket alike.
+    The levels of a bucket's reads form a few runs of queries (``levels.read_levels``: one when t0
+    is a multiple of n's power of two), so the scales are slices of lam's level axis, not a gather.
     """
-    above = level_of(torch.arange(t0, t0 + n, device=lam.device), t0)
-    levels = torch.stack([above.clamp(min=b + 1) for b in live_bits(t0)], dim=1)  # [n, nb]
-    return _PickScales.apply(lam, levels)
+    return _PickScales.apply(lam, [read_levels(t0, n, b) for b in live_bits(t0)])
 
 
 class _PickScales(torch.autograd.Function):
-    """lam and the gather of its first rows at ``levels``. Backward adds the scales' gradient into
-    the op's lambda gradient in place: a plain gather made a lambda-sized zero gradient, scattered
-    into it and added it to the op's (about 1 ms of a 512K-token-per-GPU step on an H200). The op's
-    lambda gradient is a buffer its backward made (the Triton op's, seen through a reshape), or a
-    slice of one (the torch backend pads lambda): a slice, or anything not contiguous, is copied
-    first, since its memory may hold more than this gradient."""
+    """lam and its slices at each bucket's runs of levels. Backward adds the scales' gradient into
+    those slices of the op's lambda gradient in place: a plain slice or gather made a lambda-sized
+    zero gradient and added it to the op's, and a scatter_add into it took 0.45 ms of a
+    512K-token-per-GPU step on an H200. The op's lambda gradient is a buffer its backward made (the
+    Triton op's, seen through a reshape), or a slice of one (the torch backend pads lambda): a
+    slice, or anything not contiguous, is copied first, since its memory may hold more than this
+    gradient."""
 
     @staticmethod
-    def forward(ctx, lam, levels):
-        ctx.save_for_backward(levels)
-        return lam.view_as(lam), lam[:, : levels.shape[0]].gather(-1, _expand(levels, lam))
+    def forward(ctx, lam, runs):
+        ctx.runs = runs
+        buckets = [torch.cat([lam[:, a:e, :, level] for a, e, level in bucket], dim=1) for bucket in runs]
+        return lam.view_as(lam), torch.stack(buckets, dim=-1)
 
     @staticmethod
     def backward(ctx, d_lam, d_scales):
-        (levels,) = ctx.saved_tensors
         whole = d_lam._base is None or d_lam._base.numel() == d_lam.numel()
         if not (whole and d_lam.is_contiguous()):
             d_lam = d_lam.clone()
-        d_lam[:, : levels.shape[0]].scatter_add_(-1, _expand(levels, d_lam), d_scales.to(d_lam.dtype))
+        for j, bucket in enumerate(ctx.runs):
+            for a, e, level in bucket:
+                d_lam[:, a:e, :, level] += d_scales[:, a:e, :, j]
         return d_lam, None
-
-
-def _expand(levels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[n, nb] levels as a gather index into ``like``'s first n rows, [R, n, H, nb]."""
-    return levels[None, :, None, :].expand(like.shape[0], levels.shape[0], like.shape[2], levels.shape[1])
 
 
 def add_state_reads(o: torch.Tensor, c: Carry, scales: torch.Tensor, t0: int, state: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,25 @@ def live_bits(position: int) -> list[int]:
     return [b for b in range(position.bit_length()) if (position >> b) & 1]
 
 
+def read_levels(position: int, n: int, bit: int) -> list[tuple[int, int, int]]:
+    """How the queries at ``position + i``, ``0 <= i < n``, weigh the bucket of ``bit`` of the state
+    after ``position`` tokens: ``[(start, end, level)]``, each query i in one run ``start <= i < end``.
+
+    A query at t reads every source of that bucket at level ``max(bit + 1, bit_length(t XOR position))``;
+    the second term grows with t (t stays within ``2**l`` aligned tokens of ``position`` up to the
+    end of that block), so the levels form at most one run per level and the runs come in order.
+    """
+    if not (position >> bit) & 1:
+        raise ValueError(f"bit {bit} of position {position} is not set: no such bucket")
+    runs, start, level = [], 0, bit + 1
+    while start < n:
+        end = min(n, (((position >> level) + 1) << level) - position)  # queries still within level's block
+        if end > start:
+            runs.append((start, end, level))
+        start, level = max(start, end), level + 1
+    return runs
+
+
 def bucket_range(position: int, bit: int) -> tuple[int, int]:
     """Token range ``[lo, hi)`` of the bucket of ``bit`` in the state after ``position`` tokens."""
     if not (position >> bit) & 1:
