@@ -7,7 +7,7 @@ them: flash-linear-attention's chunk_log_linear_attn (it caps T at 128K) and chu
 Each row: forward and forward+backward median time (triton.testing.do_bench), tokens per second
 of forward+backward, peak memory of one forward+backward. A failing row is recorded, not fatal.
 
-Gated DeltaNet rows: ctxpar's log-linear GDN and flash-linear-attention's chunk_gated_delta_rule
+Gated DeltaNet rows: ctxpar's log-linear GDN (Triton and torch backends) and flash-linear-attention's chunk_gated_delta_rule
 (plain GDN, the anchor of DESIGN.md section 5) at (H, K, V) = (16, 128, 128) and (6, 192, 384), per-head
 q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
 
@@ -16,7 +16,7 @@ q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
     STAGES=8192,131072 python benchmarks/bench_ops.py   # also each kernel stage of ctxpar alone
     GDN_STAGES=8192,131072 python benchmarks/bench_ops.py   # the same for ctxpar's GDN (H=16, K=V=128)
     BUDGET_S=150 python benchmarks/bench_ops.py   # rows that would start later are skipped, the table still prints
-    ONLY=ctxpar_triton_gdn,fla_gated_delta_rule python benchmarks/bench_ops.py   # the GDN rows alone
+    ONLY=ctxpar_triton_gdn,ctxpar_torch_gdn,fla_gated_delta_rule python benchmarks/bench_ops.py   # the GDN rows alone
 """
 
 import json
@@ -133,10 +133,10 @@ def gdn_inputs(heads, k_dim, v_dim, log_linear):
     return make
 
 
-def ctxpar_gdn_call(q, k, v, g, beta, lam):
+def ctxpar_gdn_call(backend):
     from ctxpar import log_linear_gdn
 
-    return log_linear_gdn(q, k, v, g, beta, lam, backend="triton")[0]  # the public op, as FLA's
+    return lambda q, k, v, g, beta, lam: log_linear_gdn(q, k, v, g, beta, lam, backend=backend)[0]  # the public op
 
 
 def fla_gated_delta_rule():
@@ -149,13 +149,16 @@ def fla_gated_delta_rule():
 
 
 def gdn_rows(ts, ctxpar_rows):
-    """ctxpar's log-linear GDN rows (ctxpar_rows) or FLA's gated delta rule rows, every shape and T."""
+    """ctxpar's log-linear GDN rows (ctxpar_rows) or FLA's gated delta rule rows, every shape and T.
+    ctxpar's torch backend runs beside its Triton one: "auto" picks between them for GDN."""
     fla = None if ctxpar_rows else fla_gated_delta_rule()
     for heads, k_dim, v_dim in GDN_SHAPES:
         for T in ts:
             tag = f"h{heads}_k{k_dim}_v{v_dim}"
             if ctxpar_rows:
-                run_case(f"ctxpar_triton_gdn_{tag}", T, gdn_inputs(heads, k_dim, v_dim, True), ctxpar_gdn_call, heads)
+                for backend in ("triton", "torch"):
+                    run_case(f"ctxpar_{backend}_gdn_{tag}", T, gdn_inputs(heads, k_dim, v_dim, True),
+                             ctxpar_gdn_call(backend), heads)
             elif fla is not None:
                 run_case(f"fla_gated_delta_rule_{tag}", T, gdn_inputs(heads, k_dim, v_dim, False), fla, heads)
 
