@@ -12,8 +12,9 @@ Forward on rank r:
 Backward is autograd through all of it, the exchange included: the incoming state's gradient flows
 back to the senders' final states. So a sender's local backward waits for its receivers' forward
 and read gradients; the exchange itself is tens of microseconds. The receiver's reads are what the
-step pays for CP: on 2 H200s at 512K tokens per GPU, rank 1 ran 7.1 ms more kernels than rank 0
-(the reads kernels 5.4 ms) in a 119 ms step. Running the reads inside the local op's kernels, as
+step pays for CP: on 2 H200s at 512K tokens per GPU, rank 1 ran 7.0 ms more kernels than rank 0
+(the reads kernels 5.4 ms) in a 118 ms step. Launching the reads' backward on a side stream,
+beside the local backward, made the two slower together than one after the other (2026-11-30). Running the reads inside the local op's kernels, as
 initial nodes that its chunks read, cost 15 ms there (tried on 2026-11-30, reverted).
 """
 
