@@ -17,7 +17,7 @@ first slot. Host copies of those columns spare the kernels' callers device syncs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -32,10 +32,7 @@ class Layout:
     slot_chunk: torch.Tensor  # [S] int64: absolute chunk index of each slot
     by_height: torch.Tensor  # [S] int32: slots sorted by ones(chunk), descending
     at_least: list[int]  # at_least[h] = number of slots with ones(chunk) >= h
-    segments: torch.Tensor  # [G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments
-    segments_in_slots: int  # the first ones, whose node is a slot (the rest read initial-state nodes)
-    shared_slots: torch.Tensor  # [Z] int64: slots without a single node-gradient writer (see node_grad.py)
-    segment: int  # chunks per segment at most
+    segment: int  # chunks per node-gradient segment at most
     heights: int  # bit_length of the largest chunk index: heights a read can reach
     starts: list[int]  # per document t0 (host ints)
     c0: list[int]
@@ -52,6 +49,31 @@ class Layout:
     @property
     def num_docs(self) -> int:
         return self.docs.shape[0]
+
+    @cached_property
+    def _node_grad_tables(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Built on first use: only the Mamba-2 backward reads them (GDN's layouts never do)."""
+        slot_doc, slot_chunk = self.host["slot_doc"], self.host["slot_chunk"]
+        c0, off = torch.tensor(self.c0), torch.tensor(self.first_slot)
+        segments, in_slots = node_segments(slot_doc, slot_chunk, c0, self.heights, self.segment)
+        shared = shared_slots(segments[:in_slots], c0, off, self.num_slots, self.segment)
+        device = self.docs.device
+        return segments.to(device), in_slots, shared.to(device)
+
+    @property
+    def segments(self) -> torch.Tensor:
+        """[G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments."""
+        return self._node_grad_tables[0]
+
+    @property
+    def segments_in_slots(self) -> int:
+        """The first segments, whose node is a slot (the rest read initial-state nodes)."""
+        return self._node_grad_tables[1]
+
+    @property
+    def shared_slots(self) -> torch.Tensor:
+        """[Z] int64: slots without a single node-gradient writer (see node_grad.py)."""
+        return self._node_grad_tables[2]
 
     def slots_up(self, h: int) -> torch.Tensor:
         """Parents built at height h -> h + 1: slots with ones >= h + 1."""
@@ -131,9 +153,6 @@ def _build(spans, starts, row_length, chunk, segment, device) -> Layout:
     heights = int(c_last.max()).bit_length()
     at_least = [int((ones >= h).sum()) for h in range(heights + 2)]
 
-    segments, in_slots = node_segments(slot_doc, slot_chunk, c0, heights, segment)
-    shared = shared_slots(segments[:in_slots], c0, off, int(count.sum()), segment)
-
     to = lambda x, dt: x.to(device=device, dtype=dt)  # noqa: E731
     return Layout(
         chunk=chunk,
@@ -142,9 +161,6 @@ def _build(spans, starts, row_length, chunk, segment, device) -> Layout:
         slot_chunk=to(slot_chunk, torch.int64),
         by_height=to(by_height, torch.int32),
         at_least=at_least,
-        segments=to(segments, torch.int64),
-        segments_in_slots=in_slots,
-        shared_slots=to(shared, torch.int64),
         segment=segment,
         heights=heights,
         starts=[int(x) for x in t0],
