@@ -60,6 +60,13 @@ class Layout:
         device = self.docs.device
         return segments.to(device), in_slots, shared.to(device)
 
+    @cached_property
+    def first_odd_slots(self) -> torch.Tensor:
+        """[D] int32: the first slot of each document whose first chunk is odd: its height-1 node's
+        left child is the initial state's node (tree.up_sweep)."""
+        odd = [slot for slot, c in zip(self.first_slot, self.c0) if c & 1]
+        return torch.tensor(odd, dtype=torch.int32).to(self.docs.device)
+
     @property
     def segments(self) -> torch.Tensor:
         """[G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments."""

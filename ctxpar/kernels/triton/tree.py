@@ -4,7 +4,8 @@ Up-sweep, height h = 0, 1, ...: every slot j with ones(j) >= h + 1 becomes the p
 height-h children, ``slot[j] += exp(gc[j] - gc[j - 2^h]) * slot[j - 2^h]`` (the right child already
 sits in slot j). A left child that ends before the document's first chunk is the initial state's
 node of that height (carried with decay exp(gc[j]), since initial nodes sit at t0). Height 0
-with both children in slots is done by chunk_state.py; here it only adds initial nodes.
+with both children in slots is done by chunk_state.py; here it only adds initial nodes, to the
+first slot of each document whose first chunk is odd (layout.first_odd_slots).
 
 Down-sweep (backward), height h = top .. 0: each left node of height h receives its parent's
 gradient, ``d[j] += exp(gc[j + 2^h] - gc[j]) * d[j + 2^h]``, so that afterwards slot c holds the
@@ -24,7 +25,7 @@ from ctxpar.kernels.triton.common import load_node, slot_info
 
 @triton.jit
 def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI, K, V,
-              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, INIT_ONLY: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
     j = tl.load(slots + tl.program_id(0)).to(tl.int64)
     h, tile = tl.program_id(1), tl.program_id(2)
     rk = tile // tl.cdiv(V, BV) * BK + tl.arange(0, BK)
@@ -32,8 +33,6 @@ def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI
     mask = (rk[:, None] < K) & (rv[None, :] < V)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, j)
     left_in_slots = c - (1 << height) >= c0
-    if INIT_ONLY:  # height 0: chunk_state folded the left children that are slots
-        mask = mask & (left_in_slots == 0)
     left = tl.where(left_in_slots, j - (1 << height), 0)
     gc_left = tl.load(gc + left * H + h, mask=left_in_slots, other=0.0)
     decay = tl.exp((tl.load(gc + j * H + h) - gc_left).to(tl.float32))
@@ -75,12 +74,14 @@ def up_sweep(states, init, gc, layout):
         slots = layout.slots_up(h)
         if slots.numel() == 0:
             break
-        if h == 0 and init is None:  # chunk_state built height 1 from slots alone
-            continue
+        if h == 0:  # chunk_state built height 1 where both children are slots
+            if init is None or not layout.first_odd_slots.numel():
+                continue
+            slots = layout.first_odd_slots
         grid, BK, BV = _grid(slots.numel(), states)
         up_kernel[grid](states, states if init is None else init, gc, slots, layout.docs, layout.slot_doc,
                         layout.slot_chunk, h, H, 1 if init is None else init.shape[2], K, V,
-                        BK=BK, BV=BV, HAS_INIT=init is not None, INIT_ONLY=h == 0)
+                        BK=BK, BV=BV, HAS_INIT=init is not None)
 
 
 def down_sweep(grads, states, ys, gc, layout):
