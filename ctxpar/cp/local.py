@@ -95,8 +95,9 @@ def pick_scales(lam: torch.Tensor, n: int, t0: int) -> tuple[torch.Tensor, torch
 class _PickScales(torch.autograd.Function):
     """lam and its slices at each bucket's runs of levels. Backward adds the scales' gradient into
     those slices of the op's lambda gradient in place: a plain slice or gather made a lambda-sized
-    zero gradient and added it to the op's, and a scatter_add into it took 0.45 ms of a
-    512K-token-per-GPU step on an H200. The op's lambda gradient is a buffer its backward made (the
+    zero gradient and added it to the op's. On an H200 at 512K tokens per GPU the slices cost 0.18
+    ms forward and 0.35 ms backward (a gather and a scatter_add: 0.18 and 0.45): the level axis is
+    innermost, so every pass touches a sector of lambda per token and head. The op's lambda gradient is a buffer its backward made (the
     Triton op's, seen through a reshape), or a slice of one (the torch backend pads lambda): a
     slice, or anything not contiguous, is copied first, since its memory may hold more than this
     gradient."""
