@@ -3,9 +3,15 @@ predicted forward+backward step time and scaling efficiency out, for P = 1 .. 10
 
     python benchmarks/perf_model_cp.py                              # DESIGN.md / anchor figures
     python benchmarks/perf_model_cp.py --measured $OUT/bench_cp.json --variant gdn
+    python benchmarks/perf_model_cp.py --measured $OUT/bench_cp.json --reads $OUT/bench_state_reads.json \
+        --variant mamba2
 
 Per rank and step, with n = T / P tokens per GPU and S the bytes of one summary:
   compute   c(n) = n * t_tok * (1 + overhead)      local op plus the CP work (carry, reads)
+            + (b - 1) * n * t_bucket               the slowest rank's further buckets
+  where b is the most buckets a rank's incoming state holds (rank r at offset r * n reads one per
+  set bit of r: b = log2 P for P a power of two; P = 2 measures one) and t_bucket the cost per token of reading
+  one more (bench_state_reads.py; 0 without --reads).
   exchange  all-gather: a + (P - 1) * (h + S / bw)  (ring; P - 1 summaries reach every rank)
             log P:      ceil(log2 P) * (a + S / bw) (pairwise rounds, one summary each)
             then the joins: P - 1 (all-gather fold, worst rank) or 2 ceil(log2 P) (log P)
@@ -31,6 +37,7 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="gdn", choices=sorted(SHAPES))
     p.add_argument("--measured", help="bench_cp.json: takes t_tok and the CP overhead from its rows")
+    p.add_argument("--reads", help="bench_state_reads.json: the fwd+bwd cost of each further bucket read")
     p.add_argument("--mtok-s", type=float, default=6.1, help="one-GPU fwd+bwd Mtok/s (DESIGN.md: FLA GDN at 128K)")
     p.add_argument("--overhead", type=float, default=0.15, help="CP compute overhead: boundary stage, reads")
     # NCCL all_gather on 2 H200s (DESIGN.md): 36 us for 1 MiB, 54 us for 8 MiB.
@@ -52,6 +59,7 @@ class Model:
         self.summary = self.bucket + 4 * s["H"] * s["trans"] ** 2
         self.t_tok = 1e-6 / args.mtok_s  # seconds per token
         self.overhead = args.overhead
+        self.t_bucket = 0.0  # seconds per token of reading one more bucket
         # all_gather on 2 GPUs moves one rank's buffer each way: time = a + m / bw.
         self.bw = 7 * MIB / ((args.ag_8mib_us - args.ag_1mib_us) * 1e-6)
         self.a = args.ag_1mib_us * 1e-6 - MIB / self.bw
@@ -67,6 +75,14 @@ class Model:
             r = min(weak, key=lambda r: r["ms"])
             self.t_tok = r["one_gpu_ms"] * 1e-3 / r["T_per_gpu"]
             self.overhead = max(0.0, r["ms"] / r["one_gpu_ms"] - 1)
+
+    def fit_reads(self, rows):
+        """t_bucket: the least-squares slope of the reads' fwd+bwd time over their bucket count."""
+        xs, ys = [r["buckets"] for r in rows], [r["fwdbwd_ms"] * 1e-3 / r["n"] for r in rows]
+        if len(set(xs)) < 2:
+            raise ValueError("--reads needs rows at two bucket counts at least")
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        self.t_bucket = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
     def link(self, span):
         """(latency, bandwidth) of a message between ranks up to ``span`` apart."""
@@ -90,6 +106,8 @@ class Model:
     def step(self, scheme, P, T):
         n = T / P
         compute = n * self.t_tok * (1 + (self.overhead if P > 1 else 0))
+        most = max(bin(r).count("1") for r in range(P))  # buckets the slowest rank reads
+        compute += max(0, most - 1) * n * self.t_bucket
         comm, sent = self.exchange(scheme, P)
         return compute + 2 * comm, 2 * comm, 2 * sent  # forward and backward
 
@@ -100,8 +118,12 @@ def main():
     if args.measured:
         with open(args.measured) as f:
             model.fit(json.load(f))
+    if args.reads:
+        with open(args.reads) as f:
+            model.fit_reads(json.load(f))
     print(f"# {args.variant}: {1e-6 / model.t_tok:.2f} Mtok/s per GPU, CP overhead {model.overhead:.0%}, "
-          f"summary {model.summary / MIB:.2f} MiB, NCCL a = {model.a * 1e6:.1f} us, bw = {model.bw / 1e9:.0f} GB/s")
+          f"summary {model.summary / MIB:.2f} MiB, NCCL a = {model.a * 1e6:.1f} us, bw = {model.bw / 1e9:.0f} GB/s, "
+          f"further bucket {model.t_bucket * 1e9:.2f} ns/token")
     print("mode | T | P | scheme | step ms | exposed comm ms | MiB sent per rank | efficiency")
     for mode, T in (("strong", 131072), ("strong", 1048576), ("weak", 524288)):
         for P in (2**i for i in range(11)):
