@@ -6,7 +6,7 @@
 Forward: one program per (block of BT tokens, q group, V tile) loads the block's queries once
 and adds the reads of each head of the group to o in one pass. Backward: dq and dw per (token
 block, q group, V tile), looping over the group's heads (atomics only when V is split,
-common.v_tile); dS per (run of token blocks, head, V tile), an atomic add per run. For
+common.v_tile); dS per (run of token blocks, bucket, head, V tile), an atomic add per run. For
 half-precision queries the float32 state is split into hi + lo parts in q's dtype once, on the
 host (common.mma_parts). Rows are the flattened [R * n] tokens; a token block never straddles
 two sequences.
@@ -96,22 +96,24 @@ def reads_grad_kernel(do, q, w, s_hi, s_lo, dq, dw, n, H, HQ, K, V, NB, BT: tl.c
 @triton.jit
 def state_grad_kernel(do, q, w, ds, n, H, HQ, K, V, NB, RUN: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
                       BV: tl.constexpr, PREC: tl.constexpr):
+    # The bucket varies fastest over the grid: the NB programs of one run read the same q and dO
+    # tiles at about the same time, from L2 after the first.
     pid, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid = pid % NB, pid // NB
     runs = tl.cdiv(tl.cdiv(n, BT), RUN)
     r, first = pid // runs, pid % runs * RUN
     rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
     group = h // (H // HQ)
-    for b in range(NB):
-        acc = tl.zeros([KP, BV], dtype=tl.float32)
-        for j in range(RUN):
-            _, rows, valid = block_rows(r * tl.cdiv(n, BT) + first + j, n, BT)
-            valid = valid & (first + j < tl.cdiv(n, BT))
-            qt = tl.load(row_tile(q, rows, HQ, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-            dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-            wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
-            acc += mma_f32(tl.trans(qt), dot_ * wb[:, None], q.dtype.element_ty, PREC)
-        ptr = ds + (((r * H + h) * NB + b).to(tl.int64) * K + rk[:, None]) * V + rv[None, :]
-        tl.atomic_add(ptr, acc, mask=(rk[:, None] < K) & (rv[None, :] < V), sem="relaxed")
+    acc = tl.zeros([KP, BV], dtype=tl.float32)
+    for j in range(RUN):
+        _, rows, valid = block_rows(r * tl.cdiv(n, BT) + first + j, n, BT)
+        valid = valid & (first + j < tl.cdiv(n, BT))
+        qt = tl.load(row_tile(q, rows, HQ, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+        dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
+        acc += mma_f32(tl.trans(qt), dot_ * wb[:, None], q.dtype.element_ty, PREC)
+    ptr = ds + (((r * H + h) * NB + b).to(tl.int64) * K + rk[:, None]) * V + rv[None, :]
+    tl.atomic_add(ptr, acc, mask=(rk[:, None] < K) & (rv[None, :] < V), sem="relaxed")
 
 
 class StateReads(torch.autograd.Function):
@@ -146,7 +148,7 @@ class StateReads(torch.autograd.Function):
             PREC=dot_precision(q.dtype), num_warps=GRAD_WARPS)
         ds = torch.zeros_like(s)
         BV = min(64, triton.next_power_of_2(V))
-        grid = (R * triton.cdiv(triton.cdiv(n, STATE_BT), RUN), H, triton.cdiv(V, BV))
+        grid = (R * triton.cdiv(triton.cdiv(n, STATE_BT), RUN) * NB, H, triton.cdiv(V, BV))
         state_grad_kernel[grid](d_out, q, w, ds, n, H, HQ, K, V, NB, RUN=RUN, BT=STATE_BT, KP=KP, BV=BV,
                                 PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype))
         return d_out, dq.to(q.dtype), dw, ds, None
