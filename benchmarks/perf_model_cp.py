@@ -10,8 +10,8 @@ Per rank and step, with n = T / P tokens per GPU and S the bytes of one summary:
   compute   c(n) = n * t_tok * (1 + overhead)      local op plus the CP work (carry, reads)
             + (b - 1) * n * t_bucket               the slowest rank's further buckets
   where b is the most buckets a rank's incoming state holds (rank r at offset r * n reads one per
-  set bit of r: b = log2 P for P a power of two; P = 2 measures one) and t_bucket the cost per token of reading
-  one more (bench_state_reads.py; 0 without --reads).
+  set bit of r: b = log2 P for P a power of two; P = 2 measures one) and t_bucket the cost per
+  token of reading one more (bench_state_reads.py; 0 without --reads).
   exchange  all-gather: a + (P - 1) * (h + S / bw)  (ring; P - 1 summaries reach every rank)
             log P:      ceil(log2 P) * (a + S / bw) (pairwise rounds, one summary each)
             then the joins: P - 1 (all-gather fold, worst rank) or 2 ceil(log2 P) (log P)
@@ -21,6 +21,10 @@ the backward exchange precedes the local backward: neither is hidden, and neithe
 (tens of microseconds against milliseconds of compute). Links: NVLink within a node of 8 GPUs, the
 network (--inter-*) once a collective or a round spans nodes. S does not depend on T: for aligned
 power-of-two slices a summary is one K x V state per head plus (GDN) a K x K transition.
+
+The further buckets are the log T of log-linear attention itself: on one device the same tokens read
+the same levels. What context parallelism adds is the imbalance: the slowest rank reads log2 P
+buckets, the average rank half as many, and the efficiency below is against one GPU at n tokens.
 """
 
 from __future__ import annotations
