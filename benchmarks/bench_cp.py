@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 import warnings
 
 import torch
@@ -194,18 +195,30 @@ def ctxpar_rows(args, variant, scheme, mode, T, group, timer, device, baseline):
 
 
 def host_syncs(fn) -> list[str]:
-    """Where one step makes the host wait for the GPU (torch's sync debug mode): file:line of each
-    distinct site. The op should have none; the CPU has nothing to report."""
+    """Where one step makes the host wait for the GPU (torch's sync debug mode): each distinct
+    site, as file:line of the innermost frame outside torch (torch's own warning names the line in
+    torch that synchronized), then that line in torch. The op should have none; the CPU has
+    nothing to report."""
     if not torch.cuda.is_available():
         return []
-    with warnings.catch_warnings(record=True) as caught:
+    sites = set()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1]
+                    if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != warnings.__file__]
+            caller = f"{os.path.relpath(ours[-1].filename)}:{ours[-1].lineno} -> " if ours else ""
+            sites.add(f"{caller}{os.path.relpath(filename)}:{lineno}")
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    return sorted(sites)
 
 
 def _scaled(row, baseline):
