@@ -7,9 +7,9 @@ them: flash-linear-attention's chunk_log_linear_attn (it caps T at 128K) and chu
 Each row: forward and forward+backward median time (triton.testing.do_bench), tokens per second
 of forward+backward, peak memory of one forward+backward. A failing row is recorded, not fatal.
 
-Gated DeltaNet rows: ctxpar's log-linear GDN (Triton and torch backends) and flash-linear-attention's chunk_gated_delta_rule
-(plain GDN, the anchor of DESIGN.md section 5) at (H, K, V) = (16, 128, 128) and (6, 192, 384), per-head
-q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
+Gated DeltaNet rows: ctxpar's log-linear GDN (Triton and torch backends) and flash-linear-attention's
+chunk_gated_delta_rule (plain GDN, the anchor of DESIGN.md section 5) at (H, K, V) = (16, 128, 128)
+and (6, 192, 384), per-head q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 512K).
 
     python benchmarks/bench_ops.py        # writes $OUT/bench_ops.json and $OUT/bench_ops.png
     TS=8192,131072 ONLY=ctxpar python benchmarks/bench_ops.py

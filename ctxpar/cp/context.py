@@ -17,8 +17,9 @@ step pays for CP: on 2 H200s at 512K tokens per GPU, rank 1 ran 7.0 ms more kern
 beside the local backward, made the two slower together than one after the other (2026-11-30).
 With equal power-of-two slices the state arriving at rank r holds one bucket per set bit of r,
 and each further bucket costs about as much again (bench_state_reads.py: 4.1 ms at 512K tokens),
-so the slowest of P ranks pays log2 P buckets (perf_model_cp.py). Running the reads inside the local op's kernels, as
-initial nodes that its chunks read, cost 15 ms there (tried on 2026-11-30, reverted).
+so the slowest of P ranks pays log2 P buckets (perf_model_cp.py). Running the reads inside the
+local op's kernels, as initial nodes that its chunks read, cost 15 ms there (tried on 2026-11-30,
+reverted).
 """
 
 from __future__ import annotations

@@ -97,10 +97,10 @@ class _PickScales(torch.autograd.Function):
     those slices of the op's lambda gradient in place: a plain slice or gather made a lambda-sized
     zero gradient and added it to the op's. On an H200 at 512K tokens per GPU the slices cost 0.18
     ms forward and 0.35 ms backward (a gather and a scatter_add: 0.18 and 0.45): the level axis is
-    innermost, so every pass touches a sector of lambda per token and head. The op's lambda gradient is a buffer its backward made (the
-    Triton op's, seen through a reshape), or a slice of one (the torch backend pads lambda): a
-    slice, or anything not contiguous, is copied first, since its memory may hold more than this
-    gradient."""
+    innermost, so every pass touches a sector of lambda per token and head. The op's lambda
+    gradient is a buffer its backward made (the Triton op's, seen through a reshape), or a slice of
+    one (the torch backend pads lambda): a slice, or anything not contiguous, is copied first,
+    since its memory may hold more than this gradient."""
 
     @staticmethod
     def forward(ctx, lam, runs):
