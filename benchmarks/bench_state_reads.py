@@ -47,7 +47,8 @@ def rel(a, b):
 def check(leaves, do, rows=65536):
     """Relative errors of the kernels' output and gradients against the float64 reference, on the
     first ``rows`` tokens (the float64 reference of 512K tokens and 10 buckets would take tens of GiB)."""
-    leaves = [x.detach()[:, :rows].requires_grad_() if x.dim() == 4 else x for x in leaves]
+    *tokens, state = leaves  # o, q, w are token-major; the state is whole
+    leaves = [x.detach()[:, :rows].requires_grad_() for x in tokens] + [state]
     do = do[:, :rows]
     out = add_state_reads(*leaves)
     grads = torch.autograd.grad(out, leaves[1:], do)
