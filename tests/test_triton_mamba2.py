@@ -154,3 +154,32 @@ def test_node_gradients_cover_every_slot():
     node_grads(q, do, g, lam, gc, poisoned, None, layout, "ieee")
     assert 0 < layout.shared_slots.numel() < layout.num_slots
     assert not torch.isnan(poisoned).any() and torch.equal(poisoned, zeroed)
+
+
+def test_float16_states_past_the_fp16_range():
+    """fp16 inputs whose states pass 65504, fp16's largest value (little decay, large v): the
+    kernels' state products once split states into fp16 parts, inf there and NaN after. Queries
+    and output gradients are small, so outputs and gradients stay in fp16's range."""
+    from tests.oracle_check import reference_run
+
+    T, H, K, V, L = 600, 2, 16, 16, 11
+    q = torch.randn(1, T, H, K, device=DEVICE) * 2.5e-3
+    k = torch.randn(1, T, H, K, device=DEVICE)
+    v = torch.randn(1, T, H, V, device=DEVICE) * 4e3
+    g = -torch.rand(1, T, H, device=DEVICE) * 1e-3
+    lam = torch.rand(1, T, H, L, device=DEVICE) + 0.5
+    spans = [(0, 0, T)]
+    half = [x.half().requires_grad_() for x in (q, k, v)] + [g.requires_grad_(), lam.half().requires_grad_()]
+    exact = [x.detach().double().requires_grad_() for x in half]
+    do = torch.randn(1, T, H, V, device=DEVICE, dtype=torch.float64) * 2.5e-4
+
+    o, _ = chunked(*half[:4], None, half[4], spans, chunk_size=C)
+    ref, _ = reference_run(*exact[:4], None, exact[4], spans, None, False)
+    first = [x[0, :256].detach() for x in exact[1:3]]
+    assert torch.einsum("thk,thv->hkv", *first).abs().max() > 65504  # the node of the first 256 tokens, undecayed
+    assert o.dtype == torch.float16 and torch.isfinite(o).all()
+    assert rel(o, ref) < 2e-3
+    grads = torch.autograd.grad((o.double() * do).sum(), half)
+    expected = torch.autograd.grad((ref * do).sum(), exact)
+    for name, a, b in zip(["q", "k", "v", "g", "level_scales"], grads, expected):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-2, (name, rel(a, b))

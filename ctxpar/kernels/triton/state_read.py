@@ -7,8 +7,7 @@ Forward: one program per (block of BT tokens, q group, V tile) loads the block's
 and adds the reads of each head of the group to o in one pass. Backward: dq and dw per (token
 block, q group, V tile), looping over the group's heads (atomics only when V is split,
 common.v_tile); dS per (run of token blocks, bucket, head, V tile), an atomic add per run. For
-half-precision queries the float32 state is split into hi + lo parts in q's dtype once, on the
-host (common.mma_parts). Rows are the flattened [R * n] tokens; a token block never straddles
+bf16 queries the float32 state is split into hi + lo parts once, on the host (common.mma_parts). Rows are the flattened [R * n] tokens; a token block never straddles
 two sequences.
 
 In torch the same op took 18 ms of a 512K-token context-parallel step on an H200 (separate
@@ -159,11 +158,13 @@ def _block_tokens(k_dim):
 
 
 def _split(q):
-    return q.dtype != torch.float32
+    """bf16 queries read the state as bf16 hi + lo parts; fp16 parts would overflow past 65504,
+    so fp16 queries, like float32 ones, read it whole (common.mma_f32)."""
+    return q.dtype == torch.bfloat16
 
 
 def _parts(s, q):
-    """The state's hi and lo parts in the queries' dtype (float32 queries: the state itself, twice)."""
+    """The state's hi and lo parts in bf16 (other queries: the state itself, twice)."""
     return hi_lo(s, q.dtype) if _split(q) else (s, s)
 
 

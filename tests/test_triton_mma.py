@@ -1,0 +1,68 @@
+"""common.mma_f32, the product that builds and reads tree states, against float64: a float32
+operand times one exact in the inputs' half dtype keeps at least 10 bits of every product over
+ranges that fp16 cannot hold (a state passes 65504 in a long fp16 sequence). fp16 on the
+interpreter (CPU) or a GPU; bf16 on a GPU only, since the interpreter multiplies bf16 operands as
+their raw 16-bit integers."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton import unavailable_reason
+from ctxpar.kernels.triton.common import mma_f32
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M, KD, N = 16, 32, 16
+
+
+@triton.jit
+def product_kernel(a, b, out, HALF_LEFT: tl.constexpr, DT: tl.constexpr, M: tl.constexpr, KD: tl.constexpr,
+                   N: tl.constexpr):
+    # Operands arrive as float32 and the half one is rounded here: the interpreter misreads bf16
+    # tensors loaded from memory.
+    rm, rk, rn = tl.arange(0, M), tl.arange(0, KD), tl.arange(0, N)
+    x = tl.load(a + rm[:, None] * KD + rk[None, :])
+    y = tl.load(b + rk[:, None] * N + rn[None, :])
+    if HALF_LEFT:
+        x = x.to(DT)
+    else:
+        y = y.to(DT)
+    tl.store(out + rm[:, None] * N + rn[None, :], mma_f32(x, y, DT, "tf32"))
+
+
+def _spread(rows, cols, axis):
+    """Normal values whose magnitude varies by up to 2^+-40 along ``axis``: far outside fp16's
+    range (about 6e-5 to 65504)."""
+    x = torch.randn(rows, cols, dtype=torch.float64)
+    size = rows if axis == 0 else cols
+    scale = 2.0 ** torch.randint(-40, 41, (size,), dtype=torch.float64)
+    return x * (scale[:, None] if axis == 0 else scale[None, :])
+
+
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("half", [pytest.param("bfloat16", marks=GPU_ONLY), "float16"])
+@pytest.mark.parametrize("half_left", [True, False])
+def test_mma_f32_keeps_ten_bits_over_any_range(half, half_left):
+    dtype = getattr(torch, half)
+    # Rows of the left operand and columns of the right one vary in scale: the product's own axes.
+    a, b = _spread(M, KD, 0), _spread(KD, N, 1)
+    if half == "float16":  # an fp16 tensor holds fp16 values: keep the half operand in its range
+        (a if half_left else b).clamp_(-6e4, 6e4)
+    half_op = (a if half_left else b).to(dtype).double()  # exact in the half dtype, as the kernels' inputs
+    a, b = (half_op, b) if half_left else (a, half_op)
+    out = torch.empty(M, N, dtype=torch.float32, device=DEVICE)
+    product_kernel[(1,)](a.float().to(DEVICE), b.float().to(DEVICE), out, HALF_LEFT=half_left,
+                    DT=getattr(tl, half), M=M, KD=KD, N=N)
+    a32, b32 = a.float().double(), b.float().double()  # the float32 operand as the kernel sees it
+    exact = a32 @ b32
+    bound = a32.abs() @ b32.abs()
+    err = (out.double().cpu() - exact).abs()
+    assert torch.isfinite(out).all()
+    # Each product off by 2^-10 of itself at most (tf32 may truncate), plus float32 sums. bf16
+    # alone (2^-9 each) or fp16 parts (inf, then NaN, out here) break this.
+    assert (err <= (2.0**-10 + 2.0**-18) * bound).all(), (err / bound).max().item()
