@@ -202,9 +202,10 @@ def host_syncs(fn) -> list[str]:
     if not torch.cuda.is_available():
         return []
     sites = set()
+    running = [False]  # only fn's syncs: on an H200, switching the mode on warned once by itself
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        if running[0] and "synchroniz" in str(message):
             ours = [f for f in traceback.extract_stack()[:-1]
                     if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != warnings.__file__]
             caller = f"{os.path.relpath(ours[-1].filename)}:{ours[-1].lineno} -> " if ours else ""
@@ -214,9 +215,11 @@ def host_syncs(fn) -> list[str]:
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        running[0] = True
         try:
             fn()
         finally:
+            running[0] = False
             torch.cuda.set_sync_debug_mode("default")
     return sorted(sites)
 
