@@ -212,6 +212,30 @@ def test_gather_bmm(trans_a, trans_b):
     assert rel_err(out, expected) < 1e-5
 
 
+def test_gather_bmm_term_weights_and_row_dots():
+    """gather_bmm's k_weight (scales the terms of each sum) and dots (each product row's dot with
+    a partner row, added before the row weights into a level of a transposed tensor) against torch,
+    with two N tiles (N = 160) adding their shares of the dots."""
+    from ctxpar.kernels.triton.gdn_bmm import gather_bmm
+
+    M, N, KD, H, L = 80, 160, 48, 2, 5
+    a, b = torch.randn(5, H, M, KD, device=DEVICE), torch.randn(4, H, N, KD, device=DEVICE)
+    partner = torch.randn(5, H, M, N, device=DEVICE)
+    a_idx, b_idx = torch.tensor([4, 0, 2], device=DEVICE), torch.tensor([1, 3, 0], device=DEVICE)
+    out_idx = torch.tensor([2, 0, 1], device=DEVICE)
+    weight, k_weight = torch.rand(3, H, M, device=DEVICE), torch.rand(3, H, KD, device=DEVICE)
+    raw = a[a_idx] @ (k_weight[..., None] * b[b_idx].transpose(-1, -2))
+    out = torch.randn(3, H, M, N, device=DEVICE)
+    dots = torch.randn(3, M, H, L, device=DEVICE).transpose(1, 2)  # strided, as the reads' slot-grid lambda
+    expected_out = out.index_add(0, out_idx, weight[..., None] * raw)
+    expected_dots = dots.clone()
+    expected_dots[out_idx, :, :, 3] += (raw * partner[a_idx]).sum(-1)
+    gather_bmm(a, a_idx, b, b_idx, out, out_idx, prec="ieee", trans_b=True, mode="add", weight=weight,
+               k_weight=k_weight, dots=(partner, dots[..., 3]))
+    assert rel_err(out, expected_out) < 1e-5
+    assert rel_err(dots, expected_dots) < 1e-5
+
+
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
     Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch

@@ -8,7 +8,11 @@ bf16 run it changed no error digit), as ieee float32 for float32 inputs.
 
 Every tensor is [items, H, rows, cols], contiguous; op(x) is x or its transpose. ``mode``:
 "store" writes, "add" adds (each output item at most once per call), "atomic" adds with atomics
-(an output item may repeat). ``weight`` [n, H, M] scales the rows of each product.
+(an output item may repeat). ``weight`` [n, H, M] scales the rows of each product, ``k_weight``
+[n, H, KD] the terms of its sum. ``dots`` = (p, d) also adds, before ``weight``, each product row's
+dot with the same row of p[a_idx[i]] (p like the product, [items, H, M, N]) into d[out_idx[i]], an
+[items, H, M] tensor of any strides: the reads' lambda gradient (a level of a transposed view),
+without storing the products (gdn_read.py).
 """
 
 import triton
@@ -33,23 +37,31 @@ def op_tile(base, r, c, R, CN, TRANS: tl.constexpr):
 
 
 @triton.jit
-def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, weight, H, M, N, KD, TRANS_A: tl.constexpr,
-                      TRANS_B: tl.constexpr, MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, weight, k_weight, partner, dots, D_ITEM, D_HEAD, D_ROW, H, M,
+                      N, KD, TRANS_A: tl.constexpr, TRANS_B: tl.constexpr, MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_K_WEIGHT: tl.constexpr, HAS_DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = tile // tl.cdiv(N, BN) * BM + tl.arange(0, BM)
     rn = tile % tl.cdiv(N, BN) * BN + tl.arange(0, BN)
-    a_base = a + (tl.load(a_idx + i) * H + h) * M * KD
+    a_item = tl.load(a_idx + i) * H + h
+    a_base = a + a_item * M * KD
     b_base = b + (tl.load(b_idx + i) * H + h) * KD * N
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, KD, BK):
         rk = k0 + tl.arange(0, BK)
-        acc = tl.dot(op_tile(a_base, rm, rk, M, KD, TRANS_A), op_tile(b_base, rk, rn, KD, N, TRANS_B), acc,
-                     input_precision=PREC)
+        b_tile = op_tile(b_base, rk, rn, KD, N, TRANS_B)
+        if HAS_K_WEIGHT:
+            b_tile *= tl.load(k_weight + (i * H + h) * KD + rk, mask=rk < KD, other=0.0)[:, None]
+        acc = tl.dot(op_tile(a_base, rm, rk, M, KD, TRANS_A), b_tile, acc, input_precision=PREC)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    o = tl.load(out_idx + i)
+    if HAS_DOTS:  # N tiles add their shares
+        p = tl.load(partner + a_item * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+        tl.atomic_add(dots + o * D_ITEM + h * D_HEAD + rm * D_ROW, tl.sum(acc * p, 1), mask=rm < M, sem="relaxed")
     if HAS_WEIGHT:
         acc *= tl.load(weight + (i * H + h) * M + rm, mask=rm < M, other=0.0)[:, None]
-    ptr = out + (tl.load(out_idx + i) * H + h) * M * N + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ptr = out + (o * H + h) * M * N + rm[:, None] * N + rn[None, :]
     if MODE == 2:
         tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
     elif MODE == 1:
@@ -58,7 +70,8 @@ def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, weight, H, M, N, KD, TRA
         tl.store(ptr, acc, mask=mask)
 
 
-def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b=False, mode="store", weight=None):
+def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b=False, mode="store", weight=None,
+               k_weight=None, dots=None):
     """out[out_idx[i]] (+)= op(a[a_idx[i]]) @ op(b[b_idx[i]]) for every i and head (float32)."""
     n, H = a_idx.numel(), a.shape[1]
     if n == 0:
@@ -68,6 +81,9 @@ def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b
     BM, BN = min(TILE_M, triton.next_power_of_2(M)), min(TILE_N, triton.next_power_of_2(N))
     BK = min(TILE_K, triton.next_power_of_2(KD))
     grid = (n, H, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, out if weight is None else weight, H, M, N, KD,
+    partner, dot_out = (out, out) if dots is None else dots
+    gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, out if weight is None else weight,
+                            out if k_weight is None else k_weight, partner, dot_out, *dot_out.stride()[:3], H, M, N, KD,
                             TRANS_A=trans_a, TRANS_B=trans_b, MODE=MODES[mode], HAS_WEIGHT=weight is not None,
-                            BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+                            HAS_K_WEIGHT=k_weight is not None, HAS_DOTS=dots is not None, BM=BM, BN=BN, BK=BK,
+                            PREC=prec, num_warps=NUM_WARPS)

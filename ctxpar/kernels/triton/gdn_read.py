@@ -35,6 +35,11 @@ def _pool(r, nodes, trans, init, plan, prec):
     return pool, blocks
 
 
+def _weight(lam_slots, r, log_c):
+    """[readers, H, C]: the readers' lambda at the level of height r.height's reads."""
+    return lam_slots[r.readers, :, :, log_c + 1 + r.height].contiguous()
+
+
 class TreeReads(torch.autograd.Function):
     """qt [S, H, C, K], lam_slots [S, H, C, L'], init [N, H, NI, K, V] or None, then the up-sweep's
     nodes[0..] and trans[0..] -> the reads of every height summed in the slot grid [S, H, C, V]."""
@@ -45,8 +50,8 @@ class TreeReads(torch.autograd.Function):
         out = qt.new_zeros(*qt.shape[:3], nodes[0].shape[-1])
         for r in plan.reads:
             pool, _ = _pool(r, nodes, trans, init, plan, prec)
-            weight = lam_slots[r.readers, :, :, log_c + 1 + r.height].contiguous()
-            gather_bmm(qt, r.readers, pool, r.pos, out, r.readers, prec=prec, mode="add", weight=weight)
+            gather_bmm(qt, r.readers, pool, r.pos, out, r.readers, prec=prec, mode="add",
+                       weight=_weight(lam_slots, r, log_c))
         ctx.save_for_backward(qt, lam_slots, init, *tree)
         ctx.plan, ctx.log_c, ctx.prec = plan, log_c, prec
         return out
@@ -63,16 +68,14 @@ class TreeReads(torch.autograd.Function):
         d_nodes, d_trans = d_tree[: len(tree) // 2], d_tree[len(tree) // 2 :]
         for r in plan.reads:
             pool, blocks = _pool(r, nodes, trans, init, plan, prec)
-            level, n = ctx.log_c + 1 + r.height, r.readers.numel()
-            q, weight = qt[r.readers], lam_slots[r.readers, :, :, level, None]
-            every = torch.arange(n, device=qt.device)
-            d_read = q.new_empty(q.shape)  # [n, H, C, K]: d_out @ node^T
-            gather_bmm(d_out, r.readers, pool, r.pos, d_read, every, prec=prec, trans_b=True)
-            d_qt.index_add_(0, r.readers, weight * d_read)
-            d_lam[r.readers, :, :, level] = (d_read * q).sum(-1)  # each reader once per height
+            weight = _weight(lam_slots, r, ctx.log_c)
+            # One product d_out @ node^T gives both: d_qt += weight * it, and lambda's gradient at
+            # this level, rowsum(qt * it) (each reader once per height), neither stored apart.
+            gather_bmm(d_out, r.readers, pool, r.pos, d_qt, r.readers, prec=prec, trans_b=True, mode="add",
+                       weight=weight, dots=(qt, d_lam[..., ctx.log_c + 1 + r.height]))
             d_pool = torch.zeros_like(pool)
-            gather_bmm((weight * q).contiguous(), every, d_out, r.readers, d_pool, r.pos, prec=prec, trans_a=True,
-                       mode="add")
+            gather_bmm(qt, r.readers, d_out, r.readers, d_pool, r.pos, prec=prec, trans_a=True, mode="add",
+                       k_weight=weight)
             for (j, prev, src), rows in zip(reversed(r.steps), reversed(blocks)):
                 gather_bmm(d_pool, rows, pool, src, d_trans[j], prev, prec=prec, trans_b=True, mode="add")
                 gather_bmm(trans[j], prev, d_pool, rows, d_pool, src, prec=prec, trans_a=True, mode="atomic")
