@@ -7,8 +7,8 @@ Forward: one program per (block of BT tokens, q group, V tile) loads the block's
 and adds the reads of each head of the group to o in one pass. Backward: dq and dw per (token
 block, q group, V tile), looping over the group's heads (atomics only when V is split,
 common.v_tile); dS per (run of token blocks, bucket, head, V tile), an atomic add per run. For
-bf16 queries the float32 state is split into hi + lo parts once, on the host (common.mma_parts). Rows are the flattened [R * n] tokens; a token block never straddles
-two sequences.
+bf16 queries the float32 state is split into hi + lo parts once, on the host (common.mma_parts).
+Rows are the flattened [R * n] tokens; a token block never straddles two sequences.
 
 In torch the same op took 18 ms of a 512K-token context-parallel step on an H200 (separate
 passes over [n, H, V] for the weights, the sum and the add, and their backward).
