@@ -9,7 +9,7 @@ import torch
 
 from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
-from tests.oracle_check import check_against_reference
+from tests.oracle_check import check_against_reference, reference_run
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -160,8 +160,6 @@ def test_float16_states_past_the_fp16_range():
     """fp16 inputs whose states pass 65504, fp16's largest value (little decay, large v): the
     kernels' state products once split states into fp16 parts, inf there and NaN after. Queries
     and output gradients are small, so outputs and gradients stay in fp16's range."""
-    from tests.oracle_check import reference_run
-
     T, H, K, V, L = 600, 2, 16, 16, 11
     q = torch.randn(1, T, H, K, device=DEVICE) * 2.5e-3
     k = torch.randn(1, T, H, K, device=DEVICE)
