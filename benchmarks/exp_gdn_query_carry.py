@@ -1,21 +1,31 @@
-"""A candidate design for log-linear GDN's tree reads (issue #4), forward only, against TreeReads.
+"""A candidate design for log-linear GDN's tree reads (issue #4), forward and backward, against
+TreeReads (gdn_read.py) on the same tree.
 
-Today (gdn_read.py) every chunk reads, at each set bit of its index, the node carried forward to
-its start: a K x K x V product per carried node, gathered into per-height pools over hundreds of
-launches (reads fwd 29.8 ms, fwd+bwd 152.5 ms of a 260 ms step at 128K tokens, H=16, K=V=128,
-on an H200). Here the chunk's queries are carried instead, down its set bits in one program per
-(slot, head): read o += lambda * (Q @ N_j), then Q <- Q @ T_j (the K x K transition of the block
-just read), a C x K x K product per bit. Per read that is C K (K + V) multiply-adds against
-K K V + C K V: 2 / 3 of today's at K = V = 128 and 7.1M / 18.9M at the paper's K = 192, V = 384,
-with no pools, gathers or per-height launches. A backward would mirror it (dQ down the bits,
-node and transition gradients reduced over their readers like node_grad.py's segments).
+Today every chunk reads, at each set bit of its index, the node carried forward to its start: a
+K x K x V product per carried node, gathered into per-height pools over hundreds of launches, and
+the backward rebuilds the pools (reads fwd 29.8 ms, fwd+bwd 152.5 ms of a 260 ms step at 128K
+tokens, H=16, K=V=128, on an H200). Here the chunk's queries are carried instead, down its set
+bits, in one program per (slot, head): read o += lambda * (Q_j @ N_j), then Q_{j+1} = Q_j @ T_j
+(the K x K transition of the block just read): C K (K + V) multiply-adds per read against
+K K V + C K V (2/3 at K = V = 128; 7.1M against 18.9M at the paper's K = 192, V = 384), with no
+pools, gathers or per-height launches. Backward, three kernels:
+- chain_grad, per (slot, head): Q_j up the bits, kept per (slot, height); then
+  dQ_j = lambda_j dO N_j^T + dQ_{j+1} T_j^T down them, dQ_{j+1} kept; dQt = dQ_0;
+- lam_grad, per (slot, head): lambda's gradient rowsum(dO * (Q_j @ N_j)) at each read level;
+- node_grad, per (run of <= 32 of a node's readers, head): dN += Q_j^T (lambda_j dO) and
+  dT += Q_j^T dQ_{j+1}, added atomically across runs.
+The kept Q_j and dQ_{j+1} are [S, heights, H, C, K] float32 each (11.8 GB at 128K, H=16): fine
+for this measurement, not for 1M tokens.
 
-Status (2026-11-30): equal to TreeReads on the interpreter (float32, T = 1000: relative error
-8e-9); compiled for sm_90, K = V = 128 fits (128 KiB shared, 592 B spills per thread) and
-K = 192, V = 384 does not (640 KiB: it needs V tiles). Not yet timed on a GPU.
+Status (2026-11-30): equal to TreeReads on the interpreter (float32: output 8e-9, every
+gradient <= 2.3e-7 relative; unread heights' gradients zero in both). Compiled for sm_90 at
+K = V = 128 every kernel fits in shared memory (forward 128 KiB, chain_grad 192 KiB, node_grad
+193 KiB, lam_grad 96 KiB); at K = 192, V = 384 none does (576-960 KiB: they need K / V tiles).
+Not yet timed on a GPU.
 
-    python benchmarks/exp_gdn_query_carry.py   # GPU: 128K tokens, H=16, K=V=128, bf16; CPU: a check
+    python benchmarks/exp_gdn_query_carry.py   # GPU: 128K tokens, H=16, K=V=128, bf16; CPU: the check
 """
+
 import json
 import os
 
@@ -29,6 +39,11 @@ from ctxpar.kernels.triton.gdn_read import TreeReads
 
 
 @triton.jit
+def readable(c, height, c0):
+    return (((c >> height) & 1) == 1) & (((c >> height) << height) - 1 >= c0)
+
+
+@triton.jit
 def qcarry_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, offsets, rank, docs, slot_doc, slot_chunk, out,
                   H, K, V, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -39,9 +54,8 @@ def qcarry_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, offsets, rank, 
     q = tl.load(qt + ((i * H + h).to(tl.int64) * C + rc[:, None]) * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
     acc = tl.zeros([C, VP], dtype=tl.float32)
     for height in range(0, heights):
-        e = ((c >> height) << height) - 1
-        if (((c >> height) & 1) == 1) & (e >= c0):
-            item = (tl.load(offsets + height) + tl.load(rank + first + e - c0)) * H + h
+        if readable(c, height, c0):
+            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
             node_mask = (rk[:, None] < K) & (rv[None, :] < V)
             node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=node_mask, other=0.0)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
@@ -69,6 +83,155 @@ def qcarry_reads(qt, lam_slots, nodes, trans, layout, plan, log_c, prec):
     return out, run
 
 
+@triton.jit
+def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, offsets, rank, docs, slot_doc, slot_chunk,
+                      qs, dqs, d_qt, H, K, V, heights, LEVEL0, C: tl.constexpr,
+                      KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
+    """Per (slot, head): Q_j up the bits (kept in qs[slot, height]), then dQ down them (dQ_{j+1}
+    kept in dqs[slot, height]), and dQt."""
+    i, h = tl.program_id(0), tl.program_id(1)
+    n = tl.load(slot_doc + i).to(tl.int64)
+    c = tl.load(slot_chunk + i)
+    c0, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 5)
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
+    ck_mask = rk[None, :] < K
+    q = tl.load(qt + ((i * H + h).to(tl.int64) * C + rc[:, None]) * K + rk[None, :], mask=ck_mask, other=0.0)
+    do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], mask=rv[None, :] < V,
+                 other=0.0)
+    kk_mask = (rk[:, None] < K) & (rk[None, :] < K)
+    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    for height in range(0, heights):
+        if readable(c, height, c0):
+            s_item = ((i * heights + height) * H + h).to(tl.int64) * C
+            tl.store(qs + (s_item + rc[:, None]) * K + rk[None, :], q, mask=ck_mask)
+            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            t = tl.load(trans + (item * K + rk[:, None]) * K + rk[None, :], mask=kk_mask, other=0.0)
+            q = tl.dot(q, t, input_precision=PREC)
+    dq = tl.zeros([C, KP], dtype=tl.float32)
+    for step in range(0, heights):
+        height = heights - 1 - step
+        if readable(c, height, c0):
+            s_item = ((i * heights + height) * H + h).to(tl.int64) * C
+            tl.store(dqs + (s_item + rc[:, None]) * K + rk[None, :], dq, mask=ck_mask)
+            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=kv_mask, other=0.0)
+            t = tl.load(trans + (item * K + rk[:, None]) * K + rk[None, :], mask=kk_mask, other=0.0)
+            w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
+            dq = tl.dot(w[:, None] * do, tl.trans(node), input_precision=PREC) + \
+                tl.dot(dq, tl.trans(t), input_precision=PREC)
+    tl.store(d_qt + ((i * H + h).to(tl.int64) * C + rc[:, None]) * K + rk[None, :], dq, mask=ck_mask)
+
+
+@triton.jit
+def lam_grad_kernel(d_out, qs, nodes, offsets, rank, docs, slot_doc, slot_chunk, d_lam, dl_s0, dl_s1, dl_s2, H, K, V,
+                    heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
+    """Per (slot, head): lambda's gradient at each read level, rowsum(dO * (Q_j @ N_j))."""
+    i, h = tl.program_id(0), tl.program_id(1)
+    n = tl.load(slot_doc + i).to(tl.int64)
+    c = tl.load(slot_chunk + i)
+    c0, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 5)
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
+    do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], mask=rv[None, :] < V,
+                 other=0.0)
+    for height in range(0, heights):
+        if readable(c, height, c0):
+            s_item = ((i * heights + height) * H + h).to(tl.int64) * C
+            qj = tl.load(qs + (s_item + rc[:, None]) * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
+            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+            node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=kv_mask, other=0.0)
+            read = tl.dot(qj, node, input_precision=PREC)
+            tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(do * read, 1))
+
+
+@triton.jit
+def node_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, qs, dqs, segments, offsets, rank, d_nodes, d_trans, H, K, V,
+                     heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
+    """Per (segment of a node's readers, head, which): dN += Q_j^T (w dO) or dT += Q_j^T dQ_{j+1}."""
+    s, h, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg = segments + s * 4
+    height, e_slot, r0, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
+    ck_mask = rk[None, :] < K
+    item = (tl.load(offsets + height) + tl.load(rank + e_slot)) * H + h
+    if which == 0:
+        acc_n = tl.zeros([KP, VP], dtype=tl.float32)
+        for j in range(0, count):
+            r = r0 + j
+            s_item = ((r * heights + height) * H + h).to(tl.int64) * C
+            qj = tl.load(qs + (s_item + rc[:, None]) * K + rk[None, :], mask=ck_mask, other=0.0)
+            do = tl.load(d_out + ((r * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], mask=rv[None, :] < V,
+                         other=0.0)
+            w = tl.load(lam + r * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
+            acc_n += tl.dot(tl.trans(qj), w[:, None] * do, input_precision=PREC)
+        kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+        tl.atomic_add(d_nodes + (item * K + rk[:, None]) * V + rv[None, :], acc_n, mask=kv_mask, sem="relaxed")
+    else:
+        acc_t = tl.zeros([KP, KP], dtype=tl.float32)
+        for j in range(0, count):
+            r = r0 + j
+            s_item = ((r * heights + height) * H + h).to(tl.int64) * C
+            qj = tl.load(qs + (s_item + rc[:, None]) * K + rk[None, :], mask=ck_mask, other=0.0)
+            dqn = tl.load(dqs + (s_item + rc[:, None]) * K + rk[None, :], mask=ck_mask, other=0.0)
+            acc_t += tl.dot(tl.trans(qj), dqn, input_precision=PREC)
+        kk_mask = (rk[:, None] < K) & (rk[None, :] < K)
+        tl.atomic_add(d_trans + (item * K + rk[:, None]) * K + rk[None, :], acc_t, mask=kk_mask, sem="relaxed")
+
+
+def reader_segments(layout, heights, segment, device):
+    """[n, 4] int64 (height, node slot, first reader slot, count): each read node's readers (a run
+    of consecutive slots of one document), cut into runs of at most ``segment``."""
+    chunk = layout.host["slot_chunk"]
+    doc = layout.host["slot_doc"]
+    c0 = torch.tensor(layout.c0)[doc]
+    first = torch.tensor(layout.first_slot)[doc]
+    rows = []
+    for h in range(heights):
+        e = ((chunk >> h) << h) - 1
+        ok = (((chunk >> h) & 1) == 1) & (e >= c0)
+        slots = ok.nonzero().flatten()
+        if slots.numel() == 0:
+            continue
+        node = first[slots] + e[slots] - c0[slots]
+        # readers of one node are consecutive slots; cut runs at node changes and every `segment`
+        start = torch.ones_like(slots, dtype=torch.bool)
+        start[1:] = node[1:] != node[:-1]
+        run_id = start.cumsum(0) - 1
+        pos_in_run = torch.arange(slots.numel()) - torch.nonzero(start).flatten()[run_id]
+        cut = start | (pos_in_run % segment == 0)
+        heads = cut.nonzero().flatten()
+        counts = torch.diff(torch.cat([heads, torch.tensor([slots.numel()])]))
+        rows.append(torch.stack([torch.full_like(heads, h), node[heads], slots[heads], counts], 1))
+    return torch.cat(rows).to(device)
+
+
+def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec, segment=32):
+    """(d_qt, d_lam_slots, d_nodes per height, d_trans per height) for the reads' output gradient d_out."""
+    S, H, C, K = qt.shape
+    V = nodes[0].shape[-1]
+    heights = len(nodes)
+    sizes = [x.shape[0] for x in nodes]
+    offsets = torch.tensor([0] + sizes[:-1], device=qt.device).cumsum(0)
+    nodes_cat, trans_cat = torch.cat(nodes), torch.cat(trans)
+    qs = torch.empty(S, heights, H, C, K, device=qt.device)
+    dqs = torch.empty_like(qs)
+    d_qt = torch.empty_like(qt)
+    d_lam = torch.zeros(lam_slots.shape, device=qt.device)
+    KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    chain_grad_kernel[(S, H)](qt, d_out, lam_slots, *lam_slots.stride()[:3], nodes_cat, trans_cat, offsets, plan.rank,
+                              layout.docs, layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, H, K, V, heights,
+                              log_c + 1, C=C, KP=KP, VP=VP, PREC=prec, num_warps=8)
+    lam_grad_kernel[(S, H)](d_out, qs, nodes_cat, offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk,
+                            d_lam, *d_lam.stride()[:3], H, K, V, heights, log_c + 1, C=C, KP=KP, VP=VP, PREC=prec,
+                            num_warps=8)
+    segs = reader_segments(layout, heights, segment, qt.device)
+    d_nodes, d_trans = torch.zeros_like(nodes_cat), torch.zeros_like(trans_cat)
+    node_grad_kernel[(segs.shape[0], H, 2)](d_out, lam_slots, *lam_slots.stride()[:3], qs, dqs, segs, offsets,
+                                            plan.rank, d_nodes, d_trans, H, K, V, heights, log_c + 1, C=C, KP=KP,
+                                            VP=VP, PREC=prec, num_warps=8)
+    return d_qt, d_lam, list(d_nodes.split(sizes)), list(d_trans.split(sizes))
+
+
 def setup(B, T, H, K, V, dtype, device):
     torch.manual_seed(0)
     L = (T).bit_length() + 1
@@ -88,26 +251,46 @@ def setup(B, T, H, K, V, dtype, device):
     return qt, lam_slots, nodes, trans, layout, plan, log_c, prec
 
 
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def main():
-    """Writes $OUT/exp_gdn_query_carry.json: the relative difference from TreeReads, and on a GPU
-    both forward times."""
+    """Writes $OUT/exp_gdn_query_carry.json: relative differences from TreeReads (output and every
+    gradient), and on a GPU both designs' forward and forward+backward times."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = [(1, 131072, 16, 128, 128, torch.bfloat16)] if dev == "cuda" else [(1, 1000, 2, 32, 16, torch.float32)]
+    shapes = [(1, 131072, 16, 128, 128, torch.bfloat16)] if dev == "cuda" else [(1, 1000, 2, 32, 16, torch.float32),
+                                                                               (2, 700, 2, 32, 16, torch.float32)]
     rows = []
-    for B, T, H, K, V, dt in shape:
+    for B, T, H, K, V, dt in shapes:
         qt, lam_slots, nodes, trans, layout, plan, log_c, prec = setup(B, T, H, K, V, dt, dev)
+        leaves = [x.detach().clone().requires_grad_() for x in (qt, lam_slots, *nodes, *trans)]
+
+        def tree_reads():
+            return TreeReads.apply(leaves[0], leaves[1], None, plan, log_c, prec, *leaves[2:])
+
         with torch.no_grad():
-            ref = TreeReads.apply(qt, lam_slots, None, plan, log_c, prec, *nodes, *trans)
             out, run = qcarry_reads(qt, lam_slots, nodes, trans, layout, plan, log_c, prec)
             run()
-        err = ((out - ref).norm() / ref.norm()).item()
-        row = dict(T=T, H=H, K=K, V=V, rel_err=err)
+        ref = tree_reads()
+        d_out = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, leaves, d_out)
+        segment = 32 if dev == "cuda" else 2  # on the CPU, several runs per node: their atomic adds
+        d_qt, d_lam, d_nodes, d_trans = qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec,
+                                                        segment)
+        grads = [d_qt, d_lam, *d_nodes, *d_trans]
+        read = [i for i, g in enumerate(ref_grads) if g.norm() > 0]  # heights no chunk reads have no gradient
+        row = dict(T=T, B=B, H=H, K=K, V=V, out_rel_err=rel(out, ref.detach()),
+                   grad_rel_err=max(rel(grads[i], ref_grads[i]) for i in read),
+                   unread_grads_zero=all(grads[i].norm() == 0 for i in range(len(grads)) if i not in read))
         if dev == "cuda":
             ms = lambda f: triton.testing.do_bench(f, warmup=3, rep=20, return_mode="median")  # noqa: E731
             with torch.no_grad():
-                row["tree_reads_fwd_ms"] = ms(lambda: TreeReads.apply(qt, lam_slots, None, plan, log_c, prec, *nodes,
-                                                                      *trans))
+                row["tree_reads_fwd_ms"] = ms(tree_reads)
                 row["qcarry_fwd_ms"] = ms(run)
+            row["tree_reads_fwdbwd_ms"] = ms(lambda: torch.autograd.grad(tree_reads(), leaves, d_out))
+            row["qcarry_fwdbwd_ms"] = ms(lambda: (run(), qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout,
+                                                                          plan, log_c, prec, segment)))
         rows.append(row)
         print(row, flush=True)
     json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "exp_gdn_query_carry.json"), "w"), indent=1)
