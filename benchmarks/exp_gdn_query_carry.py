@@ -15,7 +15,8 @@ pools, gathers or per-height launches. Backward, three kernels:
 - node_grad, per (run of <= 32 of a node's readers, head): dN += Q_j^T (lambda_j dO) and
   dT += Q_j^T dQ_{j+1}, added atomically across runs.
 The kept Q_j and dQ_{j+1} are [S, heights, H, C, K] float32 each (11.8 GB at 128K, H=16): fine
-for this measurement, not for 1M tokens.
+for this measurement, not for 1M tokens. Its fwd+bwd time also counts joining the per-height
+node and transition lists into one buffer each, which an op built this way would not need.
 
 Status (2026-11-30): equal to TreeReads on the interpreter (float32: output 8e-9, every
 gradient <= 2.3e-7 relative; unread heights' gradients zero in both). Compiled for sm_90 at
@@ -205,8 +206,9 @@ def reader_segments(layout, heights, segment, device):
     return torch.cat(rows).to(device)
 
 
-def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec, segment=32):
-    """(d_qt, d_lam_slots, d_nodes per height, d_trans per height) for the reads' output gradient d_out."""
+def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec, segs):
+    """(d_qt, d_lam_slots, d_nodes per height, d_trans per height) for the reads' output gradient
+    d_out; segs: ``reader_segments`` (host-built once per layout, as the op's other tables)."""
     S, H, C, K = qt.shape
     V = nodes[0].shape[-1]
     heights = len(nodes)
@@ -224,7 +226,6 @@ def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, pre
     lam_grad_kernel[(S, H)](d_out, qs, nodes_cat, offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk,
                             d_lam, *d_lam.stride()[:3], H, K, V, heights, log_c + 1, C=C, KP=KP, VP=VP, PREC=prec,
                             num_warps=8)
-    segs = reader_segments(layout, heights, segment, qt.device)
     d_nodes, d_trans = torch.zeros_like(nodes_cat), torch.zeros_like(trans_cat)
     node_grad_kernel[(segs.shape[0], H, 2)](d_out, lam_slots, *lam_slots.stride()[:3], qs, dqs, segs, offsets,
                                             plan.rank, d_nodes, d_trans, H, K, V, heights, log_c + 1, C=C, KP=KP,
@@ -276,8 +277,9 @@ def main():
         d_out = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, leaves, d_out)
         segment = 32 if dev == "cuda" else 2  # on the CPU, several runs per node: their atomic adds
+        segs = reader_segments(layout, len(nodes), segment, qt.device)
         d_qt, d_lam, d_nodes, d_trans = qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec,
-                                                        segment)
+                                                        segs)
         grads = [d_qt, d_lam, *d_nodes, *d_trans]
         read = [i for i, g in enumerate(ref_grads) if g.norm() > 0]  # heights no chunk reads have no gradient
         row = dict(T=T, B=B, H=H, K=K, V=V, out_rel_err=rel(out, ref.detach()),
@@ -290,7 +292,7 @@ def main():
                 row["qcarry_fwd_ms"] = ms(run)
             row["tree_reads_fwdbwd_ms"] = ms(lambda: torch.autograd.grad(tree_reads(), leaves, d_out))
             row["qcarry_fwdbwd_ms"] = ms(lambda: (run(), qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout,
-                                                                          plan, log_c, prec, segment)))
+                                                                          plan, log_c, prec, segs)))
         rows.append(row)
         print(row, flush=True)
     json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "exp_gdn_query_carry.json"), "w"), indent=1)
