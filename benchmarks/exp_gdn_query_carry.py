@@ -234,7 +234,8 @@ def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, pre
 
 
 def setup(B, T, H, K, V, dtype, device):
-    torch.manual_seed(0)
+    """A fresh random GDN tree: the chunk stage's carried queries, the slot grid's lambda and the
+    up-sweep's nodes and transitions, as gdn_function.chunked builds them."""
     L = (T).bit_length() + 1
     q = (torch.randn(B * T, H, K, device=device) * K**-0.5).to(dtype)
     k = torch.nn.functional.normalize(torch.randn(B * T, H, K, device=device), dim=-1).to(dtype)

@@ -236,6 +236,23 @@ def test_gather_bmm_term_weights_and_row_dots():
     assert rel_err(dots, expected_dots) < 1e-5
 
 
+def test_query_carry_candidate_matches_tree_reads(tmp_path):
+    """benchmarks/exp_gdn_query_carry.py (a candidate design of the reads, not yet in the op)
+    against TreeReads on the same fresh trees: output and every gradient, in its own process (as
+    on the device), so that the experiment stays runnable while the op changes under it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "benchmarks/exp_gdn_query_carry.py"], env=env, check=True, capture_output=True)
+    rows = json.loads((tmp_path / "exp_gdn_query_carry.json").read_text())
+    assert len(rows) == 2
+    for row in rows:
+        assert row["out_rel_err"] < 1e-6 and row["grad_rel_err"] < 1e-5 and row["unread_grads_zero"], row
+
+
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
     Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch
