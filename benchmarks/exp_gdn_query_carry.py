@@ -19,7 +19,7 @@ for this measurement, not for 1M tokens. Its fwd+bwd time also counts joining th
 node and transition lists into one buffer each, which an op built this way would not need.
 
 Status (2026-11-30): equal to TreeReads on the interpreter (float32: output 8e-9, every
-gradient <= 2.3e-7 relative; unread heights' gradients zero in both). Compiled for sm_90 at
+gradient <= 2.4e-7 relative; unread heights' gradients zero in both). Compiled for sm_90 at
 K = V = 128 every kernel fits in shared memory (forward 128 KiB, chain_grad 192 KiB, node_grad
 193 KiB, lam_grad 96 KiB); at K = 192, V = 384 none does (576-960 KiB: they need K / V tiles).
 Not yet timed on a GPU.
@@ -35,13 +35,17 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton import gdn_function as F
-from ctxpar.kernels.triton.common import dot_precision
+from ctxpar.kernels.triton.common import dot_precision, node_at, reads_at
+from ctxpar.kernels.triton.layout import node_segments
 from ctxpar.kernels.triton.gdn_read import TreeReads
 
 
 @triton.jit
-def readable(c, height, c0):
-    return (((c >> height) & 1) == 1) & (((c >> height) << height) - 1 >= c0)
+def node_item(offsets, rank, c, height, c0, first, H, h):
+    """Row of the node chunk c reads at ``height`` (and of its transition) in the per-height
+    lists joined into one buffer (nodes[height][rank[slot]]), times H plus the head."""
+    _, slot = node_at(c, height, c0, first)
+    return (tl.load(offsets + height) + tl.load(rank + slot)) * H + h
 
 
 @triton.jit
@@ -55,8 +59,8 @@ def qcarry_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, offsets, rank, 
     q = tl.load(qt + ((i * H + h).to(tl.int64) * C + rc[:, None]) * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
     acc = tl.zeros([C, VP], dtype=tl.float32)
     for height in range(0, heights):
-        if readable(c, height, c0):
-            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+        if reads_at(c, height, c0, False):
+            item = node_item(offsets, rank, c, height, c0, first, H, h)
             node_mask = (rk[:, None] < K) & (rv[None, :] < V)
             node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=node_mask, other=0.0)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
@@ -102,19 +106,19 @@ def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, offs
     kk_mask = (rk[:, None] < K) & (rk[None, :] < K)
     kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
     for height in range(0, heights):
-        if readable(c, height, c0):
+        if reads_at(c, height, c0, False):
             s_item = ((i * heights + height) * H + h).to(tl.int64) * C
             tl.store(qs + (s_item + rc[:, None]) * K + rk[None, :], q, mask=ck_mask)
-            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            item = node_item(offsets, rank, c, height, c0, first, H, h)
             t = tl.load(trans + (item * K + rk[:, None]) * K + rk[None, :], mask=kk_mask, other=0.0)
             q = tl.dot(q, t, input_precision=PREC)
     dq = tl.zeros([C, KP], dtype=tl.float32)
     for step in range(0, heights):
         height = heights - 1 - step
-        if readable(c, height, c0):
+        if reads_at(c, height, c0, False):
             s_item = ((i * heights + height) * H + h).to(tl.int64) * C
             tl.store(dqs + (s_item + rc[:, None]) * K + rk[None, :], dq, mask=ck_mask)
-            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            item = node_item(offsets, rank, c, height, c0, first, H, h)
             node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=kv_mask, other=0.0)
             t = tl.load(trans + (item * K + rk[:, None]) * K + rk[None, :], mask=kk_mask, other=0.0)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
@@ -135,10 +139,10 @@ def lam_grad_kernel(d_out, qs, nodes, offsets, rank, docs, slot_doc, slot_chunk,
     do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], mask=rv[None, :] < V,
                  other=0.0)
     for height in range(0, heights):
-        if readable(c, height, c0):
+        if reads_at(c, height, c0, False):
             s_item = ((i * heights + height) * H + h).to(tl.int64) * C
             qj = tl.load(qs + (s_item + rc[:, None]) * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
-            item = (tl.load(offsets + height) + tl.load(rank + first + ((c >> height) << height) - 1 - c0)) * H + h
+            item = node_item(offsets, rank, c, height, c0, first, H, h)
             kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
             node = tl.load(nodes + (item * K + rk[:, None]) * V + rv[None, :], mask=kv_mask, other=0.0)
             read = tl.dot(qj, node, input_precision=PREC)
@@ -146,15 +150,17 @@ def lam_grad_kernel(d_out, qs, nodes, offsets, rank, docs, slot_doc, slot_chunk,
 
 
 @triton.jit
-def node_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, qs, dqs, segments, offsets, rank, d_nodes, d_trans, H, K, V,
-                     heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
+def node_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, qs, dqs, segments, docs, offsets, rank, d_nodes, d_trans, H, K,
+                     V, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, PREC: tl.constexpr):
     """Per (segment of a node's readers, head, which): dN += Q_j^T (w dO) or dT += Q_j^T dQ_{j+1}."""
     s, h, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seg = segments + s * 4
-    height, e_slot, r0, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
+    n, height, c_first, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
+    c0, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 5)
+    r0 = first + c_first - c0
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), tl.arange(0, VP)
     ck_mask = rk[None, :] < K
-    item = (tl.load(offsets + height) + tl.load(rank + e_slot)) * H + h
+    item = node_item(offsets, rank, c_first, height, c0, first, H, h)
     if which == 0:
         acc_n = tl.zeros([KP, VP], dtype=tl.float32)
         for j in range(0, count):
@@ -179,36 +185,17 @@ def node_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, qs, dqs, segments, offs
         tl.atomic_add(d_trans + (item * K + rk[:, None]) * K + rk[None, :], acc_t, mask=kk_mask, sem="relaxed")
 
 
-def reader_segments(layout, heights, segment, device):
-    """[n, 4] int64 (height, node slot, first reader slot, count): each read node's readers (a run
-    of consecutive slots of one document), cut into runs of at most ``segment``."""
-    chunk = layout.host["slot_chunk"]
-    doc = layout.host["slot_doc"]
-    c0 = torch.tensor(layout.c0)[doc]
-    first = torch.tensor(layout.first_slot)[doc]
-    rows = []
-    for h in range(heights):
-        e = ((chunk >> h) << h) - 1
-        ok = (((chunk >> h) & 1) == 1) & (e >= c0)
-        slots = ok.nonzero().flatten()
-        if slots.numel() == 0:
-            continue
-        node = first[slots] + e[slots] - c0[slots]
-        # readers of one node are consecutive slots; cut runs at node changes and every `segment`
-        start = torch.ones_like(slots, dtype=torch.bool)
-        start[1:] = node[1:] != node[:-1]
-        run_id = start.cumsum(0) - 1
-        pos_in_run = torch.arange(slots.numel()) - torch.nonzero(start).flatten()[run_id]
-        cut = start | (pos_in_run % segment == 0)
-        heads = cut.nonzero().flatten()
-        counts = torch.diff(torch.cat([heads, torch.tensor([slots.numel()])]))
-        rows.append(torch.stack([torch.full_like(heads, h), node[heads], slots[heads], counts], 1))
-    return torch.cat(rows).to(device)
+def reader_runs(layout, segment):
+    """layout.node_segments' runs of at most ``segment`` readers per node, those whose node is a
+    slot (no initial state here), on the layout's device; built once per layout."""
+    c0 = torch.tensor(layout.c0)
+    runs, in_slots = node_segments(layout.host["slot_doc"], layout.host["slot_chunk"], c0, layout.heights, segment)
+    return runs[:in_slots].to(layout.docs.device)
 
 
 def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec, segs):
     """(d_qt, d_lam_slots, d_nodes per height, d_trans per height) for the reads' output gradient
-    d_out; segs: ``reader_segments`` (host-built once per layout, as the op's other tables)."""
+    d_out; segs: the node-gradient segments whose node is a slot (``reader_runs``)."""
     S, H, C, K = qt.shape
     V = nodes[0].shape[-1]
     heights = len(nodes)
@@ -227,9 +214,9 @@ def qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, pre
                             d_lam, *d_lam.stride()[:3], H, K, V, heights, log_c + 1, C=C, KP=KP, VP=VP, PREC=prec,
                             num_warps=8)
     d_nodes, d_trans = torch.zeros_like(nodes_cat), torch.zeros_like(trans_cat)
-    node_grad_kernel[(segs.shape[0], H, 2)](d_out, lam_slots, *lam_slots.stride()[:3], qs, dqs, segs, offsets,
-                                            plan.rank, d_nodes, d_trans, H, K, V, heights, log_c + 1, C=C, KP=KP,
-                                            VP=VP, PREC=prec, num_warps=8)
+    node_grad_kernel[(segs.shape[0], H, 2)](d_out, lam_slots, *lam_slots.stride()[:3], qs, dqs, segs, layout.docs,
+                                            offsets, plan.rank, d_nodes, d_trans, H, K, V, heights, log_c + 1, C=C,
+                                            KP=KP, VP=VP, PREC=prec, num_warps=8)
     return d_qt, d_lam, list(d_nodes.split(sizes)), list(d_trans.split(sizes))
 
 
@@ -278,7 +265,7 @@ def main():
         d_out = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, leaves, d_out)
         segment = 32 if dev == "cuda" else 2  # on the CPU, several runs per node: their atomic adds
-        segs = reader_segments(layout, len(nodes), segment, qt.device)
+        segs = reader_runs(layout, segment)
         d_qt, d_lam, d_nodes, d_trans = qcarry_backward(qt, lam_slots, nodes, trans, d_out, layout, plan, log_c, prec,
                                                         segs)
         grads = [d_qt, d_lam, *d_nodes, *d_trans]
