@@ -23,18 +23,20 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          row_tile, slot_info)
+                                          num_warps, row_tile, slot_info)
 from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 
-NUM_WARPS = 8
 # No multi-buffered loads in the tile loops: a [K, 64] float32 tile of dM is 64 KB at K = 256, and
 # three stages of it alone would nearly fill the shared memory; the loops run a few steps only.
 NUM_STAGES = 1
-# dU / dM tile width. Compiled for sm_90 (benchmarks/kernel_resources.py), 32-wide tiles need 128 KiB
-# of shared memory at K = V = 128 in bf16 (136 KiB in float32) and 192 KiB at K = 192 or 256 (184 KiB
-# in float32), within the 227 KiB a block may take. 64-wide tiles need 256 KiB at K = 192 and, at
-# K = 128, fit but spill more (3.6 KB of stack, 2.4 KB at 32).
-TILE = 32
+
+
+def tile_width(k_dim: int, v_dim: int) -> int:
+    """dU / dM tile width. Swept on an H200 at 128K tokens (bf16, 4 warps; 16 / 32 / 64 wide):
+    36.5 / 42.6 / 48.7 ms at H=16, K=V=128, 57.7 / 48.4 ms at H=6, K=192, V=384, where 64-wide
+    tiles need 256 KiB of shared memory, past the 227 KiB a block may take. 32-wide tiles fit at
+    K = 256 (192 KiB, benchmarks/kernel_resources.py)."""
+    return 16 if max(k_dim, v_dim) <= 128 else 32
 
 
 @triton.jit
@@ -152,10 +154,10 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
     dlam = torch.zeros(R, H, L, **f32)
     grads = (x.contiguous() for x in (d_o, d_qt, d_u, d_m))
-    KP = triton.next_power_of_2(K)
+    KP, tile = triton.next_power_of_2(K), tile_width(K, V)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
         layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
-        BK=min(TILE, KP), BV=min(TILE, triton.next_power_of_2(V)), PREC=prec, num_warps=NUM_WARPS,
+        BK=min(tile, KP), BV=min(tile, triton.next_power_of_2(V)), PREC=prec, num_warps=num_warps(q.dtype),
         num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam
