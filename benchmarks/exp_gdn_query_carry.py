@@ -234,7 +234,7 @@ def setup(B, T, H, K, V, dtype, device):
     C, log_c = F.DEFAULT_CHUNK, F.DEFAULT_CHUNK.bit_length() - 1
     layout, grid, plan = F._tables(tuple(spans), tuple([0] * B), B * T, T, C, H, H, device)
     prec = dot_precision(dtype)
-    o, qt, u, m = F.ChunkStage.apply(q, k, v, g, beta, lam, layout, prec)
+    o, qt, u, m = F.ChunkStage.apply(q, k, v, g, beta, lam, layout, prec, plan.rank)
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, max(0, log_c + 1 + layout.heights - L))))
     nodes, trans = F.up_sweep(u, m, None, plan, prec)
     return qt, lam_slots, nodes, trans, layout, plan, log_c, prec

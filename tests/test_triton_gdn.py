@@ -132,8 +132,8 @@ def test_float32_and_torch_backend_agree():
 
 @pytest.mark.parametrize("K, V", [(16, 32), (80, 80)])  # 80: several K and V tiles (64 wide)
 def test_chunk_stage_matches_torch_chunked(K, V):
-    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), and its
-    backward kernel == autograd through them."""
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), U and M at the
+    rows asked for, and its backward kernel == autograd through them."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
     from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
@@ -143,13 +143,15 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     q, k, v, g, beta, lam = (x[0] for x in make_inputs(1, NC * C - 5, H, 1, K, V, 9, dtype=torch.float32))
     rows = q.shape[0]
     layout = build_layout([(0, 0, rows)], [0], rows, C, 1, DEVICE)
-    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee")
+    tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
+    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
     expected = torch_stage(*leaves, SlotGrid(layout, rows, H, 1, DEVICE))
     for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, expected):
-        assert rel_err(a, b) < 1e-5, name
+        assert rel_err(a if name in ("o_intra", "Qt") else a[tree_rows], b) < 1e-5, name
     d_outputs = [torch.randn_like(x) for x in expected]
-    grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_outputs, layout, "ieee")
+    d_rows = [d if i < 2 else torch.empty_like(d).index_copy_(0, tree_rows, d) for i, d in enumerate(d_outputs)]
+    grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
 
@@ -172,7 +174,8 @@ def test_tree_matches_torch_chunked():
     leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
-    nodes, trans = up_sweep(u, m, init, plan, "ieee")
+    order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
+    nodes, trans = up_sweep(u[order], m[order], init, plan, "ieee")
     ours = TreeReads.apply(qt, lam, init, plan, log_c, "ieee", *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]

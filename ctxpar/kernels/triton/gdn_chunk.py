@@ -11,8 +11,11 @@ rather than each redo it. The second kernel, one program per (slot, head, tile),
 - a K tile: those columns of the chunk transition M = exp(G_C) I - Kt^T W and of the queries
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
-Outputs are float32 in the slot grid: Qt and the intra output [S, H, C, *] (padded rows zero),
-U [S, H, K, V], M [S, H, K, K], N [S, H, C, C]. Products of float32 intermediates run as tf32 for half-precision
+Outputs are float32: Qt and the intra output [S, H, C, *] (padded rows zero) and N [S, H, C, C]
+in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i, the up-sweep's
+height-0 order, so that they are its first nodes and transitions as they are (reordering them
+copied 2 [S, H, K, K] tensors forward and backward: at 512K tokens, H = 16, 17 GB more at the peak
+and ~9 ms of copies at 128K on an H200). Products of float32 intermediates run as tf32 for half-precision
 inputs (10 mantissa bits, more than the inputs carry) and as ieee float32 for float32 inputs.
 """
 
@@ -74,7 +77,7 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 
 @triton.jit
-def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, H, HK, K, V,
+def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V,
                      L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
     i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -90,13 +93,14 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
     head = (i * H + h).to(tl.int64)
+    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
     nv = tl.cdiv(V, BV)
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
         u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
-        tl.store(u_out + head * K * V + rk[:, None] * V + rv[None, :], u, mask=(rk[:, None] < K) & (rv[None, :] < V))
+        tl.store(u_out + node * K * V + rk[:, None] * V + rv[None, :], u, mask=(rk[:, None] < K) & (rv[None, :] < V))
         pairs = mma(scores, ut, tl.float32, PREC) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L,
                                                                   C, LOG_C)
         o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
@@ -109,12 +113,13 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
         q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
         m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
-        tl.store(m_out + head * K * K + rk[:, None] * K + rc[None, :], m, mask=(rk[:, None] < K) & (rc[None, :] < K))
+        tl.store(m_out + node * K * K + rk[:, None] * K + rc[None, :], m, mask=(rk[:, None] < K) & (rc[None, :] < K))
 
 
-def chunk_stage(q, k, v, g, beta, lam, layout, prec):
-    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L] -> (o_intra
-    [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K], N [S, H, C, C]), all float32."""
+def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows):
+    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
+    row of each slot's U and M -> (o_intra [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V],
+    M [S, H, K, K], N [S, H, C, C]), all float32."""
     S, C = layout.num_slots, layout.chunk
     H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
@@ -126,6 +131,6 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec):
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
     grid = (S, H, triton.cdiv(V, BV) + triton.cdiv(K, BK))
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *tables, H, k.shape[1], K, V, L, C=C,
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *tables, tree_rows, H, k.shape[1], K, V, L, C=C,
                            LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv

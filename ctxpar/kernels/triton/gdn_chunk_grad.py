@@ -46,7 +46,7 @@ def dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
-                          slot_chunk, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                          slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -54,6 +54,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     group = h // (H // HK)
     r, rk = tl.arange(0, C), tl.arange(0, KP)
     head = (i * H + h).to(tl.int64)
+    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
     qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
@@ -79,7 +80,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         vt = vt.to(tl.float32)
         d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
-        d_u = tl.load(du + head * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
+        d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
         dov += dot(d_o, tl.trans(vt), PREC)
         k_du = dot(k_out, d_u, PREC)  # gradient of the pseudo-values T V
@@ -104,7 +105,7 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
         col_mask = valid[:, None] & (rc[None, :] < K)
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_mc = tl.load(dm + head * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
+        d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
                        other=0.0)
         d_diag += tl.sum(tl.where(rk[:, None] == rc[None, :], d_mc, 0.0), 1)
         kd = kc * e_in[:, None]
@@ -145,8 +146,9 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
 
-def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec):
-    """Gradients of gdn_chunk.chunk_stage's outputs (float32 slot grids; inv its N) -> dq, dk [rows, Hk, K],
+def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
+    """Gradients of gdn_chunk.chunk_stage's outputs (float32; dU, dM at rows tree_rows, as U, M;
+    inv its N) -> dq, dk [rows, Hk, K],
     dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
@@ -157,7 +159,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     KP, tile = triton.next_power_of_2(K), tile_width(K, V)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
-        layout.slot_chunk, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
+        layout.slot_chunk, tree_rows, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
         BK=min(tile, KP), BV=min(tile, triton.next_power_of_2(V)), PREC=prec, num_warps=num_warps(q.dtype),
         num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam

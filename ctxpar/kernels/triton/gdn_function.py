@@ -41,17 +41,17 @@ class ChunkStage(torch.autograd.Function):
     """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, layout, prec):
-        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec)
-        ctx.save_for_backward(q, k, v, g, beta, lam, inv)
+    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows):
+        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows)
+        ctx.save_for_backward(q, k, v, g, beta, lam, inv, tree_rows)
         ctx.layout, ctx.prec = layout, prec
         return o, qt, u, m
 
     @staticmethod
     def backward(ctx, d_o, d_qt, d_u, d_m):
-        inputs = ctx.saved_tensors
-        grads = chunk_stage_grads(*inputs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec)
-        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None)
+        *inputs, inv, tree_rows = ctx.saved_tensors
+        grads = chunk_stage_grads(*inputs, inv, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
+        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None)
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
@@ -71,7 +71,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
     prec = dot_precision(fq.dtype)
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec)
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank)  # u, m in the tree's order
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
@@ -79,7 +79,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     if initial_state is not None and not initial_state.holds_nothing:  # one that does only sets positions
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
-        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c)
+        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c)
     nodes, trans = up_sweep(u, m, init, plan, prec)
     o = o + TreeReads.apply(qt, lam_slots, init, plan, log_c, prec, *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
@@ -99,17 +99,17 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
 
 
-def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
+def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c):
     """The initial buckets of bits < log2 C: carried into the first chunk's end state, and read by
     the first chunk's queries (Qt is already carried to t0) at their token-level levels."""
-    C = 1 << log_c
+    layout, C = plan.layout, 1 << log_c
     docs = [n for n in range(layout.num_docs) if layout.starts[n] % C]
     if not docs:
         return o, u
     first = [layout.first_slot[n] for n in docs]
     slots = torch.tensor(first, device=o.device)
     subs = [[b for b in live_bits(layout.starts[n]) if b < log_c] for n in docs]
-    carried = m[slots] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
+    carried = m[plan.rank[slots]] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
     reads, offsets = [], torch.arange(C, device=o.device)
     for n, bits, slot in zip(docs, subs, first):
         part = 0
@@ -117,7 +117,7 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, layout, log_c):
             level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
             part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot] @ buckets[n, :, b])
         reads.append(part)
-    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, slots, carried)
+    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, plan.rank[slots], carried)
 
 
 def _last_chunk_columns(layout, grid, inputs, log_c):
@@ -140,11 +140,11 @@ def _final_buckets(n, nodes, trans, init, plan, m, columns, buckets, log_c):
     layout, C = plan.layout, 1 << log_c
     t0, t_end = layout.starts[n], layout.starts[n] + layout.lengths[n]
     ce = t_end >> log_c
-    last = layout.first_slot[n] + ce - layout.c0[n]  # the partial last chunk's slot, if any
+    m_last = m[plan.slot_rank(n, ce)] if t_end % C else None  # the partial last chunk's transition
     state = {}
     for h in live_bits(ce):
         node = carried_node(nodes, trans, init, plan, n, ce, h)
-        state[h + log_c] = m[last] @ node if t_end % C else node
+        state[h + log_c] = node if m_last is None else m_last @ node
     for b in [b for b in live_bits(t_end) if b < log_c]:
         e, v = columns
         lo, hi = (x - ce * C for x in bucket_range(t_end, b))
@@ -152,7 +152,7 @@ def _final_buckets(n, nodes, trans, init, plan, m, columns, buckets, log_c):
         for b0 in live_bits(t0) if buckets is not None else []:  # initial buckets nested in this one
             lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
             if lo <= lo0 and hi0 <= hi:  # (only when t0 and t_end share the chunk)
-                state[b] = state[b] + m[last] @ buckets[n, :, b0]
+                state[b] = state[b] + m_last @ buckets[n, :, b0]
     zero = m.new_zeros(m.shape[1], m.shape[2], nodes[0].shape[-1])
     stacked = torch.stack([state.get(b, zero) for b in range(t_end.bit_length())], dim=1)
     return FenwickState(stacked[None], (t_end,))

@@ -63,7 +63,7 @@ class TreePlan:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
         self.layout, self.num_docs, self.rank_host = layout, layout.num_docs, rank
-        self.order, self.rank = order.to(device), rank.to(device)
+        self.rank = rank.to(device)
         self.up = []
         for h in range(layout.heights):
             right = order[: layout.at_least[h + 1]]
@@ -115,7 +115,8 @@ def initial_node(init, h, like, num_docs):
 
 
 def up_sweep(u, m, init, plan, prec):
-    """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K] -> (nodes, trans) per height.
+    """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
+    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
     tree = UpSweep.apply(u, m, init, plan, prec)
     return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :])
@@ -128,7 +129,7 @@ class UpSweep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, m, init, plan, prec):
-        nodes, trans = [u[plan.order]], [m[plan.order]]
+        nodes, trans = [u], [m]
         for h, up in enumerate(plan.up):
             node, tr = nodes[h][: up.count].clone(), torch.empty_like(trans[h][: up.count])
             gather_bmm(trans[h], up.inner, nodes[h], up.inner_left, node, up.inner, prec=prec, mode="add")
@@ -171,9 +172,7 @@ class UpSweep(torch.autograd.Function):
                     gather_bmm(trans[h], up.front, d_parent, up.front, d_start, up.front_doc, prec=prec, trans_a=True,
                                mode="add")
                     d_init[:, :, h] += d_start
-        d_u, d_m = torch.empty_like(d_nodes[0]), torch.empty_like(d_trans[0])
-        d_u[plan.order], d_m[plan.order] = d_nodes[0], d_trans[0]
-        return d_u, d_m, d_init, None, None
+        return d_nodes[0], d_trans[0], d_init, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
