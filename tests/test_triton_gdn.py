@@ -174,6 +174,10 @@ def test_tree_matches_torch_chunked():
     leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
+    for r in plan.reads:  # every pool row is one reader's (initial nodes: at most one's)
+        rows = r.node_rank.numel() + sum(src.numel() for _, _, src in r.steps)
+        assert sorted(r.pos[r.pos >= plan.num_docs].tolist()) == list(range(plan.num_docs, plan.num_docs + rows))
+        assert r.pos[r.pos < plan.num_docs].unique().numel() == int((r.pos < plan.num_docs).sum())
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
     nodes, trans = up_sweep(u[order], m[order], init, plan, "ieee")
     ours = TreeReads.apply(qt, lam, init, plan, log_c, "ieee", *nodes, *trans)

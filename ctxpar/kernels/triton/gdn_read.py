@@ -73,9 +73,11 @@ class TreeReads(torch.autograd.Function):
             # this level, rowsum(qt * it) (each reader once per height), neither stored apart.
             gather_bmm(d_out, r.readers, pool, r.pos, d_qt, r.readers, prec=prec, trans_b=True, mode="add",
                        weight=weight, dots=(qt, d_lam[..., ctx.log_c + 1 + r.height]))
-            d_pool = torch.zeros_like(pool)
-            gather_bmm(qt, r.readers, d_out, r.readers, d_pool, r.pos, prec=prec, trans_a=True, mode="add",
-                       k_weight=weight)
+            # Every pool row is one reader's, except initial nodes no reader takes as they are:
+            # only those need zeros before the readers' gradients are stored.
+            d_pool = torch.empty_like(pool)
+            d_pool[:N].zero_()
+            gather_bmm(qt, r.readers, d_out, r.readers, d_pool, r.pos, prec=prec, trans_a=True, k_weight=weight)
             for (j, prev, src), rows in zip(reversed(r.steps), reversed(blocks)):
                 gather_bmm(d_pool, rows, pool, src, d_trans[j], prev, prec=prec, trans_b=True, mode="add")
                 gather_bmm(trans[j], prev, d_pool, rows, d_pool, src, prec=prec, trans_a=True, mode="atomic")

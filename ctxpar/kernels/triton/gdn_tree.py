@@ -32,7 +32,8 @@ from ctxpar.kernels.triton.layout import trailing_ones
 class Read:
     """Height h's reads: slots ``readers`` read pool[pos]; the pool starts with the N initial
     nodes, then ``nodes[h][node_rank]``, then one block per step (tz j, rank of each target's
-    slot c - 1 in trans[j], source pos), in that order."""
+    slot c - 1 in trans[j], source pos), in that order. Each row past the initial nodes is one
+    reader's pos, and an initial node is at most one reader's (gdn_read's backward stores there)."""
 
     height: int
     readers: torch.Tensor
