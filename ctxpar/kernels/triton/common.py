@@ -56,8 +56,9 @@ def num_warps(dtype: torch.dtype) -> int:
     GDN's chunk stage and its backward). Half-precision inputs: 4, swept on an H200 at 128K
     tokens (H=32, K=128, V=64), 1.7-2x faster than 8 and far faster than 2, although ptxas spills
     more (more programs per SM hide the latency of the per-height loads); GDN's chunk stage
-    13.5 -> 7.7 ms (H=16, K=V=128) and 14.3 -> 10.2 ms (H=6, K=192, V=384) with 4. float32 inputs run their dots on CUDA cores and need the
-    registers of 8: at 4 warps source_grad spills 35 KB per thread (18 KB at 8) and ptxas takes
+    13.5 -> 7.7 ms (H=16, K=V=128) and 14.3 -> 10.2 ms (H=6, K=192, V=384) with 4 (its backward
+    44.2 -> 42.6 and 50.4 -> 48.4 at equal tiles). float32 inputs run their dots on CUDA cores and
+    need the registers of 8: at 4 warps source_grad spills 35 KB per thread (18 KB at 8) and ptxas takes
     three times as long."""
     return 8 if dtype == torch.float32 else 4
 

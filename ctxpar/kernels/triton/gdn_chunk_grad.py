@@ -148,8 +148,8 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
 
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32; dU, dM at rows tree_rows, as U, M;
-    inv its N) -> dq, dk [rows, Hk, K],
-    dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
+    inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L]
+    (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
@@ -159,7 +159,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     KP, tile = triton.next_power_of_2(K), tile_width(K, V)
     gdn_chunk_grad_kernel[(layout.num_slots, H)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
-        layout.slot_chunk, tree_rows, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=KP,
-        BK=min(tile, KP), BV=min(tile, triton.next_power_of_2(V)), PREC=prec, num_warps=num_warps(q.dtype),
+        layout.slot_chunk, tree_rows, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
+        KP=KP, BK=min(tile, KP), BV=min(tile, triton.next_power_of_2(V)), PREC=prec, num_warps=num_warps(q.dtype),
         num_stages=NUM_STAGES)
     return dq, dk, dv, dg, dbeta, dlam
