@@ -57,7 +57,7 @@ def test_mma_f32_keeps_ten_bits_over_any_range(half, half_left):
     a, b = (half_op, b) if half_left else (a, half_op)
     out = torch.empty(M, N, dtype=torch.float32, device=DEVICE)
     product_kernel[(1,)](a.float().to(DEVICE), b.float().to(DEVICE), out, HALF_LEFT=half_left,
-                    DT=getattr(tl, half), M=M, KD=KD, N=N)
+                         DT=getattr(tl, half), M=M, KD=KD, N=N)
     a32, b32 = a.float().double(), b.float().double()  # the float32 operand as the kernel sees it
     exact = a32 @ b32
     bound = a32.abs() @ b32.abs()

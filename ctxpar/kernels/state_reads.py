@@ -49,8 +49,7 @@ def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     float32. The result comes out in q's dtype."""
     s = s.unflatten(1, (q.shape[2], -1))
     if q.dtype == torch.bfloat16:
-        s = torch.cat(hi_lo(s, q.dtype), dim=-2)
-        read = torch.einsum("rnqk,rqgkv->rnqgv", torch.cat([q, q], dim=-1), s)
+        left, s = torch.cat([q, q], dim=-1), torch.cat(hi_lo(s, q.dtype), dim=-2)
     else:
-        read = torch.einsum("rnqk,rqgkv->rnqgv", q.to(s.dtype), s).to(q.dtype)
-    return read.flatten(2, 3)
+        left = q.to(s.dtype)
+    return torch.einsum("rnqk,rqgkv->rnqgv", left, s).to(q.dtype).flatten(2, 3)

@@ -109,7 +109,8 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c):
     first = [layout.first_slot[n] for n in docs]
     slots = torch.tensor(first, device=o.device)
     subs = [[b for b in live_bits(layout.starts[n]) if b < log_c] for n in docs]
-    carried = m[plan.rank[slots]] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
+    tree_rows = plan.rank[slots]  # the slots' rows of u and m
+    carried = m[tree_rows] @ torch.stack([buckets[n, :, bits].sum(1) for n, bits in zip(docs, subs)])
     reads, offsets = [], torch.arange(C, device=o.device)
     for n, bits, slot in zip(docs, subs, first):
         part = 0
@@ -117,7 +118,7 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c):
             level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
             part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot] @ buckets[n, :, b])
         reads.append(part)
-    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, plan.rank[slots], carried)
+    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, tree_rows, carried)
 
 
 def _last_chunk_columns(layout, grid, inputs, log_c):
