@@ -7,6 +7,9 @@ GPU at 128K, 512K and 1M tokens per sequence, with the sequence split over the G
 
 Writes benchmarks/results/bench_train_<gpus>gpu.json (and prints a table). Each length runs
 ``--warmup`` untimed and ``--steps`` timed optimizer steps of one sequence (batch 1).
+``--profile N`` runs one more step under torch.profiler and adds to each row where the step's GPU
+time went (the N largest kernels and copies, and how much of the step the device was busy);
+``--set key=value`` overrides the recipe (e.g. ``train.offload_checkpoints=false``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 from ctxpar.train.cli import launch_or_run
 from ctxpar.train.config import load_recipe
@@ -31,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "longctx-1m-2gpu.yaml"
 
 
-def bench_rank(recipe, lengths, warmup, steps, out):
+def bench_rank(recipe, lengths, warmup, steps, out, top=0):
     """Every rank: time the steps at each length; rank 0 returns the results."""
     layout = setup(recipe.parallel.context_parallel_size, recipe.parallel.backend)
     nvml, rows = NVML(layout.device), []
     try:
         for length in lengths:
-            rows.append(_bench_length(recipe, layout, nvml, length, warmup, steps))
+            rows.append(_bench_length(recipe, layout, nvml, length, warmup, steps, top))
             if layout.is_main:
                 print(_format(rows[-1]), flush=True)
     finally:
@@ -49,12 +53,12 @@ def bench_rank(recipe, lengths, warmup, steps, out):
     return {}
 
 
-def _bench_length(recipe, layout, nvml, length, warmup, steps):
+def _bench_length(recipe, layout, nvml, length, warmup, steps, top):
     with tempfile.TemporaryDirectory() as tmp:
         r = recipe.model_copy(update={
             "out_dir": tmp,
             "train": recipe.train.model_copy(update={"seq_len": length, "batch_size": 1, "micro_batch_size": 0,
-                                                     "steps": warmup + steps, "resume": False}),
+                                                     "steps": warmup + steps + (top > 0), "resume": False}),
         })
         trainer = Trainer(r, layout)
         torch.cuda.reset_peak_memory_stats(layout.device)
@@ -66,6 +70,7 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps):
             torch.cuda.synchronize(layout.device)
             times.append(time.perf_counter() - t)
         dt = statistics.median(times[warmup:])
+        profiled = _profile_step(trainer, layout, warmup + steps, top) if top else None
         flops = trainer.model.flops_per_token(length) * length / layout.world_size
         peak = peak_flops(layout.device, recipe.telemetry.peak_tflops)
         mine = {"rank": layout.rank, "peak_alloc_gib": torch.cuda.max_memory_allocated(layout.device) / 2**30,
@@ -78,16 +83,38 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps):
         params = trainer.model.num_params()
         del trainer
         torch.cuda.empty_cache()
-    return {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt,
-            "tokens_per_s": length / dt, "mfu": flops / dt / peak if peak else None,
-            "params": params, "per_gpu": per_gpu}
+        torch._dynamo.reset()  # each length is a run of its own: its model compiles afresh
+    row = {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt,
+           "tokens_per_s": length / dt, "mfu": flops / dt / peak if peak else None,
+           "params": params, "per_gpu": per_gpu}
+    return row if profiled is None else {**row, "profile_rank0": profiled}
+
+
+def _profile_step(trainer, layout, step, top):
+    """One more step under torch.profiler: its wall time, the device's busy time (kernels and
+    copies, summed over streams, so overlap can make it exceed the wall) and the ``top`` largest."""
+    torch.cuda.synchronize(layout.device)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.step(step)
+        torch.cuda.synchronize(layout.device)
+    wall = time.perf_counter() - t
+    rows = sorted(([e.key, e.count, e.device_time_total / 1e6] for e in prof.key_averages()
+                   if e.device_time_total > 0 and e.device_type.name == "CUDA"), key=lambda r: -r[2])
+    return {"wall_s": wall, "device_s": sum(r[2] for r in rows),
+            "top": [{"name": n[:160], "calls": c, "s": s} for n, c, s in rows[:top]]}
 
 
 def _format(row):
     mem = ", ".join(f"{g['peak_alloc_gib']:.1f}" for g in row["per_gpu"])
     mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "n/a"
-    return (f"T={row['seq_len']:>8}  step {row['step_s']:.3f} s  {row['tokens_per_s'] / 1e3:.1f} Ktok/s  "
+    line = (f"T={row['seq_len']:>8}  step {row['step_s']:.3f} s  {row['tokens_per_s'] / 1e3:.1f} Ktok/s  "
             f"MFU {mfu}  peak GiB per GPU [{mem}]")
+    prof = row.get("profile_rank0")
+    if prof is None:
+        return line
+    lines = [line, f"  profiled step (rank 0): {prof['wall_s']:.3f} s wall, device busy {prof['device_s']:.3f} s"]
+    return "\n".join(lines + [f"  {k['s']:8.3f} s {k['calls']:6d}x  {k['name'][:100]}" for k in prof["top"]])
 
 
 def main(argv=None) -> int:
@@ -99,13 +126,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more step per length; keep its N largest kernels")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("bench_train needs CUDA GPUs")
     recipe = load_recipe(args.recipe, [f"parallel.context_parallel_size={args.gpus}", f"parallel.nproc={args.gpus}",
-                                       "telemetry.progress_bar=false", "train.ckpt_every=0"])
+                                       "telemetry.progress_bar=false", "train.ckpt_every=0", *args.set])
     out = args.out or str(REPO / "benchmarks" / "results" / f"bench_train_{args.gpus}gpu.json")
-    return launch_or_run(bench_rank, recipe, args.gpus, sorted(args.lengths), args.warmup, args.steps, out)
+    return launch_or_run(bench_rank, recipe, args.gpus, sorted(args.lengths), args.warmup, args.steps, out,
+                         args.profile)
 
 
 if __name__ == "__main__":
