@@ -196,6 +196,16 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
             torch.testing.assert_close(a, b)
 
 
+def test_compile_setting_reaches_the_blocks(tmp_path):
+    """train.compile: auto leaves a CPU run eager; true wraps every block's per-token stages
+    (torch.compile is lazy: nothing compiles until a step runs)."""
+    for i, setting in enumerate(("auto", True)):
+        trainer = Trainer(tiny_recipe(tmp_path / str(i), train={"compile": setting}), single_layout())
+        stages = [getattr(m, name) for block in trainer.model.layers for m, name in block.per_token_stages()]
+        compiled = [hasattr(stage, "_torchdynamo_orig_callable") for stage in stages]
+        assert compiled == [setting is True] * len(stages)
+
+
 # --- checkpoints and resume ---------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctxpar.comm.halo import halo_exchange, valid_conv1d
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -51,7 +53,7 @@ class ShortConv(nn.Module):
     SiLU with their other per-token work, in token tiles.
 
     Under context parallelism the first ``width - 1`` inputs come from the previous rank's slice,
-    which ``causal_conv1d_cp`` fetches (a halo exchange with autograd).
+    which ``halo_exchange`` fetches (with autograd); on one device they are zeros.
     """
 
     def __init__(self, channels: int, width: int):
@@ -61,17 +63,12 @@ class ShortConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, x, cp=None):
-        if cp is not None:
-            from ctxpar.comm.halo import causal_conv1d_cp
+        width = self.weight.shape[-1] - 1
+        halo = x.new_zeros(x.shape[0], width, x.shape[2]) if cp is None else halo_exchange(x, width, cp.group)
+        return self._conv(halo, x)
 
-            return causal_conv1d_cp(x, self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype), cp.group)
-        return causal_conv1d(x, self.weight, self.bias)
-
-
-def causal_conv1d(x, weight, bias):
-    """Single-device depthwise causal conv: x [B, T, C], weight [C, 1, W] -> [B, T, C]."""
-    xt = F.pad(x.transpose(1, 2), (weight.shape[-1] - 1, 0))
-    return F.conv1d(xt, weight.to(x.dtype), bias.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+    def _conv(self, halo, x):
+        return valid_conv1d(halo, x, self.weight.squeeze(1), self.bias)
 
 
 class LevelScales(nn.Module):

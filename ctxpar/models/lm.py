@@ -39,6 +39,12 @@ class Block(nn.Module):
         mixed = self.mixer.mix(*token_tiled(self._project, x, tile=tile), cp=cp, tile=tile)
         return token_tiled(self._finish, x, *mixed, tile=tile)
 
+    def per_token_stages(self) -> list[tuple[nn.Module, str]]:
+        """(module, method) of each stage that looks at one token (the conv: a few neighbours)
+        at a time: everything but the halo exchange and the log-linear op, which hold collectives
+        and kernels of their own. What ``CausalLM.compile_per_token`` compiles."""
+        return [(self, "_project"), (self.mixer.conv, "_conv"), (self.mixer, "_op_inputs"), (self, "_finish")]
+
     def _project(self, x):
         return self.mixer.project(self.mixer_norm(x))
 
@@ -67,6 +73,20 @@ class CausalLM(nn.Module):
         # memory until backward.
         self.offload_checkpoints = False
         self._init_weights()
+
+    def compile_per_token(self, **options) -> None:
+        """torch.compile every block's per-token stages (``Block.per_token_stages``), each in place
+        of its method. Eager, their elementwise work (norms, gates, activations, casts) ran as
+        tens of thousands of small kernels; compiled, a 1M-token training step of the 1M recipe
+        on 2 H200s went from 22.5 to 12.7 s. All blocks share the compiled code (one graph per
+        stage, grad mode and shape). Static shapes: a tile checkpoint's recomputation must run the
+        graph its forward ran, and a dynamic graph compiled for a later, shorter tile matches the
+        earlier tiles too (a benchmark that recompiled mid-run failed there: the recomputed saved
+        tensors came in another order)."""
+        options = {"dynamic": False, **options}
+        for block in self.layers:
+            for module, name in block.per_token_stages():
+                setattr(module, name, torch.compile(getattr(module, name), **options))
 
     def _init_weights(self):
         std = self.cfg.init_std

@@ -20,7 +20,8 @@ from ctxpar.models.tiling import token_tiled
 class TokenMixer(nn.Module):
     """A mixer in three stages, so that a block can run the per-token ones in token tiles:
     ``project`` (per token, from the normed input), ``mix`` (the short conv and the log-linear op,
-    the only parts that look across tokens) and ``finish`` (per token, back to d_model)."""
+    the only parts that look across tokens; between them ``_op_inputs``, per token, makes the op's
+    inputs) and ``finish`` (per token, back to d_model)."""
 
     def forward(self, u, cp=None):
         return self.finish(*self.mix(*self.project(u), cp=cp))
@@ -48,7 +49,7 @@ class LogLinearMamba2(TokenMixer):
 
     def mix(self, z, xbc, dt, lam, cp=None, tile=None):
         xbc = self.conv(xbc, cp)
-        q, k, v, g = token_tiled(self._ssd_inputs, xbc, dt, tile=tile)
+        q, k, v, g = token_tiled(self._op_inputs, xbc, dt, tile=tile)
         y, _ = log_linear_mamba2(q, k, v, g, lam, cp=cp, backend=self.cfg.backend)
         return y, xbc, z
 
@@ -57,7 +58,7 @@ class LogLinearMamba2(TokenMixer):
         y = y + x * self.D.unsqueeze(-1).to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def _ssd_inputs(self, xbc, dt):
+    def _op_inputs(self, xbc, dt):
         cfg = self.cfg
         x, b, c = self._activate(xbc)
         g, step = decay(dt, self.dt_bias, self.A_log)
@@ -94,18 +95,19 @@ class LogLinearGDN(TokenMixer):
         return self.qkv(u), dt, beta, gate, self.levels(u)
 
     def mix(self, qkv, dt, beta, gate, lam, cp=None, tile=None):
-        q, k, v, g, beta = token_tiled(self._rule_inputs, self.conv(qkv, cp), dt, beta, tile=tile)
+        q, k, v, g, beta = token_tiled(self._op_inputs, self.conv(qkv, cp), dt, beta, tile=tile)
         o, _ = log_linear_gdn(q, k, v, g, beta, lam, cp=cp, backend=self.cfg.backend)
         return o, gate
 
     def finish(self, o, gate):
         return self.out_proj(self.norm(o.flatten(-2), gate))
 
-    def _rule_inputs(self, qkv, dt, beta):
+    def _op_inputs(self, qkv, dt, beta):
         cfg = self.cfg
         q, k, v = F.silu(qkv).split(self.sizes, dim=-1)
-        q = F.normalize(q.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
-        k = F.normalize(k.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1)
+        # In v's dtype: compiled under autocast, the norm's float32 made q and k float32.
+        q = F.normalize(q.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1).to(v.dtype)
+        k = F.normalize(k.unflatten(-1, (cfg.n_groups, cfg.state_dim)), dim=-1).to(v.dtype)
         g, _ = decay(dt, self.dt_bias, self.A_log)
         return q, k, v.unflatten(-1, (cfg.n_heads, cfg.head_dim)), g, beta.sigmoid()
 

@@ -115,11 +115,24 @@ class Trainer:
         self.data = Data(recipe.data, tc.seed)
         self.model = build_model(recipe, self.data).to(layout.device)
         set_activation_memory(self.model, tc)
+        if self.compiles():
+            self.model.compile_per_token()
         # FLOPs per rank and step, for MFU; counted before build_engine, which may partition the parameters
         self.flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / layout.world_size
         self.build_engine()
         self.run_dir = recipe.run_dir
         self.start_step = self._resume()
+
+    def compiles(self) -> bool:
+        """Whether the model's per-token stages run compiled (``train.compile``). auto: on GPUs
+        under DDP, where it was measured; FSDP2 swaps parameters around each block's forward and
+        DeepSpeed's ZeRO-3 gathers them in module hooks inside those stages, so they compile only
+        when the recipe says true."""
+        wanted = self.recipe.train.compile
+        if wanted != "auto":
+            return wanted
+        ddp = self.name == "native" and self.recipe.parallel.data_parallel == "ddp"
+        return self.layout.device.type == "cuda" and ddp
 
     def build_engine(self) -> None:
         """Wrap ``self.model`` for training: sets the loss module, ``optimizer`` and ``scheduler``."""
