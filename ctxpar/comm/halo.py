@@ -4,7 +4,6 @@ depthwise convolution it serves (the conv in front of Mamba-2 / Gated DeltaNet m
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from ctxpar.comm.collectives import shift
