@@ -6,6 +6,7 @@
 # starve the rest; logs go to $OUT.
 #     OUT=/tmp/out bash benchmarks/run_gpus.sh
 #     OUT=/tmp/out GPUS=4 STEPS=bench_cp,bench_train bash benchmarks/run_gpus.sh
+#     STEPS=bench_train TRAIN_ARGS="--profile 30 --set train.offload_checkpoints=false" bash benchmarks/run_gpus.sh
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-benchmarks/results}
@@ -32,6 +33,6 @@ step bench_cp "${CP_LIMIT:-360}" torchrun --nproc_per_node "$GPUS" benchmarks/be
     --variants "${CP_VARIANTS:-mamba2}" ${CP_ARGS:-}
 step bench_train "${TRAIN_LIMIT:-190}" python3 benchmarks/bench_train.py --gpus "$GPUS" \
     --lengths "${TRAIN_LENGTHS:-131072,262144,524288,1048576}" --warmup 1 --steps "${TRAIN_STEPS:-2}" \
-    --out "$OUT/bench_train_${GPUS}gpu.json"
+    --out "$OUT/bench_train_${GPUS}gpu.json" ${TRAIN_ARGS:-}
 step bench_deepspeed "${DS_LIMIT:-100}" python3 benchmarks/bench_deepspeed.py --gpus "$GPUS" --lengths 262144 \
     --warmup 1 --steps 2 --out "$OUT/bench_deepspeed_${GPUS}gpu.json"
