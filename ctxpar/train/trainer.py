@@ -117,6 +117,9 @@ class Trainer:
         set_activation_memory(self.model, tc)
         if self.compiles():
             self.model.compile_per_token()
+            if layout.is_main:
+                print("train.compile: the first step also compiles each block's per-token stages, so it runs longer "
+                      "than the rest", flush=True)
         # FLOPs per rank and step, for MFU; counted before build_engine, which may partition the parameters
         self.flops = self.model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len / layout.world_size
         self.build_engine()
