@@ -369,24 +369,30 @@ def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypat
 
 def _cp_tiles_match_one_process(arch):
     """On each of 2 ranks: the checkpointed, token-tiled LM on this rank's half of the sequence
-    (CP = 2), summed over the ranks, has the plain LM's loss and gradients on the whole sequence.
-    Through ``autograd.grad(loss, params)``, which runs only the calls with a path to a parameter:
-    the last rank's halo exchange reaches one only through its anchor (collectives.send_recv);
-    without it that rank skipped the call and left its peer waiting."""
+    (CP = 2), eager and then with its per-token stages compiled (AOTAutograd; the halo exchange
+    stays outside them), summed over the ranks, has the plain LM's loss and gradients on the
+    whole sequence. Through ``autograd.grad(loss, params)``, which runs only the calls with a path
+    to a parameter: the last rank's halo exchange reaches one only through its anchor
+    (collectives.send_recv); without it that rank skipped the call and left its peer waiting."""
     layout = setup(2)
     torch.manual_seed(11)
     model = CausalLM(tiny(arch, max_seq_len=128))
     ids = torch.randint(0, 37, (1, 128))  # CP slices are whole 64-token chunks
     results = []
-    for inputs, cp, checkpointing in ((ids, None, False), (layout.split(ids), layout.cp_context(), True)):
+    runs = ((ids, None, False, False), (layout.split(ids), layout.cp_context(), True, False),
+            (layout.split(ids), layout.cp_context(), True, True))
+    for inputs, cp, checkpointing, compiled in runs:
+        if compiled:
+            model.compile_per_token(backend="aot_eager")
         model.zero_grad(set_to_none=True)
         model.activation_checkpointing, model.token_tile = checkpointing, 24
         total, _ = token_nll(model, model(inputs, cp), inputs)
         results.append([total.detach(), *torch.autograd.grad(total, list(model.parameters()))])
-    ref, got = results
-    for a, b in zip(got, ref):
-        dist.all_reduce(a)  # float32 sums in another order: near-zero entries differ by rounding
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    ref, *split = results
+    for got in split:
+        for a, b in zip(got, ref):
+            dist.all_reduce(a)  # float32 sums in another order: near-zero entries differ by rounding
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "gdn"])
