@@ -30,6 +30,7 @@ from ctxpar.train.config import load_recipe
 from ctxpar.train.parallel import setup, teardown
 from ctxpar.train.telemetry import NVML, peak_flops
 from ctxpar.train.trainer import Trainer
+from profile_step import kernel_table
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "longctx-1m-2gpu.yaml"
@@ -99,10 +100,9 @@ def _profile_step(trainer, layout, step, top):
         trainer.step(step)
         torch.cuda.synchronize(layout.device)
     wall = time.perf_counter() - t
-    rows = sorted(([e.key, e.count, e.device_time_total / 1e6] for e in prof.key_averages()
-                   if e.device_time_total > 0 and e.device_type.name == "CUDA"), key=lambda r: -r[2])
-    return {"wall_s": wall, "device_s": sum(r[2] for r in rows),
-            "top": [{"name": n[:160], "calls": c, "s": s} for n, c, s in rows[:top]]}
+    rows = kernel_table(prof)
+    return {"wall_s": wall, "device_s": sum(r["total_us"] for r in rows) / 1e6,
+            "top": [{"name": r["name"][:160], "calls": r["calls"], "s": r["total_us"] / 1e6} for r in rows[:top]]}
 
 
 def _format(row):

@@ -61,6 +61,6 @@ def valid_conv1d(halo: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     """
     wide = torch.promote_types(x.dtype, torch.float32)
     # The products promote to float32 one slice at a time: autograd keeps x's dtype for backward.
-    padded, width, T = torch.cat([halo, x], dim=1), weight.shape[1], x.shape[1]
-    y = sum(padded[:, k : k + T] * weight[:, k].to(wide) for k in range(width))
+    padded, w, T = torch.cat([halo, x], dim=1), weight.to(wide), x.shape[1]
+    y = sum(padded[:, k : k + T] * w[:, k] for k in range(w.shape[1]))
     return (y if bias is None else y + bias.to(wide)).to(x.dtype)
