@@ -1,17 +1,17 @@
 """Models: shapes and gradients, blocks against a straightforward recomputation, save/load, tiled loss."""
 
+import contextlib
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ctxpar.kernels.levels import level_matrix
 from ctxpar.models import CausalLM, ModelConfig, ShortConv, load_pretrained, save_pretrained, token_nll, token_stats
-from ctxpar.models import lm, mixers
+from ctxpar.models import mixers, offload
 from ctxpar.train.parallel import setup
 from tests.distributed import run_distributed
 
@@ -336,34 +336,66 @@ def test_token_tiles_cut_what_a_block_saves(monkeypatch):
 
 
 def test_offloaded_checkpoints_are_the_block_inputs_and_change_nothing(monkeypatch):
-    """offload_checkpoints hands exactly each checkpointed block's input (the residual stream) to
-    save_on_cpu, and nothing else; the original is not kept (here: layer 0's input, whose copy
-    alone outlives the forward); loss and gradients stay the same."""
+    """offload_checkpoints parks exactly each checkpointed block's input (the residual stream), and
+    nothing else; the original is not kept (here: layer 0's input, whose copy alone outlives the
+    forward); every block's input but the last's is on its way back before backward asks for it;
+    loss and gradients stay the same."""
     torch.manual_seed(10)
     model = CausalLM(tiny("mamba2"))
     model.activation_checkpointing, model.token_tile = True, 7
     ids = torch.randint(0, 37, (1, 30))
-    packed = []
+    packed, handed_out = [], []
+    pack, unpack = offload.HostOffload._pack, offload.HostOffload._unpack
 
-    def spy(pin_memory):
-        hooks = save_on_cpu(pin_memory=pin_memory)
-        pack = hooks.pack_hook
-        hooks.pack_hook = lambda t: (packed.append((tuple(t.shape), t.dtype)), pack(t))[1]
-        return hooks
+    def spy_pack(self, t):
+        packed.append((tuple(t.shape), t.dtype))
+        return pack(self, t)
 
-    monkeypatch.setattr(lm, "save_on_cpu", spy)
+    def spy_unpack(packed):
+        host_offload, j = packed
+        handed_out.append((j, host_offload.parked[j].back is not None))  # already on its way?
+        return unpack(packed)
+
+    monkeypatch.setattr(offload.HostOffload, "_pack", spy_pack)
+    monkeypatch.setattr(offload.HostOffload, "_unpack", staticmethod(spy_unpack))
     results, kept = [], []
-    for offload in (False, True):
-        model.offload_checkpoints = offload
+    for offloaded in (False, True):
+        model.offload_checkpoints = offloaded
         first = []
         hook = model.embed.register_forward_hook(lambda m, i, out: first.append(weakref.ref(out.untyped_storage())))
         total, count = token_nll(model, model(ids), ids, tile=16)
         hook.remove()
         kept.append(first[0]() is not None)
         results.append([total / count, *torch.autograd.grad(total / count, list(model.parameters()))])
-    assert packed == [((1, 30, 32), torch.float32)] * model.cfg.n_layers
+    layers = model.cfg.n_layers
+    assert packed == [((1, 30, 32), torch.float32)] * layers
+    assert handed_out == [(j, j < layers - 1) for j in reversed(range(layers))]
     assert kept == [True, False]
     for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_host_offload_survives_reused_memory_on_gpu():
+    """The copies run on a side stream: a saved tensor whose memory the compute stream reuses
+    right after its forward (freed, reallocated, overwritten) still comes back with its values,
+    in pinned host memory meanwhile, and the gradients are those without offload."""
+    xs = [torch.randn(4096, 4096, device="cuda", requires_grad=True) for _ in range(3)]
+    grads = []
+    for offloaded in (False, True):
+        host_offload = offload.HostOffload()
+        y = torch.zeros((), device="cuda")
+        for x in xs:
+            a = x * 1.5  # saves nothing; under the hooks, sin saves a, which dies right after
+            with host_offload.hooks() if offloaded else contextlib.nullcontext():
+                h = a.sin()
+            del a
+            torch.empty_like(x).fill_(float("nan"))  # takes a's memory, where the allocator allows
+            y = y + h.sum()
+        if offloaded:
+            assert all(p.host.is_pinned() and p.host.device.type == "cpu" for p in host_offload.parked)
+        grads.append(torch.autograd.grad(y, xs))
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -12,12 +12,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ctxpar.models.config import ModelConfig
 from ctxpar.models.layers import RMSNorm, SwiGLU
 from ctxpar.models.mixers import MIXERS
+from ctxpar.models.offload import HostOffload
 from ctxpar.models.tiling import token_tiled
 
 IGNORE = -100
@@ -109,18 +109,16 @@ class CausalLM(nn.Module):
         """input_ids [B, T] (this rank's slice under CP) -> final hidden states [B, T, d_model]."""
         x = self.embed(input_ids)
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        # Where a checkpointed block's input waits for backward (checkpoint saves its inputs as
+        # saved tensors, so these hooks apply to them and not to the block's own work).
+        offload = HostOffload() if checkpointing and self.offload_checkpoints else None
         for block in self.layers:
             if checkpointing:
-                with self._checkpoint_storage():
+                with offload.hooks() if offload else contextlib.nullcontext():
                     x = checkpoint(block, x, cp, self.token_tile, use_reentrant=False)
             else:
                 x = block(x, cp)
         return token_tiled(self.norm, x, tile=self.token_tile if checkpointing else None)
-
-    def _checkpoint_storage(self):
-        """Where a checkpointed block's input waits for backward (checkpoint saves its inputs as
-        saved tensors, so these hooks apply to them and not to the block's own work)."""
-        return save_on_cpu(pin_memory=True) if self.offload_checkpoints else contextlib.nullcontext()
 
     def logits(self, hidden):
         return hidden @ self.head_weight.to(hidden.dtype).t()

@@ -63,7 +63,8 @@ class TrainConfig(_Section):
     token_tile: int = Field(16384, gt=0, description="with activation_checkpointing: tokens per tile of a block's "
                             "per-token parts (norms, projections, MLP), recomputed tile by tile in backward")
     offload_checkpoints: bool = Field(False, description="with activation_checkpointing: each block's checkpointed "
-                                      "input waits for backward in pinned host memory (GPU memory / host memory trade)")
+                                      "input waits for backward in pinned host memory, copied there and back on a "
+                                      "side stream (GPU memory / host memory trade)")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block's per-token stages (norms, "
                                             "gates, activations, the short conv); auto: on GPUs under the native DDP")
     loss_tile: int = Field(8192, gt=0, description="tokens per logits tile of the loss")
