@@ -7,9 +7,10 @@ GPU at 128K, 512K and 1M tokens per sequence, with the sequence split over the G
 
 Writes benchmarks/results/bench_train_<gpus>gpu.json (and prints a table). Each length runs
 ``--warmup`` untimed and ``--steps`` timed optimizer steps of one sequence (batch 1).
-``--profile N`` runs one more step under torch.profiler and adds to each row where the step's GPU
-time went (the N largest kernels and copies, and how much of the step the device was busy);
-``--set key=value`` overrides the recipe (e.g. ``train.offload_checkpoints=false``).
+``--profile N`` runs one more step under torch.profiler and adds to each row, per rank, where the
+step's GPU time went (the N largest kernels and copies; the device time as compute, NCCL kernels
+and copies) and where the compute stream sat idle (its longest gaps, with what the host was
+doing); ``--set key=value`` overrides the recipe (e.g. ``train.offload_checkpoints=false``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ctxpar.train.config import load_recipe
 from ctxpar.train.parallel import setup, teardown
 from ctxpar.train.telemetry import NVML, peak_flops
 from ctxpar.train.trainer import Trainer
-from profile_step import kernel_table
+from profile_step import kernel_table, stream_gaps
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "longctx-1m-2gpu.yaml"
@@ -76,11 +77,7 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps, top):
         peak = peak_flops(layout.device, recipe.telemetry.peak_tflops)
         mine = {"rank": layout.rank, "peak_alloc_gib": torch.cuda.max_memory_allocated(layout.device) / 2**30,
                 **nvml.read()}
-        per_gpu = [None] * layout.world_size
-        if layout.distributed:
-            dist.all_gather_object(per_gpu, mine)
-        else:
-            per_gpu[0] = mine
+        per_gpu, profiles = _from_every_rank(layout, mine), _from_every_rank(layout, profiled)
         params = trainer.model.num_params()
         del trainer
         torch.cuda.empty_cache()
@@ -88,12 +85,21 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps, top):
     row = {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt,
            "tokens_per_s": length / dt, "mfu": flops / dt / peak if peak else None,
            "params": params, "per_gpu": per_gpu}
-    return row if profiled is None else {**row, "profile_rank0": profiled}
+    return row if profiled is None else {**row, "profile_per_rank": profiles}
+
+
+def _from_every_rank(layout, obj):
+    if not layout.distributed:
+        return [obj]
+    objs = [None] * layout.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def _profile_step(trainer, layout, step, top):
     """One more step under torch.profiler: its wall time, the device's busy time (kernels and
-    copies, summed over streams, so overlap can make it exceed the wall) and the ``top`` largest."""
+    copies, summed over streams, so overlap can make it exceed the wall), split into compute,
+    NCCL kernels (which include the wait for the other ranks) and copies, and the ``top`` largest."""
     torch.cuda.synchronize(layout.device)
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -101,7 +107,10 @@ def _profile_step(trainer, layout, step, top):
         torch.cuda.synchronize(layout.device)
     wall = time.perf_counter() - t
     rows = kernel_table(prof)
-    return {"wall_s": wall, "device_s": sum(r["total_us"] for r in rows) / 1e6,
+    seconds = lambda prefix: sum(r["total_us"] for r in rows if r["name"].startswith(prefix)) / 1e6  # noqa: E731
+    device, nccl, copies = seconds(""), seconds("nccl"), seconds("Memcpy")
+    return {"wall_s": wall, "device_s": device, "nccl_s": nccl, "copy_s": copies, "compute_s": device - nccl - copies,
+            "compute_stream": stream_gaps(prof),
             "top": [{"name": r["name"][:160], "calls": r["calls"], "s": r["total_us"] / 1e6} for r in rows[:top]]}
 
 
@@ -110,11 +119,18 @@ def _format(row):
     mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "n/a"
     line = (f"T={row['seq_len']:>8}  step {row['step_s']:.3f} s  {row['tokens_per_s'] / 1e3:.1f} Ktok/s  "
             f"MFU {mfu}  peak GiB per GPU [{mem}]")
-    prof = row.get("profile_rank0")
-    if prof is None:
-        return line
-    lines = [line, f"  profiled step (rank 0): {prof['wall_s']:.3f} s wall, device busy {prof['device_s']:.3f} s"]
-    return "\n".join(lines + [f"  {k['s']:8.3f} s {k['calls']:6d}x  {k['name'][:100]}" for k in prof["top"]])
+    lines = [line]
+    for rank, prof in enumerate(row.get("profile_per_rank", [])):
+        lines.append(f"  profiled step (rank {rank}): {prof['wall_s']:.3f} s wall; device {prof['device_s']:.3f} s = "
+                     f"compute {prof['compute_s']:.3f} + nccl {prof['nccl_s']:.3f} + copies {prof['copy_s']:.3f}")
+        gaps = prof["compute_stream"]
+        lines.append(f"  compute stream: idle {gaps['idle_s']:.3f} s of {gaps['span_s']:.3f} s, "
+                     f"{gaps['idle_in_gaps_over_1ms_s']:.3f} s of it in {gaps['gaps_over_1ms']} gaps over 1 ms; host "
+                     f"synchronizes {gaps['host_syncs_s']:.3f} s; longest gaps:")
+        lines += [f"  {g['ms']:8.2f} ms  after {g['after'][:40]}  before {g['before'][:40]}  host {g['host']}"
+                  for g in gaps["top"]]
+        lines += [f"  {k['s']:8.3f} s {k['calls']:6d}x  {k['name'][:100]}" for k in prof["top"]]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -34,9 +35,49 @@ def parse():
 
 
 def kernel_table(prof) -> list[dict]:
+    """Kernels and copies by total device time; ranges (``record_function``, DDP's and the
+    collectives' own) are left out: their time is their kernels' again."""
     rows = [dict(name=e.key, calls=e.count, total_us=e.device_time_total, mean_us=e.device_time_total / max(e.count, 1))
-            for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+            for e in prof.key_averages()
+            if e.device_time_total > 0 and e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
     return sorted(rows, key=lambda r: -r["total_us"])
+
+
+def stream_gaps(prof, top: int = 10) -> dict:
+    """Where the busiest stream (the compute stream) sat idle: its idle time between its first and
+    last kernel, and the ``top`` longest gaps with the kernels on either side (from the trace)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
+    streams = {}
+    for e in kernels:
+        streams.setdefault(e["args"].get("stream"), []).append(e)
+    busiest = sorted(max(streams.values(), key=lambda es: sum(e["dur"] for e in es)), key=lambda e: e["ts"])
+    gaps, end, before = [], busiest[0]["ts"], busiest[0]
+    for e in busiest:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, before["name"][:80], e["name"][:80], end))
+        if e["ts"] + e["dur"] >= end:
+            end, before = e["ts"] + e["dur"], e
+    gaps.sort(reverse=True)
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e]
+    host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function") and "dur" in e]
+    return {"span_s": (end - busiest[0]["ts"]) / 1e6, "idle_s": sum(g[0] for g in gaps) / 1e6,
+            "gaps_over_1ms": sum(g[0] > 1e3 for g in gaps), "idle_in_gaps_over_1ms_s": sum(g[0] for g in gaps if g[0] > 1e3) / 1e6,
+            "host_syncs_s": sum(e["dur"] for e in runtime if "Synchronize" in e["name"]) / 1e6,
+            "top": [{"ms": g[0] / 1e3, "after": g[1], "before": g[2], "host": _host_during(runtime, host, g[3], g[3] + g[0])}
+                    for g in gaps[:top]]}
+
+
+def _host_during(runtime, host, start, end):
+    """What the host did while the stream sat idle over [start, end): the longest CUDA runtime
+    call overlapping it (e.g. a synchronize) and the innermost three host ops that cover half of it."""
+    overlap = lambda e: min(end, e["ts"] + e["dur"]) - max(start, e["ts"])  # noqa: E731
+    calls = [e for e in runtime if overlap(e) > 0]
+    ops = sorted((e for e in host if overlap(e) >= (end - start) / 2), key=lambda e: e["dur"])[:3]
+    longest = max(calls, key=lambda e: e["dur"])["name"] if calls else "-"
+    return " < ".join([longest] + [e["name"][:60] for e in ops])
 
 
 def main():
