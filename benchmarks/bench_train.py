@@ -6,16 +6,19 @@ GPU at 128K, 512K and 1M tokens per sequence, with the sequence split over the G
     python benchmarks/bench_train.py --gpus 1 --lengths 131072   # one GPU, no CP
 
 Writes benchmarks/results/bench_train_<gpus>gpu.json (and prints a table). Each length runs
-``--warmup`` untimed and ``--steps`` timed optimizer steps of one sequence (batch 1).
-``--profile N`` runs one more step under torch.profiler and adds to each row, per rank, where the
-step's GPU time went (the N largest kernels and copies; the device time as compute, NCCL kernels
-and copies) and where the compute stream sat idle (its longest gaps, with what the host was
-doing); ``--set key=value`` overrides the recipe (e.g. ``train.offload_checkpoints=false``).
+``--warmup`` untimed and ``--steps`` timed optimizer steps of one sequence (batch 1), with the
+training loop's garbage collection between steps; each row says how long rank 0 spent in the
+collector in its worst timed step. ``--profile N`` runs one more step under torch.profiler and
+adds to each row, per rank, where the step's GPU time went (the N largest kernels and copies; the
+device time as compute, NCCL kernels and copies) and where the compute stream sat idle (its
+longest gaps, with what the host was doing); ``--set key=value`` overrides the recipe (e.g.
+``train.offload_checkpoints=false``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from ctxpar.train.cli import launch_or_run
+from ctxpar.train.collection import collect_between_steps
 from ctxpar.train.config import load_recipe
 from ctxpar.train.parallel import setup, teardown
 from ctxpar.train.telemetry import NVML, peak_flops
@@ -64,15 +68,18 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps, top):
         })
         trainer = Trainer(r, layout)
         torch.cuda.reset_peak_memory_stats(layout.device)
-        times = []
-        for step in range(warmup + steps):
-            torch.cuda.synchronize(layout.device)
-            t = time.perf_counter()
-            trainer.step(step)
-            torch.cuda.synchronize(layout.device)
-            times.append(time.perf_counter() - t)
-        dt = statistics.median(times[warmup:])
-        profiled = _profile_step(trainer, layout, warmup + steps, top) if top else None
+        times, pauses = [], GCPauses()
+        with collect_between_steps(r.train.gc_every) as boundary, pauses:  # as Trainer.run steps
+            for step in range(warmup + steps):
+                torch.cuda.synchronize(layout.device)
+                t, paused = time.perf_counter(), pauses.seconds
+                boundary(step)  # timed: a step of the training loop pays for it
+                trainer.step(step)
+                torch.cuda.synchronize(layout.device)
+                times.append((time.perf_counter() - t, pauses.seconds - paused))
+            profiled = _profile_step(trainer, layout, warmup + steps, top) if top else None
+        dt = statistics.median(t for t, _ in times[warmup:])
+        gc_s = max(p for _, p in times[warmup:])
         flops = trainer.model.flops_per_token(length) * length / layout.world_size
         peak = peak_flops(layout.device, recipe.telemetry.peak_tflops)
         mine = {"rank": layout.rank, "peak_alloc_gib": torch.cuda.max_memory_allocated(layout.device) / 2**30,
@@ -82,10 +89,30 @@ def _bench_length(recipe, layout, nvml, length, warmup, steps, top):
         del trainer
         torch.cuda.empty_cache()
         torch._dynamo.reset()  # each length is a run of its own: its model compiles afresh
-    row = {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt,
+    row = {"seq_len": length, "gpus": layout.world_size, "cp": layout.cp_size, "step_s": dt, "gc_in_step_s": gc_s,
            "tokens_per_s": length / dt, "mfu": flops / dt / peak if peak else None,
            "params": params, "per_gpu": per_gpu}
     return row if profiled is None else {**row, "profile_per_rank": profiles}
+
+
+class GCPauses:
+    """Seconds this process spent in Python's garbage collector while inside (gc.callbacks)."""
+
+    def __init__(self):
+        self.seconds, self._start = 0.0, None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
 
 
 def _from_every_rank(layout, obj):
@@ -118,7 +145,7 @@ def _format(row):
     mem = ", ".join(f"{g['peak_alloc_gib']:.1f}" for g in row["per_gpu"])
     mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "n/a"
     line = (f"T={row['seq_len']:>8}  step {row['step_s']:.3f} s  {row['tokens_per_s'] / 1e3:.1f} Ktok/s  "
-            f"MFU {mfu}  peak GiB per GPU [{mem}]")
+            f"MFU {mfu}  peak GiB per GPU [{mem}]  rank 0 in gc up to {row['gc_in_step_s']:.3f} s a step")
     lines = [line]
     for rank, prof in enumerate(row.get("profile_per_rank", [])):
         lines.append(f"  profiled step (rank {rank}): {prof['wall_s']:.3f} s wall; device {prof['device_s']:.3f} s = "

@@ -354,3 +354,34 @@ def test_fsdp_cp2_x_dp2_matches_single_process_and_resumes(tmp_path):
         assert train_main([str(cross_path)]) == 0
         for r, g in zip(expected[3:], read_metrics(cross.run_dir / "metrics.jsonl"), strict=True):
             assert g["step"] == r["step"] and g["loss"] == pytest.approx(r["loss"], rel=1e-5), cross.name
+
+
+@pytest.mark.parametrize("every", [0, 1, 3])
+def test_garbage_collection_between_steps(every):
+    """Within the training loop's collection, a reference cycle dropped during a step lives until
+    the first boundary of a step that collects (step % every == 0) and no longer; automatic
+    collection is off meanwhile and back on after. every = 0 leaves Python's collector as it was."""
+    import gc
+    import weakref
+
+    from ctxpar.train.collection import collect_between_steps
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    alive = []
+    with collect_between_steps(every) as boundary:
+        assert gc.isenabled() == (every == 0)
+        for step in range(1, 5):
+            boundary(step)
+            if alive:
+                alive[-1] = alive[-1]() is not None
+            cycle = Node()
+            cycle.self = cycle
+            alive.append(weakref.ref(cycle))
+            del cycle
+    assert gc.isenabled()
+    if every:
+        assert alive[:-1] == [step % every != 0 for step in range(2, 5)]
+        assert alive[-1]() is None  # the collection on leaving

@@ -68,6 +68,8 @@ class TrainConfig(_Section):
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block's per-token stages (norms, "
                                             "gates, activations, the short conv); auto: on GPUs under the native DDP")
     loss_tile: int = Field(8192, gt=0, description="tokens per logits tile of the loss")
+    gc_every: int = Field(1, ge=0, description="Python's cyclic garbage collection only between steps, every this "
+                          "many (the same step on every rank, not mid-step at random); 0: automatic")
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, gt=0)

@@ -17,6 +17,7 @@ from ctxpar.comm.preemption import PreemptionGuard, requeue_if_slurm
 from ctxpar.models import CausalLM, LMLoss, ModelConfig
 from ctxpar.models.io import load_config, load_weights, save_pretrained
 from ctxpar.train import checkpoint
+from ctxpar.train.collection import collect_between_steps
 from ctxpar.train.config import Recipe, dump
 from ctxpar.train.data import Data
 from ctxpar.train.parallel import Layout, cp_mean, cpu_threads, mean_over_world, setup, teardown
@@ -255,14 +256,16 @@ class Trainer:
     def _loop(self, guard, telemetry, losses: list) -> int:
         """Steps until the end or until any rank is told to stop; returns the steps completed."""
         tc = self.recipe.train
-        for step in range(self.start_step, tc.steps):
-            loss, grad_norm = self.step(step)
-            losses.append(loss)
-            telemetry.record(step + 1, loss, grad_norm, self.scheduler.get_last_lr()[0])
-            if guard.should_stop():
-                return step + 1
-            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                self.save(step + 1)
+        with collect_between_steps(tc.gc_every) as boundary:
+            for step in range(self.start_step, tc.steps):
+                boundary(step)
+                loss, grad_norm = self.step(step)
+                losses.append(loss)
+                telemetry.record(step + 1, loss, grad_norm, self.scheduler.get_last_lr()[0])
+                if guard.should_stop():
+                    return step + 1
+                if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                    self.save(step + 1)
         return tc.steps
 
     def _finish(self, losses: list[float], wall: float) -> dict:
