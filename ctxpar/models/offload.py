@@ -4,8 +4,9 @@ torch's ``save_on_cpu`` copies on the compute stream, so the kernels wait for ev
 a 1M-token step of the 1M recipe on 2 H200s). Here each copy to the host runs on a side stream
 while the next block computes, and in backward, handing out block j's input starts the copy back
 of block j - 1's, which is then on the device before that block's recomputation asks for it: one
-more block input on the device (2 GiB there), and the step went from 13.3-14.2 s to 11.3-12.2 s
-(11.1 s with no offload, at 90.5 GiB instead of 48).
+more block input on the device (2 GiB there), and the step went from 13.3-14.2 s to 11.3-12.7 s
+(11.1 s with no offload, at 90.5 GiB instead of 48). The copy to the host may run alongside later
+kernels: nothing writes a block's input in place once the block has read it.
 """
 
 from __future__ import annotations
