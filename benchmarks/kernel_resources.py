@@ -5,9 +5,12 @@ The op runs forward and backward on CPU tensors with each kernel launch recorded
 executed; every distinct launch (kernel, argument types, constexprs, warps, stages) is compiled
 ahead of time for the GPU target, and cuobjdump reads the cubin's resource usage. A kernel whose
 shared memory exceeds what one block may take would fail to launch on the device; a non-zero
-stack means register spills. The installed Triton compiles: its shared memory matched the
-device's Triton 3.6 where both were seen (GDN's chunk-stage backward, 245760 bytes), its register
-counts need not (output_kernel: 214 here with 3.7.1, 154 on the device).
+stack means register spills. The installed Triton compiles, with the ptxas its wheel ships; for
+the device's registers and spills, run it under the device's Triton (3.6.0, whose counts differ
+from 3.7.1's: query_grad spills 1656 bytes per thread under 3.6, 1480 under 3.7.1):
+
+    pip download --no-deps triton==3.6.0 -d /tmp/whl && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
+    PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py --variant mamba2 --cp
 
     python benchmarks/kernel_resources.py --variant gdn --heads 16 --groups 16 --k 128 --v 128
     python benchmarks/kernel_resources.py --variant mamba2 --heads 32 --groups 1 --k 128 --v 64
