@@ -5,9 +5,10 @@ The op runs forward and backward on CPU tensors with each kernel launch recorded
 executed; every distinct launch (kernel, argument types, constexprs, warps, stages) is compiled
 ahead of time for the GPU target, and cuobjdump reads the cubin's resource usage. A kernel whose
 shared memory exceeds what one block may take would fail to launch on the device; a non-zero
-stack means register spills. The installed Triton compiles, with the ptxas its wheel ships; for
-the device's registers and spills, run it under the device's Triton (3.6.0, whose counts differ
-from 3.7.1's: query_grad spills 1656 bytes per thread under 3.6, 1480 under 3.7.1):
+stack means register spills. Each launch is specialised as Triton's launcher specialises it on
+the device (compile_as_launched). The installed Triton compiles, with the ptxas its wheel ships;
+for the device's registers and spills, run it under the device's Triton (3.6.0; 3.7.1's counts
+differ):
 
     pip download --no-deps triton==3.6.0 -d /tmp/whl && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
     PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py --variant mamba2 --cp
@@ -19,7 +20,6 @@ from 3.7.1's: query_grad spills 1656 bytes per thread under 3.6, 1480 under 3.7.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -29,12 +29,11 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-         torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
+TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
@@ -63,28 +62,23 @@ def recorded_launches(fn) -> list[tuple[JITFunction, tuple, dict]]:
     return launches
 
 
-def signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
-    """(argument types, constexpr values by position, compile options) of one launch."""
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
-    bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    types, constexprs = {}, {}
-    for i, p in enumerate(kernel.params):
-        value = bound.get(p.name, None if p.default is inspect.Parameter.empty else p.default)
-        if p.is_constexpr or value is None:
-            types[p.name], constexprs[(i,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            types[p.name] = "*" + TYPES[value.dtype]
-        elif isinstance(value, bool):
-            types[p.name] = "i1"
-        elif isinstance(value, int):
-            types[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            types[p.name] = "fp32"
-    return types, constexprs, options
+def compile_as_launched(kernel: JITFunction, args: tuple, kwargs: dict):
+    """One launch specialised as Triton's own launcher specialises it on the device (ints equal to
+    1 become constants; pointers and ints divisible by 16 say so, which lets loads vectorise):
+    (a key for the distinct launches, its constexprs by name, a function that compiles it).
+    Without those hints, as this script compiled before, query_grad spilled 1656 bytes a thread
+    under Triton 3.6 (scalar loads, a pointer per element); with them, 32."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, types, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    key = (kernel.__name__, repr(specialization), repr(sorted(options.__dict__.items())))
+    named = {kernel.params[i].name: v for (i,), v in constexprs.items() if kernel.params[i].is_constexpr}
+    return key, named, lambda: triton.compile(ASTSource(kernel, types, constexprs, attrs), target=TARGET,
+                                              options=options.__dict__)
 
 
-def resources(kernel: JITFunction, types: dict, constexprs: dict, options: dict) -> dict:
-    compiled = triton.compile(ASTSource(kernel, types, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+def resources(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -122,15 +116,13 @@ def main():
     args = parse()
     rows, seen = [], set()
     for kernel, a, kw in recorded_launches(op_call(args)):
-        types, constexprs, options = signature(kernel, a, dict(kw))
-        key = (kernel.__name__, tuple(types.items()), repr(sorted(constexprs.items())), tuple(options.items()))
+        key, constexprs, build = compile_as_launched(kernel, a, dict(kw))
         if key in seen:
             continue
         seen.add(key)
-        named = {kernel.params[i].name: v for (i,), v in constexprs.items() if v is not None}
-        row = dict(kernel=kernel.__name__, constexprs=named, **options)
+        row = dict(kernel=kernel.__name__, constexprs=constexprs, **{k: v for k, v in kw.items() if k in OPTIONS})
         try:
-            row.update(resources(kernel, types, constexprs, options))
+            row.update(resources(build()))
         except Exception as e:  # noqa: BLE001  a kernel that does not compile is a finding, not a crash
             row["error"] = repr(e)[:300]
         rows.append(row)
