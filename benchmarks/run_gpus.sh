@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every multi-GPU measurement in one job (one device lease) on GPUS GPUs (default 2): the GPU tests
-# (ops and CP state reads), the single-GPU op benchmark on GPU 0, the context-parallel benchmark,
-# the training benchmark of the 1M recipe and the same model in DeepSpeed ZeRO-2 (which
-# bench_train's 256K row sits beside). Each step has its own time limit, so one slow step cannot
+# Every multi-GPU measurement in one job (one device lease) on GPUS GPUs (default 2): every -m gpu
+# test (ops, CP state reads, models, comm), the single-GPU op benchmark on GPU 0, the
+# context-parallel benchmark, the training benchmark of the 1M recipe and the same model in
+# DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside). Each step has its own time limit, so one slow step cannot
 # starve the rest; logs go to $OUT.
 #     OUT=/tmp/out bash benchmarks/run_gpus.sh
 #     OUT=/tmp/out GPUS=4 STEPS=bench_cp,bench_train bash benchmarks/run_gpus.sh
@@ -26,8 +26,7 @@ step() {
     grep -v '^{' "/tmp/$name.log" | tail -n "${TAIL:-14}"
 }
 
-step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py tests/test_state_reads.py \
-    ${TESTS_K:+-k "$TESTS_K"}
+step gpu_tests "${TESTS_LIMIT:-480}" python3 -m pytest -q -x -m gpu tests/ ${TESTS_K:+-k "$TESTS_K"}
 step bench_ops "${OPS_LIMIT:-100}" env BUDGET_S="${OPS_BUDGET:-70}" python3 benchmarks/bench_ops.py
 step bench_cp "${CP_LIMIT:-360}" torchrun --nproc_per_node "$GPUS" benchmarks/bench_cp.py --gpus "$GPUS" --steps 3 \
     --variants "${CP_VARIANTS:-mamba2}" ${CP_ARGS:-}
