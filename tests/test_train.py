@@ -385,3 +385,31 @@ def test_garbage_collection_between_steps(every):
     if every:
         assert alive[:-1] == [step % every != 0 for step in range(2, 5)]
         assert alive[-1]() is None  # the collection on leaving
+
+
+def test_host_offload_that_cannot_fit_fails_before_training(monkeypatch):
+    """check_host_offload asks for exactly the bytes a forward parks (counted on the CPU path of
+    HostOffload, times the ranks of the node) and refuses when the node has less available;
+    without offload, or on the CPU, it asks nothing."""
+    from ctxpar.models import CausalLM, ModelConfig, offload
+    from ctxpar.train import trainer as trainer_module
+
+    model = CausalLM(ModelConfig(vocab_size=37, d_model=32, n_layers=3, n_heads=2, head_dim=32, state_dim=16,
+                                 mlp_hidden=64, max_seq_len=64))
+    model.activation_checkpointing, model.offload_checkpoints, model.token_tile = True, True, 16
+    parked, pack = [], offload.HostOffload._pack
+    monkeypatch.setattr(offload.HostOffload, "_pack", lambda self, t: (parked.append(t.nbytes), pack(self, t))[1])
+    model(torch.randint(0, 37, (2, 40))).sum().backward()
+    need = sum(parked) * 4  # 4 local ranks
+    gpu = Layout(0, 4, 0, 4, torch.device("cuda"))
+    for available, fails in ((need - 1, True), (need, False)):
+        monkeypatch.setattr(trainer_module, "available_host_memory", lambda: available)
+        if fails:
+            with pytest.raises(ValueError, match="offload_checkpoints=false"):
+                trainer_module.check_host_offload(model, 2 * 40, gpu)
+        else:
+            trainer_module.check_host_offload(model, 2 * 40, gpu)
+    monkeypatch.setattr(trainer_module, "available_host_memory", lambda: 0)
+    trainer_module.check_host_offload(model, 2 * 40, Layout(0, 4, 0, 4, torch.device("cpu")))
+    model.offload_checkpoints = False
+    trainer_module.check_host_offload(model, 2 * 40, gpu)

@@ -69,6 +69,31 @@ def set_activation_memory(model: CausalLM, tc) -> None:
     model.offload_checkpoints = tc.offload_checkpoints
 
 
+def check_host_offload(model: CausalLM, tokens: int, layout: Layout) -> None:
+    """With block inputs offloaded, fail before the first step, not halfway through a forward
+    (the kernel's OOM killer takes the whole job), when the pinned host memory they need on this
+    node is more than the node has available. ``tokens``: per rank and micro-batch."""
+    if not (model.activation_checkpointing and model.offload_checkpoints and layout.device.type == "cuda"):
+        return
+    need = len(model.layers) * tokens * model.cfg.d_model * model.embed.weight.element_size() * layout.local_world_size
+    available = available_host_memory()
+    if available is not None and need > available:
+        raise ValueError(f"train.offload_checkpoints: the block inputs of {layout.local_world_size} rank(s) need "
+                         f"{need / 2**30:.1f} GiB of pinned host memory, the node has {available / 2**30:.1f} GiB "
+                         "available; set train.offload_checkpoints=false (they then stay on the GPU), or use more "
+                         "context-parallel ranks")
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel says are available for new allocations (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> CausalLM:
     """A fresh ``CausalLM`` holding ``state``'s tensors (built on the meta device: no initialisation,
     which would draw from the RNG that resume restores)."""
@@ -116,6 +141,7 @@ class Trainer:
         self.data = Data(recipe.data, tc.seed)
         self.model = build_model(recipe, self.data).to(layout.device)
         set_activation_memory(self.model, tc)
+        check_host_offload(self.model, tc.seq_len // layout.cp_size * self.local_batch // self.accum, layout)
         if self.compiles():
             self.model.compile_per_token()
             if layout.is_main:
