@@ -80,8 +80,8 @@ def check_host_offload(model: CausalLM, tokens: int, layout: Layout) -> None:
     if available is not None and need > available:
         raise ValueError(f"train.offload_checkpoints: the block inputs of {layout.local_world_size} rank(s) need "
                          f"{need / 2**30:.1f} GiB of pinned host memory, the node has {available / 2**30:.1f} GiB "
-                         "available; set train.offload_checkpoints=false (they then stay on the GPU), or use more "
-                         "context-parallel ranks")
+                         "available; set train.offload_checkpoints=false (they then stay on the GPU), lower "
+                         "train.micro_batch_size, or spread the ranks over more nodes")
 
 
 def available_host_memory() -> int | None:
