@@ -48,7 +48,7 @@ def stream_gaps(prof, top: int = 10) -> dict:
     last kernel, and the ``top`` longest gaps with the kernels on either side (from the trace)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.load(f)["traceEvents"]
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
     streams = {}
     for e in kernels:

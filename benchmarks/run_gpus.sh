@@ -2,8 +2,8 @@
 # Every multi-GPU measurement in one job (one device lease) on GPUS GPUs (default 2): every -m gpu
 # test (ops, CP state reads, models, comm), the single-GPU op benchmark on GPU 0, the
 # context-parallel benchmark, the training benchmark of the 1M recipe and the same model in
-# DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside). Each step has its own time limit, so one slow step cannot
-# starve the rest; logs go to $OUT.
+# DeepSpeed ZeRO-2 (which bench_train's 256K row sits beside). Each step has its own time limit,
+# so one slow step cannot starve the rest; logs go to $OUT.
 #     OUT=/tmp/out bash benchmarks/run_gpus.sh
 #     OUT=/tmp/out GPUS=4 STEPS=bench_cp,bench_train bash benchmarks/run_gpus.sh
 #     STEPS=bench_train TRAIN_ARGS="--profile 30 --set train.offload_checkpoints=false" bash benchmarks/run_gpus.sh
