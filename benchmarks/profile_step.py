@@ -43,12 +43,24 @@ def kernel_table(prof) -> list[dict]:
     return sorted(rows, key=lambda r: -r["total_us"])
 
 
+def trace_events(prof) -> list[dict]:
+    """The profile's Chrome-trace events. The exporter replaces the file at the path it is given, so
+    the trace is read through the path after the export, never through a handle opened before it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+
+
 def stream_gaps(prof, top: int = 10) -> dict:
     """Where the busiest stream (the compute stream) sat idle: its idle time between its first and
     last kernel, and the ``top`` longest gaps with the kernels on either side (from the trace)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(f)["traceEvents"]
+    return idle_report(trace_events(prof), top)
+
+
+def idle_report(events: list[dict], top: int = 10) -> dict:
+    """stream_gaps over trace events (times in microseconds, as the trace writes them)."""
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
     streams = {}
     for e in kernels:
