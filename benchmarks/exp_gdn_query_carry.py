@@ -18,11 +18,13 @@ The kept Q_j and dQ_{j+1} are [S, heights, H, C, K] float32 each (11.8 GB at 128
 for this measurement, not for 1M tokens. Its fwd+bwd time also counts joining the per-height
 node and transition lists into one buffer each, which an op built this way would not need.
 
-Status (2026-11-30): equal to TreeReads on the interpreter (float32: output 8e-9, every
-gradient <= 2.4e-7 relative; unread heights' gradients zero in both). Compiled for sm_90 at
-K = V = 128 every kernel fits in shared memory (forward 128 KiB, chain_grad 192 KiB, node_grad
-193 KiB, lam_grad 96 KiB); at K = 192, V = 384 none does (576-960 KiB: they need K / V tiles).
-Not yet timed on a GPU.
+Status: equal to TreeReads on the interpreter (float32: output 8e-9, every gradient <= 2.4e-7
+relative; unread heights' gradients zero in both). Compiled for sm_90 at K = V = 128 every kernel
+fits in shared memory (forward 128 KiB, chain_grad 192 KiB, node_grad 193 KiB, lam_grad 96 KiB);
+at K = 192, V = 384 none does (576-960 KiB: they need K / V tiles). Timed on an H200 (2026-12-01,
+bf16, H=16, K=V=128; results/2026-12-01-h200-exp-gdn-query-carry.json): forward 19.6 ms against
+29.1 at 128K tokens and 3.3 against 4.9 at 8K x 4; fwd+bwd 81.2 against 105.8 and 14.5 against
+17.5 -- a quarter off the reads, not the several-fold the op's targets need.
 
     python benchmarks/exp_gdn_query_carry.py   # GPU: 128K tokens, H=16, K=V=128, bf16; CPU: the check
 """
@@ -248,8 +250,9 @@ def main():
     """Writes $OUT/exp_gdn_query_carry.json: relative differences from TreeReads (output and every
     gradient), and on a GPU both designs' forward and forward+backward times."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(1, 131072, 16, 128, 128, torch.bfloat16)] if dev == "cuda" else [(1, 1000, 2, 32, 16, torch.float32),
-                                                                               (2, 700, 2, 32, 16, torch.float32)]
+    gpu_shapes = [(4, 8192, 16, 128, 128, torch.bfloat16), (1, 131072, 16, 128, 128, torch.bfloat16)]
+    cpu_shapes = [(1, 1000, 2, 32, 16, torch.float32), (2, 700, 2, 32, 16, torch.float32)]
+    shapes = gpu_shapes if dev == "cuda" else cpu_shapes
     rows = []
     for B, T, H, K, V, dt in shapes:
         qt, lam_slots, nodes, trans, layout, plan, log_c, prec = setup(B, T, H, K, V, dt, dev)
