@@ -15,15 +15,16 @@ chunk, and its products stay memory-bound (gdn_bmm: 117 of 187 ms at 128K tokens
 Status (2026-12-01, H200, bf16, H=16, K=V=128; results/2026-12-01-h200-exp-gdn-height-scan.json):
 equal to TreeReads on the interpreter (float32, 4e-8 relative) and within 3.2e-5 on the GPU
 (both tf32). Forward: 21.2 ms at 128K tokens against 7.55 (up-sweep) + 29.27 (reads) = 36.8;
-2.96 against 1.94 + 4.92 = 6.86 at 8K x 4. At 128K that is 10 us for each of the 2048 chunk
-steps, and the variants point at each step's latency (load M_c, then the product that needs it)
-rather than its bytes or products. Tried, slower or no faster: M in bf16 (22.3 against 23.0 ms),
+2.96 against 1.94 + 4.92 = 6.86 at 8K x 4. At 128K that is 10 us of wall time for each of
+the 2048 chunk steps, and fewer bytes or products did not move it. Tried, slower or no faster: M in bf16 (22.3 against 23.0 ms),
 a hand-prefetched next M (26.4 against 21.3), a branch-free loop for the pipeliner (48-51
 against 42 at BV 32), 1-16 heights side by side in one [K, G * BV] state (37.8-42.5 against
-30.4), tf32x3 products (2-4x slower). What could cut the step: linear GDN's WY form (W_c, K_c in
-bf16: two [C, K] products a step instead of a K x K one); flash-linear-attention's whole forward
-at 128K (5.7 ms, results/2026-11-30-h200-bench_ops-gdn-session8.json) holds its own 2048-step
-state pass under 2.8 us a step.
+30.4), tf32x3 products (2-4x slower). The scan does heights x linear GDN's state pass: its 352
+programs (16 heads x 2 V tiles x 11 heights) take ~2.7 waves of 132 SMs if one fits per SM (M's
+tile alone is 64 KiB a pipeline stage), ~3.8 us a program step; flash-linear-attention's whole
+forward at 128K (5.7 ms, results/2026-11-30-h200-bench_ops-gdn-session8.json) holds its own
+2048-step state pass, one wave of 32 programs, under 2.8 us a step. So the step is near linear
+GDN's already: the gain left is in keeping more programs resident per SM, not in the step.
 
 Not here yet: the backward (a reverse scan per height with dA, A recomputed from checkpoints),
 documents that start mid-tree with an initial state, the final state.
