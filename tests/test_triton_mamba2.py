@@ -132,6 +132,34 @@ def test_g_gradient_does_not_cancel_over_a_long_sequence():
         assert rel(dg[..., h], expected[..., h]) < 1e-4, (h, rel(dg[..., h], expected[..., h]))
 
 
+def test_straddle_sums_each_chunks_shares_by_their_definition():
+    """dg.straddle (a suffix scan, then per-slot differences of it) against its shares summed slot
+    by slot: documents of random lengths, two of them starting mid-tree (an initial state's t0)."""
+    from ctxpar.kernels.triton.dg import straddle
+    from ctxpar.kernels.triton.layout import build_layout
+
+    lengths = torch.randint(1, 400, (3,)).tolist()
+    spans = [(0, 0, lengths[0]), (1, 0, lengths[1]), (1, lengths[1], lengths[1] + lengths[2])]
+    starts = [0] + torch.randint(1, 300, (2,)).tolist()
+    layout = build_layout(spans, starts, max(lengths[0], lengths[1] + lengths[2]), C, 4, DEVICE)
+    S, H, NH = layout.num_slots, 3, max(layout.heights, 1)
+    xs, ys = (torch.randn(S, H, NH, device=DEVICE) for _ in range(2))
+    docs, slot_doc, slot_chunk = layout.docs.tolist(), layout.host["slot_doc"].tolist(), layout.host["slot_chunk"]
+    expected = torch.zeros(S, H, dtype=torch.float64)
+    for i in range(S):
+        c = int(slot_chunk[i])
+        c0, c_last, first = docs[slot_doc[i]][3:6]
+        for h in range(NH):
+            if (c >> h) & 1:  # c sits in a right child: its block's later reads and parent cross it
+                block_end = c | ((1 << h) - 1)
+                end = first + min(block_end, c_last) - c0
+                expected[i] += xs[i + 1 : end + 1, :, h].double().sum(0).cpu()
+                if block_end <= c_last:
+                    expected[i] += ys[end, :, h].double().cpu()
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(straddle(xs, ys, layout).cpu().double(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_node_gradients_cover_every_slot():
     """node_grads stores where it is a node's only writer, so the backward zeroes only
     layout.shared_slots: a NaN-filled buffer with those zeroed must end like a zeroed one, NaN-free."""

@@ -16,6 +16,53 @@ tokens. Here every share is a sum of straddling pairs only:
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+SCAN_BLOCK = 1024  # slots per step of the suffix scan
+SLOT_BLOCK = 128  # slots per program of the straddle sums
+
+
+@triton.jit
+def suffix_kernel(xs, suffix, S, H, NH, BLOCK: tl.constexpr):
+    """One program per (head, height): suffix[i] = sum of xs[j] over j >= i in float64, and
+    suffix[S] = 0, so that a run i + 1 .. e of xs sums as suffix[i + 1] - suffix[e + 1]. Float64
+    because those differences cancel: a float32 sum over a million tokens' chunks would leave the
+    small runs at its rounding."""
+    h, height = tl.program_id(0), tl.program_id(1)
+    tl.store(suffix + (S * H + h) * NH + height, 0.0)
+    carry = tl.zeros([1], dtype=tl.float64)
+    for b in range(0, tl.cdiv(S, BLOCK)):
+        i = (tl.cdiv(S, BLOCK) - 1 - b) * BLOCK + tl.arange(0, BLOCK)
+        offsets = (i.to(tl.int64) * H + h) * NH + height
+        x = tl.load(xs + offsets, mask=i < S, other=0.0).to(tl.float64)
+        tl.store(suffix + offsets, tl.cumsum(x, 0, reverse=True) + carry, mask=i < S)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
+def straddle_kernel(ys, suffix, out, docs, slot_doc, slot_chunk, S, H, NH, NHP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (block of slots, head); see ``straddle``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    inside = i < S
+    n = tl.load(slot_doc + i, mask=inside, other=0).to(tl.int64)
+    c = tl.load(slot_chunk + i, mask=inside, other=0)
+    c0, c_last, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 4), tl.load(docs + n * 6 + 5)
+    height = tl.arange(0, NHP)
+    live = inside[:, None] & (height[None, :] < NH) & (((c[:, None] >> height[None, :]) & 1) == 1)
+    block_end = c[:, None] | ((1 << height[None, :]) - 1)
+    end_slot = first[:, None] + tl.minimum(block_end, c_last[:, None]) - c0[:, None]
+    up = tl.load(ys + _at(end_slot, h, height, H, NH), mask=live & (block_end <= c_last[:, None]), other=0.0)
+    reads = tl.load(suffix + _at(i[:, None] + 1, h, height, H, NH), mask=live, other=0.0) - \
+        tl.load(suffix + _at(end_slot + 1, h, height, H, NH), mask=live, other=0.0)
+    tl.store(out + i.to(tl.int64) * H + h, tl.sum(up.to(tl.float64) + reads, 1).to(tl.float32), mask=inside)
+
+
+@triton.jit
+def _at(slot, h, height, H, NH):
+    """Offsets of [slot, h, height] in a [rows, H, NH] tensor (slot [B, 1], height [NHP])."""
+    return (slot.to(tl.int64) * H + h) * NH + height[None, :]
 
 
 def straddle(xs, ys, layout):
@@ -23,22 +70,16 @@ def straddle(xs, ys, layout):
 
     xs, ys [S, H, NH]: chunk i's node reads at height h (their carry spans the chunks of i's
     height-h block before i) and the transport at height h whose parent ends at slot i (its right
-    child is the height-h block ending there).
+    child is the height-h block ending there). For each height h where chunk c (slot i) sits in a
+    right child (bit h of c set), the share is ys at the end of c's height-h block, when the
+    document reaches it (the parent's transport crosses c), plus xs of the slots after i in that
+    block (their reads carry across c). Two launches; as torch ops it took ~30 small kernels,
+    0.39 ms of a 5.6 ms step at 8K tokens x 4 on an H200.
     """
     S, H, NH = xs.shape
-    doc = layout.slot_doc.long()
-    c, c0, c_last, first = layout.slot_chunk, layout.docs[doc, 3], layout.docs[doc, 4], layout.docs[doc, 5]
-    h = torch.arange(NH, device=xs.device)
-    live = ((c[:, None] >> h) & 1) == 1  # c sits in the right child at height h
-    block_end = c[:, None] | ((1 << h) - 1)
-    end_slot = first[:, None] + torch.minimum(block_end, c_last[:, None]) - c0[:, None]  # [S, NH]
-    index = end_slot[:, None, :].expand(S, H, NH)
-
-    has_parent = live & (block_end <= c_last[:, None])
-    up = ys.gather(0, index).where(has_parent[:, None, :], 0)
-    # Scanned along the last dim: a scan over dim 0 of [S, H, NH] runs on H * NH threads.
-    suffix = xs.double().flip(0).permute(1, 2, 0).cumsum(-1).permute(2, 0, 1).flip(0)
-    after = torch.cat([suffix, xs.new_zeros(1, H, NH, dtype=torch.float64)])
-    reads = after[1:] - after.gather(0, index + 1)  # reads by slots i + 1 .. end of i's block
-    reads = reads.where(live[:, None, :], 0)
-    return (up.double().sum(-1) + reads.sum(-1)).float()
+    suffix = torch.empty(S + 1, H, NH, device=xs.device, dtype=torch.float64)
+    suffix_kernel[(H, NH)](xs, suffix, S, H, NH, BLOCK=SCAN_BLOCK)
+    out = torch.empty(S, H, device=xs.device, dtype=torch.float32)
+    straddle_kernel[(triton.cdiv(S, SLOT_BLOCK), H)](ys, suffix, out, layout.docs, layout.slot_doc, layout.slot_chunk,
+                                                     S, H, NH, NHP=triton.next_power_of_2(NH), BLOCK=SLOT_BLOCK)
+    return out
