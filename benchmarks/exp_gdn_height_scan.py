@@ -26,8 +26,15 @@ forward at 128K (5.7 ms, results/2026-11-30-h200-bench_ops-gdn-session8.json) ho
 2048-step state pass, one wave of 32 programs, under 2.8 us a step. So the step is near linear
 GDN's already: the gain left is in keeping more programs resident per SM, not in the step.
 
-Not here yet: the backward (a reverse scan per height with dA, A recomputed from checkpoints),
-documents that start mid-tree with an initial state, the final state.
+Not here yet: documents that start mid-tree with an initial state, the final state, and the
+backward, whose crux is not the reverse scan (dA_c = Qt_c^T (lambda dO_c) where read +
+M_c^T dA_{c+1}, A recomputed forward from checkpoints) but its sums over heights: dM_c sums
+dA_h(c+1) A_h(c)^T over every height and V tile, and dU_c sums dA_h(c+1) over the heights taking
+c in. Added by each (head, V tile, height) program, dM alone is a 64 KiB float32 atomic add per
+chunk, head, height and V tile: 46 GB at 128K tokens (H=16, K=V=128, 11 heights, 2 tiles), more
+than the whole reads backward moves today. A backward for this design needs the heights of a
+chunk reduced on chip (several heights per program, or stored states per window of chunks and
+one [K, heights * V] @ [heights * V, K] product per chunk).
 
     python benchmarks/exp_gdn_height_scan.py   # GPU: 8K x 4 and 128K tokens, H=16, K=V=128, bf16; CPU: the check
 """
