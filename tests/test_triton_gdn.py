@@ -289,3 +289,16 @@ def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     assert rel_err(on_torch, o_ref) < 1e-5
     unnormalised, _ = log_linear_gdn(q, k, v, g, beta, lam, cu_seqlens=cu, backend="triton")
     assert rel_err(unnormalised, o_ref) > 1e-2
+
+
+@pytest.mark.parametrize("k_dim, v_dim", [(272, 16), (16, 528)])
+def test_public_op_refuses_heads_wider_than_the_kernels_are_built_for(k_dim, v_dim):
+    """backend="triton" with K > 256 or V > 512 is a clear error naming the limits and the way
+    out, not a shared-memory failure at launch (K = 320 needs 384 KiB on an H200)."""
+    from ctxpar import log_linear_gdn
+
+    q, k, v, g, beta, lam = make_inputs(1, 20, 2, 2, k_dim, v_dim, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"K <= 256 and V <= 512.*backend='torch'"):
+        log_linear_gdn(q, k, v, g, beta, lam, backend="triton")
+    o, _ = log_linear_gdn(q, k, v, g, beta, lam, backend="torch")
+    assert o.shape == v.shape and torch.isfinite(o).all()

@@ -14,6 +14,9 @@ from ctxpar.kernels.levels import num_levels
 from ctxpar.kernels.state import FenwickState
 
 BACKENDS = ("auto", "torch", "reference", "triton")
+# The Triton GDN kernels are built and GPU-tested up to these head sizes; wider ones do not fit
+# an H200's shared memory (kernel_resources, Triton 3.6: the chunk backward takes 384 KiB at K = 320).
+GDN_TRITON_MAX_K, GDN_TRITON_MAX_V = 256, 512
 
 __all__ = [
     "BACKENDS",
@@ -81,11 +84,12 @@ def _pick(backend, q, v, beta):
         return "torch"
     # GDN on an H200 (2026-11-30, bench_ops' ctxpar_{triton,torch}_gdn rows, bf16): the Triton
     # kernels ran fwd+bwd 2.4-3.9x faster than the torch backend at 8K x 4 and 128K, at H=16,
-    # K=V=128 and H=6, K=192, V=384, in 50-74% of its peak memory. They are built and GPU-tested
-    # up to K=256, V=512, so wider GDN heads stay on torch.
-    if beta is not None and (q.shape[-1] > 256 or v.shape[-1] > 512):
-        return "torch"
-    return "triton"
+    # K=V=128 and H=6, K=192, V=384, in 50-74% of its peak memory; wider GDN heads stay on torch.
+    return "torch" if beta is not None and not _gdn_fits_triton(q, v) else "triton"
+
+
+def _gdn_fits_triton(q, v):
+    return q.shape[-1] <= GDN_TRITON_MAX_K and v.shape[-1] <= GDN_TRITON_MAX_V
 
 
 def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, backend, default_scale):
@@ -95,6 +99,10 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
         return cp.attention(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens, backend=backend, default_scale=default_scale)
     backend = _pick(backend, args[0], args[2], args[4])
+    if backend == "triton" and args[4] is not None and not _gdn_fits_triton(args[0], args[2]):
+        raise ValueError(f"the Triton GDN kernels take K <= {GDN_TRITON_MAX_K} and V <= {GDN_TRITON_MAX_V}, got "
+                         f"K = {args[0].shape[-1]}, V = {args[2].shape[-1]}: use backend='torch' (or 'auto', "
+                         f"which picks it for such heads)")
     reason = available_backends()[backend]
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
