@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxpar.kernels.triton.common import slot_info
+
 SCAN_BLOCK = 1024  # slots per step of the suffix scan
 SLOT_BLOCK = 128  # slots per program of the straddle sums
 
@@ -46,9 +48,7 @@ def straddle_kernel(ys, suffix, out, docs, slot_doc, slot_chunk, S, H, NH, NHP: 
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1)
     inside = i < S
-    n = tl.load(slot_doc + i, mask=inside, other=0).to(tl.int64)
-    c = tl.load(slot_chunk + i, mask=inside, other=0)
-    c0, c_last, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 4), tl.load(docs + n * 6 + 5)
+    _, c, _, _, _, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, tl.minimum(i, S - 1))
     height = tl.arange(0, NHP)
     live = inside[:, None] & (height[None, :] < NH) & (((c[:, None] >> height[None, :]) & 1) == 1)
     block_end = c[:, None] | ((1 << height[None, :]) - 1)
