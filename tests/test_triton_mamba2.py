@@ -160,6 +160,24 @@ def test_straddle_sums_each_chunks_shares_by_their_definition():
     torch.testing.assert_close(straddle(xs, ys, layout).cpu().double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_cumulative_decay_restarts_at_each_document():
+    """cumulative_decay (one scan per document and head, in float64) against a running sum taken
+    document by document: random lengths, documents starting mid-tree, one longer than a scan block."""
+    from ctxpar.kernels.triton.chunk_state import SCAN_BLOCK, cumulative_decay
+    from ctxpar.kernels.triton.layout import build_layout
+
+    lengths = torch.randint(1, 400, (3,)).tolist() + [C * SCAN_BLOCK + 5]
+    ends = torch.tensor(lengths[1:]).cumsum(0).tolist()
+    spans = [(0, 0, lengths[0])] + [(1, e - n, e) for n, e in zip(lengths[1:], ends)]
+    starts = [0] + torch.randint(0, 300, (3,)).tolist()
+    layout = build_layout(spans, starts, max(lengths[0], ends[-1]), C, 4, DEVICE)
+    totals = -torch.rand(layout.num_slots, 3, device=DEVICE)
+    expected = torch.empty(layout.num_slots, 3, dtype=torch.float64)
+    for first, count in zip(layout.first_slot, (c1 - c0 + 1 for c0, c1 in zip(layout.c0, layout.c_last))):
+        expected[first : first + count] = totals[first : first + count].double().cpu().cumsum(0)
+    torch.testing.assert_close(cumulative_decay(totals, layout).cpu(), expected, rtol=1e-12, atol=1e-9)
+
+
 def test_node_gradients_cover_every_slot():
     """node_grads stores where it is a node's only writer, so the backward zeroes only
     layout.shared_slots: a NaN-filled buffer with those zeroed must end like a zeroed one, NaN-free."""

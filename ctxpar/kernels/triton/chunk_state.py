@@ -15,6 +15,8 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, row_tile, slot_info
 
+SCAN_BLOCK = 1024  # slots per step of the cumulative decay scan
+
 
 @triton.jit
 def chunk_state_kernel(k, v, g, docs, slot_doc, slot_chunk, states, totals, H, HK, K, V,
@@ -68,10 +70,26 @@ def chunk_states(k, v, g, layout, prec):
     return states, totals
 
 
+@triton.jit
+def cumulative_decay_kernel(totals, gc, docs, H, BLOCK: tl.constexpr):
+    """One program per (document, head): the running float64 sum of its slots' totals."""
+    n, h = tl.program_id(0), tl.program_id(1)
+    row = docs + n * 6
+    count, first = tl.load(row + 4) - tl.load(row + 3) + 1, tl.load(row + 5)
+    carry = tl.zeros([1], dtype=tl.float64)
+    for b in range(0, tl.cdiv(count, BLOCK)):
+        j = b * BLOCK + tl.arange(0, BLOCK)
+        offsets = (first + j) * H + h
+        x = tl.load(totals + offsets, mask=j < count, other=0.0).to(tl.float64)
+        tl.store(gc + offsets, tl.cumsum(x, 0) + carry, mask=j < count)
+        carry += tl.sum(x, 0)
+
+
 def cumulative_decay(totals, layout):
-    """float64 [S, H]: sum of g from each document's first token to the end of each slot's chunk."""
-    # Scanned along the last dim: torch's scan over dim 0 of a [S, H] tensor runs on only H threads.
-    running = totals.double().t().contiguous().cumsum(1).t().contiguous()  # the kernels index it [S, H]
-    first = layout.docs[:, 5]
-    before_doc = running[first] - totals[first].double()
-    return running - before_doc[layout.slot_doc.long()]
+    """float64 [S, H]: sum of g from each document's first token to the end of each slot's chunk.
+    One launch: as torch ops (a transposed scan, then each document's offset taken off) it was
+    eight small kernels, 0.07 ms of a 5.4 ms step at 8K tokens x 4 on an H200."""
+    gc = torch.empty(totals.shape, device=totals.device, dtype=torch.float64)
+    cumulative_decay_kernel[(layout.num_docs, totals.shape[1])](totals, gc, layout.docs, totals.shape[1],
+                                                                BLOCK=SCAN_BLOCK)
+    return gc

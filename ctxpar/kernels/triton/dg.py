@@ -6,7 +6,7 @@ per-token q.dq - k.dk backwards over the document gives the same number mathemat
 per-token terms are far larger than the result and their rounding random-walks over a million
 tokens. Here every share is a sum of straddling pairs only:
 
-- inside r's chunk c (the kernels): pairs with both ends in c (query_grad), node reads of c's
+- inside r's chunk c (the kernels): pairs with both ends in c (source_grad), node reads of c's
   queries t >= r (query_grad), c's sources s < r towards later queries (source_grad);
 - pairs with both ends outside c (``straddle`` below, per chunk): an up-sweep transport whose right
   child holds c (tree.down_sweep's ys), and a node read by a later chunk of c's height-h block

@@ -1,29 +1,29 @@
-"""Backward stage 3a (mirror of the output pass): dq, dlambda and the query-side shares of dg.
+"""Backward stage 3a (mirror of the output's node reads): what the queries' reads of tree nodes
+give dq, dlambda and dg.
 
-One program per (slot, head, V tile): the intra-chunk block (dq += (lam exp(dG) * do v^T) k; dlambda of
-levels <= log2 C as per-level row sums of exp(dG) * q k^T * do v^T) and one node read per set bit
-h of c (dq += w * do N^T, dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T)). The heads of a
-q/k group add their dq into one float32 buffer with atomics: a program that looped over the heads
-and kept their sum in registers spilled ~1 KB per thread (ptxas, sm_90), and partial buffers
-per head would cost H / Hk copies of dq. Every output is linear in the V products (do v^T,
-do N^T), so wide K x V splits V into tiles (common.v_tile) whose programs add their shares.
+One program per (slot, head, V tile), one node read per set bit h of c: dq += w * do N^T,
+dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T). The heads of a q/k group add their dq into
+one float32 buffer with atomics: a program that looped over the heads and kept their sum in
+registers spilled ~1 KB per thread (ptxas, sm_90), and partial buffers per head would cost H / Hk
+copies of dq. Every output is linear in do N^T, so wide K x V splits V into tiles
+(common.v_tile) whose programs add their shares. The intra-chunk block's gradients are
+source_grad.py's, which computes the chunk's pair products for dk and dv anyway.
 
-dg (see dg.py): dg[r] first gets the pairs of this chunk that straddle r (s < r <= t, from the
-intra pair matrix) plus the node reads of this chunk's queries t >= r; each read's chunk total
-goes to xs[slot, head, h], the share of the chunks between the node and this one.
+dg (see dg.py): dg[r] first gets the node reads of this chunk's queries t >= r; each read's chunk
+total goes to xs[slot, head, h], the share of the chunks between the node and this one.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, gc_before, intra_decay, intra_scales, level_scale,
-                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, num_warps,
-                                          put, reads_at, row_tile, slot_info, tile_of_v, v_tile)
+from ctxpar.kernels.triton.common import (chunk_rows, gc_before, level_scale, load_node, local_decay, mma_f32,
+                                          node_carry, num_warps, put, reads_at, row_tile, slot_info, tile_of_v,
+                                          v_tile)
 
 
 @triton.jit
-def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
+def query_grad_kernel(q, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
                       H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       BV: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -33,21 +33,13 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
     qk_mask = valid[:, None] & (rk[None, :] < K)
-    v_mask = valid[:, None] & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt, kt, vt, dot_ = chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv)
+    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
     gl = local_decay(g, rows, valid, H, h)
-    decay = intra_decay(gl, valid, C)
-    lev = local_levels(C, LOG_C)
-    dp = mma(dot_, tl.trans(vt), dt, PREC)
-    scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
-    dq_h = mma(dp * decay * scales, kt, dt, PREC)
-    pair = mma(qt, tl.trans(kt), dt, PREC) * dp * decay
     lam_rows = dlam + (rows * H + h) * L
-    for level in tl.static_range(LOG_C + 1):
-        put(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), valid & (level < L), SHARED)
-    dg_r = straddling_pairs(pair * scales, C)
 
+    dq_h = tl.zeros([C, KP], dtype=tl.float32)
     read_share = tl.zeros([C], dtype=tl.float32)
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
@@ -62,34 +54,25 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
             put(lam_rows + LOG_C + 1 + height, d_lam, valid, SHARED)
             put(xs + (i * H + h) * NH + height, tl.sum(lam_h * d_lam), None, SHARED)
             read_share += lam_h * d_lam
-    put(dg + rows * H + h, dg_r + tl.cumsum(read_share, 0, reverse=True), valid, SHARED)
+    # "+ 0.0": Triton 3.7.1's interpreter atomically added garbage from the reversed scan itself
+    # (a view it reads with the wrong strides); the sum is a fresh tensor. Compiled code: one add.
+    put(dg + rows * H + h, tl.cumsum(read_share, 0, reverse=True) + 0.0, valid, SHARED)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), dq_h, mask=qk_mask, sem="relaxed")
 
 
-@triton.jit
-def straddling_pairs(pairs, C: tl.constexpr):
-    """[C]: for each r, the sum of pairs[t, s] over s < r <= t (pairs is lower triangular).
-
-    The diagonal (s == t, no decay, often the largest term) is dropped before the running sum so
-    that it never enters and cancels out again."""
-    r = tl.arange(0, C)
-    strict = tl.where(r[:, None] > r[None, :], pairs, 0.0)
-    before = tl.cumsum(strict, 1) - strict  # [t, r]: sum over s < r
-    return tl.sum(tl.where(r[:, None] >= r[None, :], before, 0.0), 0)
-
-
-def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
-    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (in-chunk query shares),
-    xs [S, H, heights] f32 (each chunk's node reads, per height)."""
-    R, H, K, V, L = v.shape[0], v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
-    dq = torch.zeros(R, q.shape[1], K, device=v.device, dtype=torch.float32)
-    dlam = torch.zeros(R, H, L, device=v.device, dtype=torch.float32)
-    dg = torch.zeros(R, H, device=v.device, dtype=torch.float32)
+def query_grads(q, g, lam, do, states, init, gc, layout, prec):
+    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (the node reads' shares;
+    source_grads adds the intra-chunk block's to all three), xs [S, H, heights] f32 (each chunk's
+    node reads, per height)."""
+    R, H, K, V, L = do.shape[0], do.shape[1], q.shape[2], do.shape[2], lam.shape[2]
+    dq = torch.zeros(R, q.shape[1], K, device=do.device, dtype=torch.float32)
+    dlam = torch.zeros(R, H, L, device=do.device, dtype=torch.float32)
+    dg = torch.zeros(R, H, device=do.device, dtype=torch.float32)
     nh = max(layout.heights, 1)
-    xs = torch.zeros(layout.num_slots, H, nh, device=v.device, dtype=torch.float32)
+    xs = torch.zeros(layout.num_slots, H, nh, device=do.device, dtype=torch.float32)
     BV = v_tile(K, V, q.dtype)
     query_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
-        q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
+        q, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
         1 if init is None else init.shape[2], nh, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
         KP=triton.next_power_of_2(K), BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec,

@@ -1,13 +1,18 @@
-"""Backward stage 3b (mirror of chunk_state + intra output): dk, dv and the last shares of dg.
+"""Backward stage 3b (mirror of chunk_state + the intra-chunk output): dk, dv, the intra-chunk
+block's shares of dq and dlambda, and the last shares of dg.
 
-One program per (slot, head, V tile): the intra-chunk block (dk += (A' * do v^T)^T q,
-dv += (A' * q k^T)^T do with A' = lam exp(dG)) plus the chunk end state's gradient dU (the slot of
-the down-swept node gradients): dv += exp(G_last - G_s) k dU, dk += exp(G_last - G_s) v dU^T. The
-heads of a q/k group add their dk into one float32 buffer with atomics (see query_grad.py), and
-so do the V tiles of a wide K x V (common.v_tile): dk and dg are linear in the V products.
+One program per (slot, head, V tile): the intra-chunk block (with A' = lam exp(dG):
+dq += (A' * do v^T) k, dk += (A' * do v^T)^T q, dv += (A' * q k^T)^T do; dlambda of levels
+<= log2 C as per-level row sums of exp(dG) * q k^T * do v^T) plus the chunk end state's gradient
+dU (the slot of the down-swept node gradients): dv += exp(G_last - G_s) k dU,
+dk += exp(G_last - G_s) v dU^T. One program takes all of the block, so q k^T and do v^T are
+multiplied once for dq, dk, dv and dlambda. The heads of a q/k group add their dq and dk into
+float32 buffers with atomics (see query_grad.py), and so do the V tiles of a wide K x V
+(common.v_tile): dq, dk, dlambda and dg are linear in the V products.
 
-dg (see dg.py): dg[r] += the pairs from this chunk's sources s < r to later queries (each source's
-share <exp(G_last - G_s) k_s v_s^T, dU>) + the chunk's straddle total ``straddle[slot, head]``.
+dg (see dg.py): dg[r] += the pairs of this chunk that straddle r (s < r <= t) + the pairs from
+this chunk's sources s < r to later queries (each source's share <exp(G_last - G_s) k_s v_s^T, dU>)
++ the chunk's straddle total ``straddle[slot, head]``.
 
 Height 0 of the down-sweep is done here, not in tree.down_sweep: an even chunk adds its parent's
 gradient (the next slot's) to dU, and an odd chunk, whose slot is that parent, adds the transport's
@@ -20,11 +25,11 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay, local_levels,
-                                          mma, mma_f32, num_warps, row_tile, slot_info, tile_of_v, v_tile)
+                                          mma, mma_f32, num_warps, put, row_tile, slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
-def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dg, docs, slot_doc, slot_chunk,
+def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dq, dk, dv, dlam, dg, docs, slot_doc, slot_chunk,
                        H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                        SHARED: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -39,10 +44,21 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv,
     dt = q.dtype.element_ty
     qt, kt, vt, dot_ = chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv)
     gl = local_decay(g, rows, valid, H, h)
-    w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+    decay = intra_decay(gl, valid, C)
+    lev = local_levels(C, LOG_C)
+    scales = intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
     dp = mma(dot_, tl.trans(vt), dt, PREC)
-    dv_h = mma(tl.trans(mma(qt, tl.trans(kt), dt, PREC) * w), dot_, dt, PREC)
-    dk_h = mma(tl.trans(dp * w), qt, dt, PREC)
+    qk = mma(qt, tl.trans(kt), dt, PREC)
+    pair = qk * dp * decay
+    lam_rows = dlam + (rows * H + h) * L
+    for level in tl.static_range(LOG_C + 1):
+        put(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), valid & (level < L), SHARED)
+    pair_share = straddling_pairs(pair * scales, C)
+    w = decay * scales
+    dv_h = mma(tl.trans(qk * w), dot_, dt, PREC)
+    dpw = dp * w
+    dk_h = mma(tl.trans(dpw), qt, dt, PREC)
+    tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), mma(dpw, kt, dt, PREC), mask=qk_mask, sem="relaxed")
 
     total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
     to_end = tl.where(valid, tl.exp(total - gl), 0.0)
@@ -66,7 +82,7 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv,
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), dk_h, mask=qk_mask, sem="relaxed")
 
     outgoing = tl.sum(k_du * vt.to(tl.float32), 1)
-    share = tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h) * (vb == 0) + transport
+    share = pair_share + tl.cumsum(outgoing, 0) - outgoing + tl.load(straddle + i * H + h) * (vb == 0) + transport
     dg_ptr = dg + rows * H + h
     if SHARED:
         tl.atomic_add(dg_ptr, share, mask=valid, sem="relaxed")
@@ -74,16 +90,29 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv,
         tl.store(dg_ptr, tl.load(dg_ptr, mask=valid) + share, mask=valid)
 
 
-def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dg, layout, prec):
-    """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); dg [rows, H] updated in place
-    (grads: down-swept to height 1; states: the up-swept tree; straddle [S, H]: each chunk's share
-    from pairs on both sides of it, dg.py)."""
+@triton.jit
+def straddling_pairs(pairs, C: tl.constexpr):
+    """[C]: for each r, the sum of pairs[t, s] over s < r <= t (pairs is lower triangular).
+
+    The diagonal (s == t, no decay, often the largest term) is dropped before the running sum so
+    that it never enters and cancels out again."""
+    r = tl.arange(0, C)
+    strict = tl.where(r[:, None] > r[None, :], pairs, 0.0)
+    before = tl.cumsum(strict, 1) - strict  # [t, r]: sum over s < r
+    return tl.sum(tl.where(r[:, None] >= r[None, :], before, 0.0), 0)
+
+
+def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dq, dlam, dg, layout, prec):
+    """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); adds the intra-chunk block's shares
+    into query_grads' dq, dlam and dg (grads: down-swept to height 1; states: the up-swept tree;
+    straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
     H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     dk = torch.zeros(v.shape[0], q.shape[1], K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     BV = v_tile(K, V, q.dtype)
     source_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
-        q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dg, layout.docs, layout.slot_doc, layout.slot_chunk,
+        q, k, v, g, lam, do, grads, states, gc, straddle, dq, dk, dv, dlam, dg, layout.docs, layout.slot_doc,
+        layout.slot_chunk,
         H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
         BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec)
     return dk, dv
