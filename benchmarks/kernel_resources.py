@@ -35,7 +35,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPTIONS = ("num_warps", "num_stages", "num_ctas")
+OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 def parse():

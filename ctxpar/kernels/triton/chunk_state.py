@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, row_tile, slot_info
+from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, register_cap, row_tile, slot_info
 
 SCAN_BLOCK = 1024  # slots per step of the cumulative decay scan
 
@@ -66,7 +66,8 @@ def chunk_states(k, v, g, layout, prec):
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     grid = (S, H, triton.cdiv(K, BK) * triton.cdiv(V, BV))
     chunk_state_kernel[grid](k, v, g, layout.docs, layout.slot_doc, layout.slot_chunk, states, totals,
-                             H, k.shape[1], K, V, C=layout.chunk, BK=BK, BV=BV, PREC=prec)
+                             H, k.shape[1], K, V, C=layout.chunk, BK=BK, BV=BV, PREC=prec,
+                             maxnreg=register_cap(k.dtype, 4))
     return states, totals
 
 

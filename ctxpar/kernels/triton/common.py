@@ -63,6 +63,26 @@ def num_warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (sm_80 to sm_90)
+
+
+def register_cap(dtype: torch.dtype, programs_per_sm: int, warps: int = 4):
+    """``maxnreg`` that lets ``programs_per_sm`` programs of ``warps`` warps share an SM's registers,
+    for bf16 inputs (fp16 and float32 inputs take other products, mma_f32, and were not measured
+    capped: None leaves ptxas its choice).
+
+    ptxas gives some stages a few registers too many for one more resident program: on an H200
+    (Triton 3.6, bf16, H=32, K=128, V=64) the output kernel took 183 registers, two programs per
+    SM; capped at 168 (three) it ran 0.856 -> 0.694 ms at 8K x 4 and 4.21 -> 3.63 at 128K (176 and
+    184 were no faster than none; at 168 ptxas spills 32 bytes a thread), and chunk_state at 128
+    (four, no spills) 0.384 -> 0.342 and 1.85 -> 1.64.
+    The backward stages (255 registers) only slowed when capped: their spills cost more than the
+    extra program gained (2026-12-01-h200-sweep-register-caps.json)."""
+    if dtype != torch.bfloat16:
+        return None
+    return REGISTERS_PER_SM // (programs_per_sm * warps * 32) // 8 * 8
+
+
 @triton.jit
 def slot_info(docs, slot_doc, slot_chunk, i):
     """(document, chunk index, first token row, t0, length, c0, c_last, first slot) of slot i."""

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
                                           local_decay, local_levels, mma, mma_f32, node_carry, num_warps, reads_at,
-                                          row_tile, slot_info)
+                                          register_cap, row_tile, slot_info)
 
 
 @triton.jit
@@ -56,6 +56,7 @@ def outputs(q, k, v, g, lam, states, init, gc, layout, prec):
     output_kernel[grid](q, k, v, g, lam, states, states if init is None else init, gc, o, layout.docs,
                         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
                         1 if init is None else init.shape[2], C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-                        KP=triton.next_power_of_2(K), BV=BV, num_warps=num_warps(q.dtype), PREC=prec,
+                        KP=triton.next_power_of_2(K), BV=BV, num_warps=num_warps(q.dtype),
+                        maxnreg=register_cap(q.dtype, 3, num_warps(q.dtype)), PREC=prec,
                         HAS_INIT=init is not None)
     return o
