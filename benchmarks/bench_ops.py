@@ -207,7 +207,7 @@ def stage_times(T):
     gc = F.cumulative_decay(totals, layout)
     grads = torch.zeros_like(states)
     ys = torch.zeros(layout.num_slots, H, layout.heights, device=DEV)
-    dq, dlam, dg, xs = F.query_grads(q, g, lam, do, states, None, gc, layout, bwd)
+    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
     straddle = F.straddle(xs, ys, layout)
     times = {
         "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
@@ -218,9 +218,9 @@ def stage_times(T):
         "output": ms(lambda: F.outputs(q, k, v, g, lam, states, None, gc, layout, fwd)),
         "node_grad": ms(lambda: F.node_grads(q, do, g, lam, gc, grads, None, layout, bwd)),
         "tree down": ms(lambda: F.down_sweep(grads, states, ys, gc, layout)),
-        "query_grad": ms(lambda: F.query_grads(q, g, lam, do, states, None, gc, layout, bwd)),
+        "query_grad": ms(lambda: F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)),
         "dg straddle": ms(lambda: F.straddle(xs, ys, layout)),
-        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dq, dlam, dg, layout,
+        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, layout,
                                                  bwd)),
     }
     row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)

@@ -78,9 +78,8 @@ class LogLinearMamba2(torch.autograd.Function):
         down_sweep(grads, states, ys, gc, layout)
         if init_grads is not None:
             _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
-        dq, dlam, dg, xs = query_grads(q, g, lam, do, states, init_nodes, gc, layout, prec)
-        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dq, dlam, dg, layout,
-                              prec)
+        dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dlam, dg, layout, prec)
         d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
 

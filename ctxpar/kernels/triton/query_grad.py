@@ -1,13 +1,14 @@
-"""Backward stage 3a (mirror of the output's node reads): what the queries' reads of tree nodes
-give dq, dlambda and dg.
+"""Backward stage 3a (mirror of the output pass): dq, and what the queries' reads of tree nodes
+give dlambda and dg.
 
-One program per (slot, head, V tile), one node read per set bit h of c: dq += w * do N^T,
-dlambda[log2 C + 1 + h] = carry * rowsum(q * do N^T). The heads of a q/k group add their dq into
-one float32 buffer with atomics: a program that looped over the heads and kept their sum in
-registers spilled ~1 KB per thread (ptxas, sm_90), and partial buffers per head would cost H / Hk
-copies of dq. Every output is linear in do N^T, so wide K x V splits V into tiles
-(common.v_tile) whose programs add their shares. The intra-chunk block's gradients are
-source_grad.py's, which computes the chunk's pair products for dk and dv anyway.
+One program per (slot, head, V tile): the intra-chunk block's dq += (lam exp(dG) * do v^T) k,
+then one node read per set bit h of c: dq += w * do N^T, dlambda[log2 C + 1 + h] =
+carry * rowsum(q * do N^T). The heads of a q/k group add their dq into one float32 buffer with
+atomics: a program that looped over the heads and kept their sum in registers spilled ~1 KB per
+thread (ptxas, sm_90), and partial buffers per head would cost H / Hk copies of dq. Every output
+is linear in the V products, so wide K x V splits V into tiles (common.v_tile) whose programs add
+their shares. The block's other gradients (dlambda of levels <= log2 C, dg's pairs inside the
+chunk) are source_grad.py's, which multiplies q k^T for dv anyway.
 
 dg (see dg.py): dg[r] first gets the node reads of this chunk's queries t >= r; each read's chunk
 total goes to xs[slot, head, h], the share of the chunks between the node and this one.
@@ -17,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, gc_before, level_scale, load_node, local_decay, mma_f32,
-                                          node_carry, num_warps, put, reads_at, row_tile, slot_info, tile_of_v,
-                                          v_tile)
+from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
+                                          local_decay, local_levels, mma, mma_f32, node_carry, num_warps, put, reads_at,
+                                          row_tile, slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
-def query_grad_kernel(q, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
+def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
                       H, HK, K, V, L, NI, NH, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       BV: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -39,7 +40,10 @@ def query_grad_kernel(q, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, s
     gl = local_decay(g, rows, valid, H, h)
     lam_rows = dlam + (rows * H + h) * L
 
-    dq_h = tl.zeros([C, KP], dtype=tl.float32)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+    w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+    dq_h = mma(mma(dot_, tl.trans(vt), dt, PREC) * w, kt, dt, PREC)
     read_share = tl.zeros([C], dtype=tl.float32)
     before = gc_before(gc, i, c, c0, H, h)
     node_mask = (rk[:, None] < K) & (rv[None, :] < V)
@@ -60,10 +64,10 @@ def query_grad_kernel(q, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, s
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), dq_h, mask=qk_mask, sem="relaxed")
 
 
-def query_grads(q, g, lam, do, states, init, gc, layout, prec):
+def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
     """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (the node reads' shares;
-    source_grads adds the intra-chunk block's to all three), xs [S, H, heights] f32 (each chunk's
-    node reads, per height)."""
+    source_grads adds the intra-chunk block's to the last two), xs [S, H, heights] f32 (each
+    chunk's node reads, per height)."""
     R, H, K, V, L = do.shape[0], do.shape[1], q.shape[2], do.shape[2], lam.shape[2]
     dq = torch.zeros(R, q.shape[1], K, device=do.device, dtype=torch.float32)
     dlam = torch.zeros(R, H, L, device=do.device, dtype=torch.float32)
@@ -72,7 +76,7 @@ def query_grads(q, g, lam, do, states, init, gc, layout, prec):
     xs = torch.zeros(layout.num_slots, H, nh, device=do.device, dtype=torch.float32)
     BV = v_tile(K, V, q.dtype)
     query_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
-        q, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
+        q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
         1 if init is None else init.shape[2], nh, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
         KP=triton.next_power_of_2(K), BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec,
