@@ -51,12 +51,14 @@ def outputs(q, k, v, g, lam, states, init, gc, layout, prec):
     """-> o [rows, H, V] in v's dtype (every real row written)."""
     H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     o = torch.empty_like(v)
-    BV = min(64, triton.next_power_of_2(V))
+    BV, KP = min(64, triton.next_power_of_2(V)), triton.next_power_of_2(K)
+    # The cap was measured at K = 128; at K = 256 it would make ptxas spill 472 bytes a thread
+    # (40 uncapped; Triton 3.6, sm_90, kernel_resources.py).
+    cap = register_cap(q.dtype, 3, num_warps(q.dtype)) if KP <= 128 else None
     grid = (layout.num_slots, H, triton.cdiv(V, BV))
     output_kernel[grid](q, k, v, g, lam, states, states if init is None else init, gc, o, layout.docs,
                         layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
                         1 if init is None else init.shape[2], C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-                        KP=triton.next_power_of_2(K), BV=BV, num_warps=num_warps(q.dtype),
-                        maxnreg=register_cap(q.dtype, 3, num_warps(q.dtype)), PREC=prec,
+                        KP=KP, BV=BV, num_warps=num_warps(q.dtype), maxnreg=cap, PREC=prec,
                         HAS_INIT=init is not None)
     return o
