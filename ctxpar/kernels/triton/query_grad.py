@@ -34,14 +34,15 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
     qk_mask = valid[:, None] & (rk[None, :] < K)
+    v_mask = valid[:, None] & (rv[None, :] < V)
     dt = q.dtype.element_ty
     qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
     gl = local_decay(g, rows, valid, H, h)
     lam_rows = dlam + (rows * H + h) * L
 
     kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
     w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     dq_h = mma(mma(dot_, tl.trans(vt), dt, PREC) * w, kt, dt, PREC)
     read_share = tl.zeros([C], dtype=tl.float32)
