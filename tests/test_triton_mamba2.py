@@ -163,7 +163,8 @@ def test_straddle_sums_each_chunks_shares_by_their_definition():
 def test_cumulative_decay_restarts_at_each_document():
     """cumulative_decay (one scan per document and head, in float64) against a running sum taken
     document by document: random lengths, documents starting mid-tree, one longer than a scan block."""
-    from ctxpar.kernels.triton.chunk_state import SCAN_BLOCK, cumulative_decay
+    from ctxpar.kernels.triton.chunk_state import cumulative_decay
+    from ctxpar.kernels.triton.common import SCAN_BLOCK
     from ctxpar.kernels.triton.layout import build_layout
 
     lengths = torch.randint(1, 400, (3,)).tolist() + [C * SCAN_BLOCK + 5]

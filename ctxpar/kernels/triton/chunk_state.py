@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, local_decay, mma_f32, register_cap, row_tile, slot_info
-
-SCAN_BLOCK = 1024  # slots per step of the cumulative decay scan
+from ctxpar.kernels.triton.common import (SCAN_BLOCK, chunk_rows, local_decay, mma_f32, register_cap, row_tile,
+                                          slot_info)
 
 
 @triton.jit

@@ -63,6 +63,8 @@ def num_warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+SCAN_BLOCK = 1024  # slots per step of the float64 scans over slots (chunk_state's cumulative decay, dg's suffix sums)
+
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (sm_80 to sm_90)
 
 

@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import slot_info
+from ctxpar.kernels.triton.common import SCAN_BLOCK, slot_info
 
-SCAN_BLOCK = 1024  # slots per step of the suffix scan
 SLOT_BLOCK = 128  # slots per program of the straddle sums
 
 

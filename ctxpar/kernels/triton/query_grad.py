@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, gc_before, intra_decay, intra_scales, level_scale, load_node,
-                                          local_decay, local_levels, mma, mma_f32, node_carry, num_warps, put, reads_at,
-                                          row_tile, slot_info, tile_of_v, v_tile)
+from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, gc_before, intra_decay, intra_scales, level_scale,
+                                          load_node, local_decay, local_levels, mma, mma_f32, node_carry, num_warps,
+                                          put, reads_at, row_tile, slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
@@ -36,13 +36,9 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     qk_mask = valid[:, None] & (rk[None, :] < K)
     v_mask = valid[:, None] & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
+    qt, kt, vt, dot_ = chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv)
     gl = local_decay(g, rows, valid, H, h)
     lam_rows = dlam + (rows * H + h) * L
-
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
-    vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
     w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     dq_h = mma(mma(dot_, tl.trans(vt), dt, PREC) * w, kt, dt, PREC)
     read_share = tl.zeros([C], dtype=tl.float32)
