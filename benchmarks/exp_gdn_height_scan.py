@@ -16,14 +16,15 @@ Status (2026-12-01, H200, bf16, H=16, K=V=128; results/2026-12-01-h200-exp-gdn-h
 equal to TreeReads on the interpreter (float32, 4e-8 relative) and within 3.2e-5 on the GPU
 (both tf32). Forward: 21.2 ms at 128K tokens against 7.55 (up-sweep) + 29.27 (reads) = 36.8;
 2.96 against 1.94 + 4.92 = 6.86 at 8K x 4. At 128K that is 10 us of wall time for each of
-the 2048 chunk steps, and fewer bytes or products did not move it. Tried, slower or no faster: M in bf16 (22.3 against 23.0 ms),
-a hand-prefetched next M (26.4 against 21.3), a branch-free loop for the pipeliner (48-51
-against 42 at BV 32), 1-16 heights side by side in one [K, G * BV] state (37.8-42.5 against
-30.4), tf32x3 products (2-4x slower). The scan does heights x linear GDN's state pass: its 352
-programs (16 heads x 2 V tiles x 11 heights) take ~2.7 waves of 132 SMs if one fits per SM (M's
-tile alone is 64 KiB a pipeline stage), ~3.8 us a program step; flash-linear-attention's whole
-forward at 128K (5.7 ms, results/2026-11-30-h200-bench_ops-gdn-session8.json) holds its own
-2048-step state pass, one wave of 32 programs, under 2.8 us a step. So the step is near linear
+the 2048 chunk steps, and fewer bytes or products did not move it. Tried, slower or no faster:
+M in bf16 (22.3 against 23.0 ms), a hand-prefetched next M (26.4 against 21.3), a branch-free
+loop for the pipeliner (48-51 against 42 at BV 32), 1-16 heights side by side in one
+[K, G * BV] state (37.8-42.5 against 30.4), tf32x3 products (2-4x slower). The scan does
+heights x linear GDN's state pass: its 352 programs (16 heads x 2 V tiles x 11 heights) take
+~2.7 waves of 132 SMs if one fits per SM (M's tile alone is 64 KiB a pipeline stage), ~3.8 us
+a program step; flash-linear-attention's whole forward at 128K (5.7 ms,
+results/2026-11-30-h200-bench_ops-gdn-session8.json) holds its own 2048-step state pass, one
+wave of 32 programs, under 2.8 us a step. So the step is near linear
 GDN's already: the gain left is in keeping more programs resident per SM, not in the step.
 
 Not here yet: documents that start mid-tree with an initial state, the final state, and the
@@ -32,9 +33,9 @@ M_c^T dA_{c+1}, A recomputed forward from checkpoints) but its sums over heights
 dA_h(c+1) A_h(c)^T over every height and V tile, and dU_c sums dA_h(c+1) over the heights taking
 c in. Added by each (head, V tile, height) program, dM alone is a 64 KiB float32 atomic add per
 chunk, head, height and V tile: 46 GB at 128K tokens (H=16, K=V=128, 11 heights, 2 tiles),
-about 10 ms at the H200's 4.8 TB/s even if atomics ran at memory speed. A backward for this design needs the heights of a
-chunk reduced on chip (several heights per program, or stored states per window of chunks and
-one [K, heights * V] @ [heights * V, K] product per chunk).
+about 10 ms at the H200's 4.8 TB/s even if atomics ran at memory speed. A backward for this
+design needs the heights of a chunk reduced on chip (several heights per program, or stored
+states per window of chunks and one [K, heights * V] @ [heights * V, K] product per chunk).
 
     python benchmarks/exp_gdn_height_scan.py   # GPU: 8K x 4 and 128K tokens, H=16, K=V=128, bf16; CPU: the check
 """
@@ -49,7 +50,7 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import reads_at
 from ctxpar.kernels.triton.gdn_read import TreeReads
 from ctxpar.kernels.triton.gdn_tree import up_sweep
-from exp_gdn_query_carry import rel, setup
+from exp_gdn_query_carry import CPU_SHAPES, GPU_SHAPES, rel, setup
 
 
 @triton.jit
@@ -101,11 +102,9 @@ def main():
     """Writes $OUT/exp_gdn_height_scan.json: each variant's relative difference from TreeReads'
     output, and on a GPU the times of the up-sweep, the tree reads and each variant."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu_shapes = [(4, 8192, 16, 128, 128, torch.bfloat16), (1, 131072, 16, 128, 128, torch.bfloat16)]
-    cpu_shapes = [(1, 1000, 2, 32, 16, torch.float32), (2, 700, 2, 32, 16, torch.float32)]
     gpu_variants = [(64, 8, 2), (64, 8, 1), (64, 4, 1), (128, 8, 1), (32, 4, 1)]  # (V tile, warps, stages)
     rows = []
-    for B, T, H, K, V, dt in gpu_shapes if dev == "cuda" else cpu_shapes:
+    for B, T, H, K, V, dt in GPU_SHAPES if dev == "cuda" else CPU_SHAPES:
         qt, lam_slots, nodes, trans, layout, plan, log_c, prec = setup(B, T, H, K, V, dt, dev)
         u, m = nodes[0], trans[0]
         with torch.no_grad():

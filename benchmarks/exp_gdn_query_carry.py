@@ -41,6 +41,10 @@ from ctxpar.kernels.triton.common import dot_precision, node_at, reads_at
 from ctxpar.kernels.triton.layout import node_segments
 from ctxpar.kernels.triton.gdn_read import TreeReads
 
+# (B, T, H, K, V, dtype) this script and exp_gdn_height_scan.py run: timed on a GPU, checked on the interpreter
+GPU_SHAPES = [(4, 8192, 16, 128, 128, torch.bfloat16), (1, 131072, 16, 128, 128, torch.bfloat16)]
+CPU_SHAPES = [(1, 1000, 2, 32, 16, torch.float32), (2, 700, 2, 32, 16, torch.float32)]
+
 
 @triton.jit
 def node_item(offsets, rank, c, height, c0, first, H, h):
@@ -250,11 +254,8 @@ def main():
     """Writes $OUT/exp_gdn_query_carry.json: relative differences from TreeReads (output and every
     gradient), and on a GPU both designs' forward and forward+backward times."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu_shapes = [(4, 8192, 16, 128, 128, torch.bfloat16), (1, 131072, 16, 128, 128, torch.bfloat16)]
-    cpu_shapes = [(1, 1000, 2, 32, 16, torch.float32), (2, 700, 2, 32, 16, torch.float32)]
-    shapes = gpu_shapes if dev == "cuda" else cpu_shapes
     rows = []
-    for B, T, H, K, V, dt in shapes:
+    for B, T, H, K, V, dt in GPU_SHAPES if dev == "cuda" else CPU_SHAPES:
         qt, lam_slots, nodes, trans, layout, plan, log_c, prec = setup(B, T, H, K, V, dt, dev)
         leaves = [x.detach().clone().requires_grad_() for x in (qt, lam_slots, *nodes, *trans)]
 
