@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctxpar.kernels import torch_chunked
-from ctxpar.kernels.triton import chunked, unavailable_reason
+from ctxpar.kernels.triton import chunked, common, unavailable_reason
 from tests.oracle_check import check_against_reference, reference_run
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -49,6 +49,15 @@ def test_forward_backward_against_reference(case):
     B, T, H, HK, K, V, L, spans, positions, final = CASES[case]
     q, k, v, g, lam = make_inputs(B, T, H, HK, K, V, L)
     check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, final, chunk_size=C, segment=2)
+
+
+def test_heads_of_a_group_over_several_programs(monkeypatch):
+    """Four heads per q/k group, two per query_grad program: two programs add their heads' dq
+    shares into each row (as H = 32, Hk = 1 does with eight)."""
+    monkeypatch.setattr(common, "GROUP_HEADS", 2)
+    assert common.group_heads(4, 1) == 2
+    q, k, v, g, lam = make_inputs(1, 70, 4, 1, 16, 16, 8)
+    check_against_reference(chunked, (q, k, v, g, None, lam), [(0, 0, 70)], None, False, chunk_size=C, segment=2)
 
 
 def test_float32_and_torch_backend_agree():

@@ -63,6 +63,21 @@ def num_warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+GROUP_HEADS = 4  # most heads of one q/k group per query_grad program
+
+
+def group_heads(heads: int, groups: int) -> int:
+    """Heads of one q/k group that a query_grad program takes in turn: they share its q, k tiles
+    and sum their dq shares in registers, so the group's float32 dq gets one atomic add per GH
+    heads. The largest power of two dividing heads // groups, at most GROUP_HEADS. On an H200
+    (bf16, H=32, K=128, Hk=1, V=64) 4 took query_grad 1.378 -> 1.293 ms at 8K x 4 and 6.75 ->
+    6.41 at 128K (8: 1.323, 6.34; 2: 1.355, 6.71). source_grad's dk, summed the same way, spilled
+    1.2-1.4 KB a thread (ptxas, sm_90) and ran 1.61 -> 2.43 ms at 4 (2.61 at 2): its dk is still
+    one atomic add per head."""
+    per_group = heads // groups
+    return min(GROUP_HEADS, per_group & -per_group)
+
+
 SCAN_BLOCK = 1024  # slots per step of the float64 scans over slots (chunk_state's cumulative decay, dg's suffix sums)
 
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (sm_80 to sm_90)
@@ -206,14 +221,20 @@ def row_tile(ptr, rows, heads, head, width, cols):
 
 
 @triton.jit
-def chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv):
-    """The chunk's q, k tiles [C, KP] (its q/k group) and v, dO tiles [C, VP] (its head), as both
-    backward stages read them; padded rows and columns load as zero."""
+def group_tiles(q, k, rows, qk_mask, HK, group, K, rk):
+    """The chunk's q, k tiles [C, KP] of its q/k group, as the backward stages read them; padded
+    rows and columns load as zero."""
     qt = tl.load(row_tile(q, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
     kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=qk_mask, other=0.0)
+    return qt, kt
+
+
+@triton.jit
+def head_tiles(v, do, rows, v_mask, H, h, V, rv):
+    """The chunk's v, dO tiles [C, BV] of head h, as group_tiles."""
     vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=v_mask, other=0.0)
     dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=v_mask, other=0.0)
-    return qt, kt, vt, dot_
+    return vt, dot_
 
 
 @triton.jit

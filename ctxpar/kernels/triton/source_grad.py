@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, chunk_tiles, intra_decay, intra_scales, local_decay, local_levels,
-                                          mma, mma_f32, num_warps, put, row_tile, slot_info, tile_of_v, v_tile)
+from ctxpar.kernels.triton.common import (chunk_rows, group_tiles, head_tiles, intra_decay, intra_scales, local_decay,
+                                          local_levels, mma, mma_f32, num_warps, put, row_tile, slot_info, tile_of_v,
+                                          v_tile)
 
 
 @triton.jit
@@ -43,7 +44,8 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv,
     v_mask = valid[:, None] & (rv[None, :] < V)
     state_mask = (rk[:, None] < K) & (rv[None, :] < V)
     dt = q.dtype.element_ty
-    qt, kt, vt, dot_ = chunk_tiles(q, k, v, do, rows, qk_mask, v_mask, H, HK, group, h, K, V, rk, rv)
+    qt, kt = group_tiles(q, k, rows, qk_mask, HK, group, K, rk)
+    vt, dot_ = head_tiles(v, do, rows, v_mask, H, h, V, rv)
     gl = local_decay(g, rows, valid, H, h)
     decay = intra_decay(gl, valid, C)
     lev = local_levels(C, LOG_C)
@@ -97,11 +99,13 @@ def straddling_pairs(pairs, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexp
     The sums over s < r are one product with a constant triangle of ones, not a running sum:
     each is its own dot product, so the diagonal (s == t, no decay, often the largest term) never
     enters a sum it would cancel out of again. On an H200 (bf16, 8K x 4) the scan it replaced
-    took 0.03-0.05 ms more of this kernel."""
+    took 0.03-0.05 ms more of this kernel. The product is taken as [r, t] and summed along rows:
+    the sum over t stays within each thread's rows of the accumulator (sm_90: 5312 SASS
+    instructions instead of 5848, 59 shuffles instead of 107), and source_grad ran 1.422 ->
+    1.358 ms at 8K x 4 and 5.64 -> 5.56 at 128K (H=32, K=128, Hk=1, V=64)."""
     r = tl.arange(0, C)
-    before = mma_f32(pairs, (r[:, None] < r[None, :]).to(tl.float32), DT, PREC)  # [t, r]: sum over s < r
-    return tl.sum(tl.where(r[:, None] >= r[None, :], before, 0.0), 0)
-
+    before = mma_f32((r[:, None] > r[None, :]).to(DT), tl.trans(pairs), DT, PREC)  # [r, t]: sum over s < r
+    return tl.sum(tl.where(r[:, None] <= r[None, :], before, 0.0), 1)
 
 def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); adds the intra-chunk block's shares
