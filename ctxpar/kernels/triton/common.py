@@ -160,6 +160,15 @@ def level_scale(lam, rows, valid, H, h, L, level):
 
 
 @triton.jit
+def level_grads(dlam, rows, h, L, R):
+    """Pointers to level 0 of head h's dlambda for the chunk's rows (level l: + l * R), in the
+    backward's float32 [H, L, rows] buffer: each level of a chunk is one coalesced store. Against
+    [rows, H, L] (rows H * L apart) on an H200 (bf16, H=32, K=128, Hk=1, V=64, 8K x 4, two runs):
+    query_grad 1.255 -> 1.227 ms, source_grad 1.354 -> 1.338; the op 4.751 -> 4.726 ms at 4K x 8."""
+    return dlam + (h * L).to(tl.int64) * R + rows
+
+
+@triton.jit
 def gc_before(gc, i, c, c0, H, h):
     """Cumulative decay up to the end of the chunk before slot i's (0 for a document's first chunk)."""
     return tl.load(gc + (i - 1) * H + h, mask=c > c0, other=0.0)

@@ -81,7 +81,13 @@ class LogLinearMamba2(torch.autograd.Function):
         dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
         dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dlam, dg, layout, prec)
         d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dlam.to(lam.dtype), init_grads, d_extra, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), _rows_first(dlam, lam.dtype), init_grads, d_extra,
+                None, None)
+
+
+def _rows_first(dlam, dtype):
+    """dlambda [H, L, rows] float32 (as the kernels store it, coalesced) -> [rows, H, L] in lambda's dtype."""
+    return dlam.permute(2, 0, 1).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _index(values, picks, device):

@@ -19,14 +19,14 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, group_heads, group_tiles, head_tiles, intra_decay,
-                                          intra_scales, level_scale, load_node, local_decay, local_levels, mma,
-                                          mma_f32, node_carry, num_warps, put, reads_at, row_tile, slot_info,
+                                          intra_scales, level_grads, level_scale, load_node, local_decay, local_levels,
+                                          mma, mma_f32, node_carry, num_warps, put, reads_at, row_tile, slot_info,
                                           tile_of_v, v_tile)
 
 
 @triton.jit
 def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, docs, slot_doc, slot_chunk, heights,
-                      H, HK, K, V, L, NI, NH, NHP: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+                      H, HK, K, V, L, R, NI, NH, NHP: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, GH: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
                       HAS_INIT: tl.constexpr):
     i, h0 = tl.program_id(0), tl.program_id(1) * GH
@@ -40,14 +40,14 @@ def query_grad_kernel(q, k, v, g, lam, do, states, init, gc, dq, dlam, dg, xs, d
     dq_group = tl.zeros([C, KP], dtype=tl.float32)
     for h in range(h0, h0 + GH):
         dq_group = head_query_grad(dq_group, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i, h, n, c, c0,
-                                   first, rows, valid, vb, heights, H, K, V, L, NI, NH, NHP, C, LOG_C, KP, BV, SHARED,
-                                   PREC, HAS_INIT)
+                                   first, rows, valid, vb, heights, H, K, V, L, R, NI, NH, NHP, C, LOG_C, KP, BV,
+                                   SHARED, PREC, HAS_INIT)
     tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), dq_group, mask=qk_mask, sem="relaxed")
 
 
 @triton.jit
 def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i, h, n, c, c0, first, rows, valid, vb,
-                    heights, H, K, V, L, NI, NH, NHP: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+                    heights, H, K, V, L, R, NI, NH, NHP: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
                     KP: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
                     HAS_INIT: tl.constexpr):
     """dq [C, KP] plus head h's share of its group's dq; stores its dlambda, dg and xs."""
@@ -56,7 +56,7 @@ def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i
     dt = qt.dtype
     vt, dot_ = head_tiles(v, do, rows, v_mask, H, h, V, rv)
     gl = local_decay(g, rows, valid, H, h)
-    lam_rows = dlam + (rows * H + h) * L
+    lam_rows = level_grads(dlam, rows, h, L, R)
     w = intra_decay(gl, valid, C) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
     dq += mma(mma(dot_, tl.trans(vt), dt, PREC) * w, kt, dt, PREC)
     at_height = tl.arange(0, NHP)
@@ -71,7 +71,7 @@ def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i
             lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
             dq += (lam_h * carry)[:, None] * y
             d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
-            put(lam_rows + LOG_C + 1 + height, d_lam, valid, SHARED)
+            put(lam_rows + (LOG_C + 1 + height) * R, d_lam, valid, SHARED)
             reads += tl.where(at_height[None, :] == height, (lam_h * d_lam)[:, None], 0.0)
     # One reduction over the chunk for all heights: per height, the reduction (a barrier each)
     # and its scalar store took this kernel 1.291 -> 1.247 ms at 8K x 4 and 6.39 -> 6.11 at 128K
@@ -85,19 +85,19 @@ def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i
 
 
 def query_grads(q, k, v, g, lam, do, states, init, gc, layout, prec):
-    """-> dq [rows, Hk, K] f32, dlam [rows, H, L] f32, dg [rows, H] f32 (the node reads' shares;
+    """-> dq [rows, Hk, K] f32, dlam [H, L, rows] f32, dg [rows, H] f32 (the node reads' shares;
     source_grads adds the intra-chunk block's to the last two), xs [S, H, heights] f32 (each
     chunk's node reads, per height)."""
     R, H, K, V, L = do.shape[0], do.shape[1], q.shape[2], do.shape[2], lam.shape[2]
     dq = torch.zeros(R, q.shape[1], K, device=do.device, dtype=torch.float32)
-    dlam = torch.zeros(R, H, L, device=do.device, dtype=torch.float32)
+    dlam = torch.zeros(H, L, R, device=do.device, dtype=torch.float32)
     dg = torch.zeros(R, H, device=do.device, dtype=torch.float32)
     nh = max(layout.heights, 1)
     xs = torch.zeros(layout.num_slots, H, nh, device=do.device, dtype=torch.float32)
     BV, GH = v_tile(K, V, q.dtype), group_heads(H, q.shape[1])
     query_grad_kernel[(layout.num_slots, H // GH, triton.cdiv(V, BV))](
         q, k, v, g, lam, do, states, states if init is None else init, gc, dq, dlam, dg, xs, layout.docs,
-        layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L,
+        layout.slot_doc, layout.slot_chunk, layout.heights, H, q.shape[1], K, V, L, R,
         1 if init is None else init.shape[2], nh, NHP=triton.next_power_of_2(nh), C=layout.chunk,
         LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K), BV=BV, GH=GH, SHARED=BV < V,
         num_warps=num_warps(q.dtype), num_stages=1, PREC=prec, HAS_INIT=init is not None)

@@ -25,14 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import (chunk_rows, group_tiles, head_tiles, intra_decay, intra_scales, local_decay,
-                                          local_levels, mma, mma_f32, num_warps, put, row_tile, slot_info, tile_of_v,
-                                          v_tile)
+from ctxpar.kernels.triton.common import (chunk_rows, group_tiles, head_tiles, intra_decay, intra_scales, level_grads,
+                                          local_decay, local_levels, mma, mma_f32, num_warps, put, row_tile, slot_info,
+                                          tile_of_v, v_tile)
 
 
 @triton.jit
 def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dlam, dg, docs, slot_doc, slot_chunk,
-                       H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                       H, HK, K, V, L, R, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                        SHARED: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     vb = tile_of_v(SHARED)
@@ -53,9 +53,9 @@ def source_grad_kernel(q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv,
     dp = mma(dot_, tl.trans(vt), dt, PREC)
     qk = mma(qt, tl.trans(kt), dt, PREC)
     pair = qk * dp * decay
-    lam_rows = dlam + (rows * H + h) * L
+    lam_rows = level_grads(dlam, rows, h, L, R)
     for level in tl.static_range(LOG_C + 1):
-        put(lam_rows + level, tl.sum(tl.where(lev == level, pair, 0.0), 1), valid & (level < L), SHARED)
+        put(lam_rows + level * R, tl.sum(tl.where(lev == level, pair, 0.0), 1), valid & (level < L), SHARED)
     pair_share = straddling_pairs(pair * scales, C, dt, PREC)
     w = decay * scales
     dv_h = mma(tl.trans(qk * w), dot_, dt, PREC)
@@ -117,7 +117,6 @@ def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, lay
     BV = v_tile(K, V, q.dtype)
     source_grad_kernel[(layout.num_slots, H, triton.cdiv(V, BV))](
         q, k, v, g, lam, do, grads, states, gc, straddle, dk, dv, dlam, dg, layout.docs, layout.slot_doc,
-        layout.slot_chunk,
-        H, q.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1, KP=triton.next_power_of_2(K),
-        BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec)
+        layout.slot_chunk, H, q.shape[1], K, V, L, dlam.shape[2], C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
+        KP=triton.next_power_of_2(K), BV=BV, SHARED=BV < V, num_warps=num_warps(q.dtype), PREC=prec)
     return dk, dv
