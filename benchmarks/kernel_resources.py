@@ -15,6 +15,7 @@ differ):
 
     python benchmarks/kernel_resources.py --variant gdn --heads 16 --groups 16 --k 128 --v 128
     python benchmarks/kernel_resources.py --variant mamba2 --heads 32 --groups 1 --k 128 --v 64
+    python benchmarks/kernel_resources.py --variant mamba2 --sass   # also SASS instruction counts
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import struct
 import subprocess
 import tempfile
 
@@ -48,6 +50,8 @@ def parse():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--cp", action="store_true", help="also the kernels context parallelism adds (the state reads)")
     p.add_argument("--tokens", type=int, default=512, help="enough chunks for every tree height a kernel specialises on")
+    p.add_argument("--sass", action="store_true", help="also count SASS instructions (all, and some opcodes: "
+                   "FAMILIES) to compare variants of a kernel")
     return p.parse_args()
 
 
@@ -78,15 +82,53 @@ def compile_as_launched(kernel: JITFunction, args: tuple, kwargs: dict):
                                               options=options.__dict__)
 
 
-def resources(compiled) -> dict:
+def resources(compiled, sass: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        usage = cuobjdump("-res-usage", f.name)
+        listing = cuobjdump("-sass", f.name) if sass else None
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
     shared = compiled.metadata.shared
-    return dict(shared=shared, fits=shared <= SHARED_LIMIT, registers=field("REG"), spill_stack=field("STACK"))
+    row = dict(shared=shared, fits=shared <= SHARED_LIMIT, registers=field("REG"), spill_stack=field("STACK"))
+    if sass:
+        row.update(instruction_counts(listing, compiled.asm["cubin"], compiled.metadata.name))
+    return row
+
+
+def cuobjdump(flag: str, path: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+# Opcodes worth watching when two variants of a kernel are compared (sm_90 names): tensor-core
+# products, barriers (a reduction over a whole program: query_grad's one per height cost it 0.04
+# ms at 8K x 4), shuffles (reductions and layout changes inside a warp), shared-memory traffic,
+# local memory (spills), global atomics.
+FAMILIES = ("HGMMA", "BAR", "SHFL", "LDS", "STS", "LDL", "STL", "REDG", "ATOMG")
+
+
+def instruction_counts(listing: str, cubin: bytes, name: str) -> dict:
+    """SASS instructions of the kernel (all, and per opcode in FAMILIES). Every sm_90 instruction
+    is 16 bytes, so the count must fill the kernel's .text section exactly: a parse that missed
+    instructions (a first version matched 4-digit offsets only and stopped at 4096) fails here."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", listing)
+    if 16 * len(ops) != text_size(cubin, name):
+        raise RuntimeError(f"parsed {len(ops)} instructions, the .text section holds {text_size(cubin, name) // 16}")
+    return dict(instructions=len(ops), **{fam: sum(op.split(".")[0] == fam for op in ops) for fam in FAMILIES})
+
+
+def text_size(cubin: bytes, name: str) -> int:
+    """Bytes of section .text.<name> of an ELF64 cubin."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strings = headers[names][4]
+    for sh_name, _, _, _, _, size in headers:
+        end = cubin.index(b"\0", strings + sh_name)
+        if cubin[strings + sh_name:end] == f".text.{name}".encode():
+            return size
+    raise KeyError(name)
 
 
 def op_call(args):
@@ -122,7 +164,7 @@ def main():
         seen.add(key)
         row = dict(kernel=kernel.__name__, constexprs=constexprs, **{k: v for k, v in kw.items() if k in OPTIONS})
         try:
-            row.update(resources(build()))
+            row.update(resources(build(), args.sass))
         except Exception as e:  # noqa: BLE001  a kernel that does not compile is a finding, not a crash
             row["error"] = repr(e)[:300]
         rows.append(row)
