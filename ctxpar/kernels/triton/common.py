@@ -72,8 +72,8 @@ def group_heads(heads: int, groups: int) -> int:
     heads. The largest power of two dividing heads // groups, at most GROUP_HEADS. On an H200
     (bf16, H=32, K=128, Hk=1, V=64) 4 took query_grad 1.378 -> 1.293 ms at 8K x 4 and 6.75 ->
     6.41 at 128K (8: 1.323, 6.34; 2: 1.355, 6.71). source_grad's dk, summed the same way, spilled
-    1.2-1.4 KB a thread (ptxas, sm_90) and ran 1.61 -> 2.43 ms at 4 (2.61 at 2): its dk is still
-    one atomic add per head."""
+    1.2-1.4 KB a thread (ptxas, sm_90) and ran 1.61 -> 2.43 ms at 8K x 4 with 4 heads (2.61 with
+    2): its dk is still one atomic add per head."""
     per_group = heads // groups
     return min(GROUP_HEADS, per_group & -per_group)
 

@@ -100,12 +100,13 @@ def straddling_pairs(pairs, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexp
     each is its own dot product, so the diagonal (s == t, no decay, often the largest term) never
     enters a sum it would cancel out of again. On an H200 (bf16, 8K x 4) the scan it replaced
     took 0.03-0.05 ms more of this kernel. The product is taken as [r, t] and summed along rows:
-    the sum over t stays within each thread's rows of the accumulator (sm_90: 5312 SASS
-    instructions instead of 5848, 59 shuffles instead of 107), and source_grad ran 1.422 ->
+    the sum over t stays within each thread's rows of the accumulator (sm_90, Triton 3.6: 5312
+    SASS instructions instead of 5848, 59 shuffles instead of 107), and source_grad ran 1.422 ->
     1.358 ms at 8K x 4 and 5.64 -> 5.56 at 128K (H=32, K=128, Hk=1, V=64)."""
     r = tl.arange(0, C)
     before = mma_f32((r[:, None] > r[None, :]).to(DT), tl.trans(pairs), DT, PREC)  # [r, t]: sum over s < r
     return tl.sum(tl.where(r[:, None] <= r[None, :], before, 0.0), 1)
+
 
 def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); adds the intra-chunk block's shares
