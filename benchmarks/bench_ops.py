@@ -20,12 +20,13 @@ and (6, 192, 384), per-head q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 
 """
 
 import json
-import math
 import os
 import time
 
 import torch
 import triton
+
+from ctxpar.kernels.levels import num_levels
 
 DT = torch.bfloat16
 DEV = "cuda"
@@ -105,7 +106,7 @@ def mamba2_inputs(B, T, heads_qk):
 
 def log_linear_inputs(B, T):
     q, k, v, g = mamba2_inputs(B, T, 1)
-    lam = torch.randn(B, T, H, int(math.log2(T)) + 1, device=DEV, dtype=DT).requires_grad_()
+    lam = torch.randn(B, T, H, num_levels(T), device=DEV, dtype=DT).requires_grad_()
     return q, k, v, g, lam
 
 
@@ -127,7 +128,7 @@ def gdn_inputs(heads, k_dim, v_dim, log_linear):
         beta = torch.rand(B, T, heads, device=DEV, dtype=DT)
         out = [q, k, v, g, beta]
         if log_linear:
-            out.append(torch.rand(B, T, heads, int(math.log2(T)) + 1, device=DEV, dtype=DT) + 0.5)
+            out.append(torch.rand(B, T, heads, num_levels(T), device=DEV, dtype=DT) + 0.5)
         return [x.requires_grad_() for x in out]
 
     return make

@@ -69,6 +69,25 @@ def test_float32_and_torch_backend_agree():
     assert rel(o, expected) < 1e-5
 
 
+def test_levels_past_lambda_weigh_zero_as_in_the_torch_backend():
+    """Called with fewer levels than the sequence needs (the public op refuses that; the kernels
+    must still not write past them), reads at the missing levels weigh zero and every gradient
+    matches the torch backend's. query_grad once wrote those levels' dlambda into the next head's
+    first levels (and past the end of the buffer for the last head); K = 256 splits V into tiles
+    that add their dlambda shares (common.v_tile), so such a write adds to what source_grad adds."""
+    q, k, v, g, lam = make_inputs(1, 150, 3, 1, 256, 48, 7)  # 150 tokens need 9 levels
+    spans = [(0, 0, 150)]
+    leaves = [x.requires_grad_() for x in (q, k, v, g, lam)]
+    do = torch.randn_like(v)
+    o, _ = chunked(q, k, v, g, None, lam, spans, chunk_size=C)
+    grads = torch.autograd.grad((o * do).sum(), leaves)
+    expected, _ = torch_chunked.chunked(q, k, v, g, None, lam, spans, chunk_size=C)
+    expected_grads = torch.autograd.grad((expected * do).sum(), leaves)
+    assert rel(o, expected) < 1e-5
+    for name, a, b in zip("q k v g lambda".split(), grads, expected_grads):
+        assert rel(a, b) < 1e-5, (name, rel(a, b))
+
+
 def test_stages_match_torch_chunked():
     """chunk_state == chunk_stage's U (odd chunks: build_tree's height-1 node, the up-sweep's first
     height folded in), and after the up-sweep slot c holds build_tree's node of height ones(c)

@@ -71,7 +71,7 @@ def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i
             lam_h = level_scale(lam, rows, valid, H, h, L, LOG_C + 1 + height)
             dq += (lam_h * carry)[:, None] * y
             d_lam = carry * tl.sum(qt.to(tl.float32) * y, 1)
-            put(lam_rows + (LOG_C + 1 + height) * R, d_lam, valid, SHARED)
+            put(lam_rows + (LOG_C + 1 + height) * R, d_lam, valid & (LOG_C + 1 + height < L), SHARED)
             reads += tl.where(at_height[None, :] == height, (lam_h * d_lam)[:, None], 0.0)
     # One reduction over the chunk for all heights: per height, the reduction (a barrier each)
     # and its scalar store took this kernel 1.291 -> 1.247 ms at 8K x 4 and 6.39 -> 6.11 at 128K
