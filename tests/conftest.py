@@ -2,7 +2,8 @@
 
 Without a GPU the Triton kernels run under the interpreter, which must be switched on before any
 module that defines a kernel is imported; under it, autotuning with several configs fails
-("0 active drivers"), so autotuned kernels take their first config.
+("0 active drivers"), so autotuned kernels take their first config, and every memory access a
+kernel makes is bounds-checked (tests/memcheck.py).
 """
 
 import os
@@ -30,3 +31,6 @@ def _first_config_autotuner():
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _first_config_autotuner()
+    from tests import memcheck
+
+    memcheck.install()  # every interpreted kernel's loads, stores and atomics stay inside its tensors

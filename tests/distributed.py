@@ -35,6 +35,10 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo") -> None:
 
 
 def _run_rank(rank: int, world_size: int, port: int, backend: str, fn, args: tuple) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # as the conftest does in the test process
+        from tests import memcheck
+
+        memcheck.install()
     if backend == "nccl":
         torch.cuda.set_device(rank)
     address = f"tcp://127.0.0.1:{port}"
