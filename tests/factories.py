@@ -29,3 +29,18 @@ def attention_inputs(B, T, H, K, V, *, Hk=None, gdn=False, levels=None, dtype=to
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def random_documents(seed: int):
+    """(T, spans, initial positions, levels L) of one random packed row: 20-119 tokens cut into
+    documents (a single last token among them), each continuing from a random position (0, around
+    a chunk edge of 16, or anywhere below 200); L covers the longest document's end."""
+    import random
+
+    rng = random.Random(seed)
+    T = rng.randrange(20, 120)
+    cuts = sorted({0, T, *rng.sample(range(1, T), rng.randrange(1, 6)), T - 1})
+    spans = [(0, a, b) for a, b in zip(cuts, cuts[1:])]
+    positions = [rng.choice([0, 1, 15, 16, 17, rng.randrange(200)]) for _ in spans]
+    L = max(p + b - a for p, (_, a, b) in zip(positions, spans)).bit_length() + 1
+    return T, spans, positions, L

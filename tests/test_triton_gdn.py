@@ -9,7 +9,7 @@ import torch
 
 from ctxpar.kernels import reference, torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
-from tests.factories import attention_inputs, rel_err
+from tests.factories import attention_inputs, random_documents, rel_err
 from tests.oracle_check import NAMES as GRADS
 from tests.oracle_check import check_against_reference
 
@@ -52,12 +52,7 @@ def test_random_documents_and_states():
 
     seed = random.randrange(2**31)
     print(f"seed={seed}")  # shown when the test fails
-    rng = random.Random(seed)
-    T = rng.randrange(20, 120)
-    cuts = sorted({0, T, *rng.sample(range(1, T), rng.randrange(1, 6)), T - 1})
-    spans = [(0, a, b) for a, b in zip(cuts, cuts[1:])]
-    positions = [rng.choice([0, 1, 15, 16, 17, rng.randrange(200)]) for _ in spans]
-    L = max(p + b - a for p, (_, a, b) in zip(positions, spans)).bit_length() + 1
+    T, spans, positions, L = random_documents(seed)
     inputs = make_inputs(1, T, 2, 1, 16, 16, L)
     check_against_reference(chunked, inputs, spans, positions, True, chunk_size=C)
 

@@ -9,6 +9,7 @@ import torch
 
 from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, common, unavailable_reason
+from tests.factories import random_documents
 from tests.oracle_check import check_against_reference, reference_run
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -49,6 +50,18 @@ def test_forward_backward_against_reference(case):
     B, T, H, HK, K, V, L, spans, positions, final = CASES[case]
     q, k, v, g, lam = make_inputs(B, T, H, HK, K, V, L)
     check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, final, chunk_size=C, segment=2)
+
+
+def test_random_documents_and_states():
+    """Random packed documents (a single last token among them) with random initial positions
+    (0 too), Hk = 1 against H = 4 heads, the final state out."""
+    import random
+
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")  # shown when the test fails
+    T, spans, positions, L = random_documents(seed)
+    q, k, v, g, lam = make_inputs(1, T, 4, 1, 16, 16, L)
+    check_against_reference(chunked, (q, k, v, g, None, lam), spans, positions, True, chunk_size=C, segment=2)
 
 
 def test_heads_of_a_group_over_several_programs(monkeypatch):
