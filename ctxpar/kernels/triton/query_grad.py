@@ -74,9 +74,9 @@ def head_query_grad(dq, qt, kt, v, g, lam, do, states, init, gc, dlam, dg, xs, i
             put(lam_rows + (LOG_C + 1 + height) * R, d_lam, valid & (LOG_C + 1 + height < L), SHARED)
             reads += tl.where(at_height[None, :] == height, (lam_h * d_lam)[:, None], 0.0)
     # One reduction over the chunk for all heights: per height, the reduction (a barrier each)
-    # and its scalar store took this kernel 1.291 -> 1.247 ms at 8K x 4 and 6.39 -> 6.11 at 128K
-    # (H200, bf16, H=32, K=128, Hk=1, V=64). Gathering the rows' dlambda into one store per row
-    # as well was slower (1.271, 6.34).
+    # and its scalar store made this kernel 1.291 ms at 8K x 4 and 6.39 at 128K against 1.247
+    # and 6.11 (H200, bf16, H=32, K=128, Hk=1, V=64; two consecutive runs). Gathering the rows'
+    # dlambda into one store per row as well was slower (1.271, 6.34).
     put(xs + (i * H + h) * NH + at_height, tl.sum(reads, 0), at_height < NH, SHARED)
     # "+ 0.0": Triton 3.7.1's interpreter atomically added garbage from the reversed scan itself
     # (a view it reads with the wrong strides); the sum is a fresh tensor. Compiled code: one add.
