@@ -192,37 +192,51 @@ def fla_ops():
             lambda q, k, v, g: chunk_simple_gla(q, k, v, g)[0])
 
 
+def stage_inputs(T, B, prec="tf32"):
+    """Every Mamba-2 stage's inputs at T x B (this script's shape and values): the up-swept tree,
+    small random node gradients, and what the backward stages pass on (dlam, dg, xs, ys, straddle)."""
+    from types import SimpleNamespace
+
+    from ctxpar.kernels.triton import function as F
+    from ctxpar.kernels.triton.layout import build_layout
+
+    q, k, v, g, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in log_linear_inputs(B, T))
+    do = torch.randn_like(v)
+    spans = [(b, 0, T) for b in range(B)]
+    layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV)
+    states, totals = F.chunk_states(k, v, g, layout, prec)
+    gc = F.cumulative_decay(totals, layout)
+    F.up_sweep(states, None, gc, layout)
+    ys = torch.zeros(layout.num_slots, v.shape[1], layout.heights, device=DEV)
+    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, prec)
+    return SimpleNamespace(q=q, k=k, v=v, g=g, lam=lam, do=do, B=B, spans=spans, layout=layout, states=states,
+                           totals=totals, gc=gc, grads=torch.randn_like(states) * 0.01, ys=ys, xs=xs, dlam=dlam, dg=dg,
+                           straddle=F.straddle(xs, ys, layout))
+
+
 def stage_times(T):
     """Median ms of each ctxpar stage alone (in-place stages rerun on their own output: same work)."""
     from ctxpar.kernels.triton import function as F
     from ctxpar.kernels.triton.layout import build_layout, clear_layout_cache
 
     B = batch_of(T)
-    q, k, v, g, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in log_linear_inputs(B, T))
-    do = torch.randn_like(v)
-    spans = [(b, 0, T) for b in range(B)]
+    s = stage_inputs(T, B)
     ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
     fwd = bwd = "tf32"
-    layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV)
-    states, totals = F.chunk_states(k, v, g, layout, fwd)
-    gc = F.cumulative_decay(totals, layout)
-    grads = torch.zeros_like(states)
-    ys = torch.zeros(layout.num_slots, H, layout.heights, device=DEV)
-    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)
-    straddle = F.straddle(xs, ys, layout)
     times = {
         "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
-                                               build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV))),
-        "chunk_state": ms(lambda: F.chunk_states(k, v, g, layout, fwd)),
-        "cumulative_decay": ms(lambda: F.cumulative_decay(totals, layout)),
-        "tree up": ms(lambda: F.up_sweep(states, None, gc, layout)),
-        "output": ms(lambda: F.outputs(q, k, v, g, lam, states, None, gc, layout, fwd)),
-        "node_grad": ms(lambda: F.node_grads(q, do, g, lam, gc, grads, None, layout, bwd)),
-        "tree down": ms(lambda: F.down_sweep(grads, states, ys, gc, layout)),
-        "query_grad": ms(lambda: F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, bwd)),
-        "dg straddle": ms(lambda: F.straddle(xs, ys, layout)),
-        "source_grad": ms(lambda: F.source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, layout,
-                                                 bwd)),
+                                               build_layout(s.spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT,
+                                                            DEV))),
+        "chunk_state": ms(lambda: F.chunk_states(s.k, s.v, s.g, s.layout, fwd)),
+        "cumulative_decay": ms(lambda: F.cumulative_decay(s.totals, s.layout)),
+        "tree up": ms(lambda: F.up_sweep(s.states, None, s.gc, s.layout)),
+        "output": ms(lambda: F.outputs(s.q, s.k, s.v, s.g, s.lam, s.states, None, s.gc, s.layout, fwd)),
+        "node_grad": ms(lambda: F.node_grads(s.q, s.do, s.g, s.lam, s.gc, s.grads, None, s.layout, bwd)),
+        "tree down": ms(lambda: F.down_sweep(s.grads, s.states, s.ys, s.gc, s.layout)),
+        "query_grad": ms(lambda: F.query_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.states, None, s.gc, s.layout, bwd)),
+        "dg straddle": ms(lambda: F.straddle(s.xs, s.ys, s.layout)),
+        "source_grad": ms(lambda: F.source_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.grads, s.states, s.gc, s.straddle,
+                                                 s.dlam, s.dg, s.layout, bwd)),
     }
     row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)
     results.append(row)

@@ -24,7 +24,6 @@ import triton
 
 import bench_ops as B
 from ctxpar.kernels.triton import function as F
-from ctxpar.kernels.triton.layout import build_layout
 
 GPU = torch.cuda.is_available()
 PREC = "tf32" if GPU else "ieee"
@@ -53,18 +52,9 @@ def load_variant(path):
 
 def prepared(T):
     """The stages' inputs at T (bench_ops.py's shape and values; a small one on the interpreter)."""
-    Bn = B.batch_of(T) if GPU else 1
-    q, k, v, g, lam = (x.detach().reshape(Bn * T, *x.shape[2:]) for x in B.log_linear_inputs(Bn, T))
-    layout = build_layout([(b, 0, T) for b in range(Bn)], [0] * Bn, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, B.DEV)
-    states, totals = F.chunk_states(k, v, g, layout, PREC)
-    gc = F.cumulative_decay(totals, layout)
-    F.up_sweep(states, None, gc, layout)
-    do = torch.randn_like(v)
-    grads = torch.randn_like(states) * 0.01
-    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, PREC)
-    ys = torch.zeros(layout.num_slots, v.shape[1], layout.heights, device=B.DEV)
-    return SimpleNamespace(q=q, k=k, v=v, g=g, lam=lam, do=do, layout=layout, states=states, gc=gc, grads=grads,
-                           dlam=dlam, dg=dg, straddle=F.straddle(xs, ys, layout), inputs=(q, k, v, g, lam), B=Bn)
+    s = B.stage_inputs(T, B.batch_of(T) if GPU else 1, PREC)
+    s.inputs = (s.q, s.k, s.v, s.g, s.lam)
+    return s
 
 
 def outputs_of(stage, fn, s):
