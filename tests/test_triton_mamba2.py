@@ -220,6 +220,19 @@ def test_cumulative_decay_restarts_at_each_document():
     torch.testing.assert_close(cumulative_decay(totals, layout).cpu(), expected, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_rows_first_is_the_permuted_cast(dtype):
+    """dlambda's [H, L, rows] -> [rows, H, L] copy against torch's permuted cast, on sizes that
+    leave partial tiles along both axes. bf16 within one unit in the last place: the interpreter
+    rounds its casts toward zero, torch to nearest."""
+    from ctxpar.kernels.triton.rows_first import BC, BR, rows_first
+
+    H, L, R = 3, torch.randint(BC // 3 + 1, BC, ()).item(), torch.randint(BR + 1, 3 * BR, ()).item()
+    x = torch.randn(H, L, R, device=DEVICE)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(rows_first(x, dtype), x.permute(2, 0, 1).to(dtype), rtol=ulp, atol=0)
+
+
 def test_node_gradients_cover_every_slot():
     """node_grads stores where it is a node's only writer, so the backward zeroes only
     layout.shared_slots: a NaN-filled buffer with those zeroed must end like a zeroed one, NaN-free."""

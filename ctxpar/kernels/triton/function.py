@@ -26,6 +26,7 @@ from ctxpar.kernels.triton.layout import build_layout
 from ctxpar.kernels.triton.node_grad import node_grads
 from ctxpar.kernels.triton.output import outputs
 from ctxpar.kernels.triton.query_grad import query_grads
+from ctxpar.kernels.triton.rows_first import rows_first
 from ctxpar.kernels.triton.source_grad import source_grads
 from ctxpar.kernels.triton.tree import down_sweep, up_sweep
 
@@ -81,13 +82,8 @@ class LogLinearMamba2(torch.autograd.Function):
         dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
         dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dlam, dg, layout, prec)
         d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), _rows_first(dlam, lam.dtype), init_grads, d_extra,
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), rows_first(dlam, lam.dtype), init_grads, d_extra,
                 None, None)
-
-
-def _rows_first(dlam, dtype):
-    """dlambda [H, L, rows] float32 (as the kernels store it, coalesced) -> [rows, H, L] in lambda's dtype."""
-    return dlam.permute(2, 0, 1).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _index(values, picks, device):
