@@ -5,7 +5,8 @@ the context-parallel op (torchrun, one process per GPU), the top kernels per ran
     torchrun --nproc_per_node 2 benchmarks/profile_step.py --variant mamba2 --t 1048576 --cp
 
 Prints a table per rank and writes $OUT/profile_<variant>_<T>[_cp]_rank<r>.json (kernel name,
-calls, total and mean microseconds). Inputs and the step are bench_cp's, so the figures line up.
+calls, total and mean microseconds; the compute stream's span, idle time and longest gaps: on a
+CP rank, its waits for the others). Inputs and the step are bench_cp's, so the figures line up.
 """
 
 from __future__ import annotations
@@ -111,13 +112,15 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    rows = kernel_table(prof)
+    rows, idle = kernel_table(prof), stream_gaps(prof, top=5)
     name = f"profile_{args.variant}_{args.t}{'_cp' if args.cp else ''}_rank{rank}"
     with open(os.path.join(os.environ.get("OUT", "."), name + ".json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"kernels": rows, "compute_stream": idle}, f, indent=1)
     total = sum(r["total_us"] for r in rows)
     lines = [f"== {name}: {total / 1e3:.2f} ms of kernels"]
     lines += [f"{r['total_us'] / 1e3:8.3f} ms {r['calls']:5d}x  {r['name'][:110]}" for r in rows[: args.top]]
+    lines.append(f"compute stream: span {idle['span_s'] * 1e3:.2f} ms, idle {idle['idle_s'] * 1e3:.2f} ms")
+    lines += [f"  gap {g['ms']:.3f} ms after {g['after'][:50]} before {g['before'][:50]}" for g in idle["top"]]
     for r in range(world):  # one rank at a time, so the tables do not interleave
         if r == rank:
             print("\n".join(lines), flush=True)
