@@ -17,7 +17,7 @@ def rel(a, b):
 
 
 # tol: o and dq (in the inputs' dtype); tol32: dw and dS (float32), which keep the precision of
-# the state's products: bf16 hi + lo parts, tf32 for fp16 queries (exact on the interpreter).
+# the state's products: bf16 for bf16 queries, tf32 for fp16 ones (exact on the interpreter).
 @pytest.mark.parametrize("R, n, H, HQ, K, V, NB, dtype, tol, tol32", [
     (1, 150, 4, 1, 32, 16, 2, torch.float32, 1e-5, 1e-5),
     (2, 70, 4, 2, 16, 32, 3, torch.float32, 1e-5, 1e-5),
@@ -25,7 +25,7 @@ def rel(a, b):
     (1, 90, 4, 2, 32, 16, 2, torch.float16, 2e-3, 1e-3),
     (1, 70, 2, 1, 256, 48, 2, torch.float32, 1e-5, 1e-5),  # V split into tiles (common.v_tile)
     # bf16 on the device only: the Triton interpreter does not emulate bf16 dots
-    pytest.param(1, 3000, 32, 1, 128, 64, 2, torch.bfloat16, 4e-3, 1e-4, marks=pytest.mark.gpu),
+    pytest.param(1, 3000, 32, 1, 128, 64, 2, torch.bfloat16, 4e-3, 4e-3, marks=pytest.mark.gpu),
 ], ids=["hq1-two-buckets", "batch-hq-divisor", "long-run", "fp16", "wide-k-split-v",
     "bf16-benchmark-heads"])
 def test_fused_reads_match_torch(R, n, H, HQ, K, V, NB, dtype, tol, tol32):

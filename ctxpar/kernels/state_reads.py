@@ -34,22 +34,10 @@ def torch_reads(q: torch.Tensor, w: torch.Tensor, states: torch.Tensor) -> torch
     return out
 
 
-def hi_lo(s: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 state as two parts in ``dtype`` (bf16) with hi + lo ~= s to about 16 bits (the
-    split the kernels' mma_f32 makes in registers)."""
-    hi = s.to(dtype)
-    return hi, (s - hi.to(s.dtype)).to(dtype)
-
-
 def _grouped(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """[R, n, Hq, K] x [R, H, K, V] -> [R, n, H, V], head h reading group h // (H // Hq): one GEMM
-    per group, N = (H // Hq) * V wide. bf16 q meets the float32 state as bf16 hi + lo parts
-    stacked along K (as the kernels' mma_f32 splits it), so one tensor-core product keeps about
-    16 bits of the state; fp16 parts would overflow past 65504, so other dtypes meet it in
-    float32. The result comes out in q's dtype."""
+    per group, N = (H // Hq) * V wide. bf16 q meets the float32 state rounded to bf16, as the
+    kernels' mma_f32 does; other dtypes meet it in float32. The result comes out in q's dtype."""
     s = s.unflatten(1, (q.shape[2], -1))
-    if q.dtype == torch.bfloat16:
-        left, s = torch.cat([q, q], dim=-1), torch.cat(hi_lo(s, q.dtype), dim=-2)
-    else:
-        left = q.to(s.dtype)
+    left, s = (q, s.to(q.dtype)) if q.dtype == torch.bfloat16 else (q.to(s.dtype), s)
     return torch.einsum("rnqk,rqgkv->rnqgv", left, s).to(q.dtype).flatten(2, 3)

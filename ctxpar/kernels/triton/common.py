@@ -259,35 +259,30 @@ def mma_f32(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b for the products that build or read tree states (and their gradients): one operand
     is float32 (a state, or inputs times decays), the other exact in the inputs' dtype DT.
 
-    For bf16 inputs the float32 operand is split into bf16 hi + lo parts: two bf16 products,
-    about 16 mantissa bits, where tf32 keeps 10 and needs float32 copies of the inputs. A node
-    sums up to a million tokens: bf16 alone here doubled the errors of o, dk and dv (emulated).
-    fp16 parts would overflow where a state passes 65504 (inf, then NaN), so fp16 inputs take
-    tf32, which holds them exactly. (fp16 scaled per row and column by powers of two instead:
-    one product, the same bf16 test errors, but the scales' reductions made the op 37% slower
-    on an H200 at 128K tokens.)
+    bf16 inputs meet the float32 operand rounded to bf16, one tensor-core product, as
+    flash-linear-attention's and mamba_ssm's chunked kernels read their states. Splitting it into
+    bf16 hi + lo parts (two products, about 16 bits; now only mma_split) was the rule until
+    2026-12-01. On an H200 (bf16, H=32, K=128, Hk=1, V=64, one lease) one product took the op from
+    4.90 to 4.27 ms at 8K x 4 and from 23.2 to 19.8 ms at 128K, and moved the bf16 GPU tests'
+    relative errors against float64 from 1.8e-3 to 2.7e-3 (o) and from 2.5e-3 to 3.2e-3 (q, k,
+    v, lambda), against bounds of 4e-3 and 1e-2.
+    fp16 would overflow where a state passes 65504 (inf, then NaN), so fp16 inputs take tf32,
+    which holds them exactly (fp16 scaled per row and column by powers of two instead made the op
+    37% slower at 128K). float32 inputs stay float32 (PREC 'ieee').
     """
-    if DT == tl.float32:
-        return tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
     if DT == tl.float16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32", out_dtype=tl.float32)
-    if a.dtype == tl.float32:
-        hi = a.to(DT)
-        lo = (a - hi.to(tl.float32)).to(DT)
-        return tl.dot(lo, b.to(DT), acc=tl.dot(hi, b.to(DT), out_dtype=tl.float32))
-    hi = b.to(DT)
-    lo = (b - hi.to(tl.float32)).to(DT)
-    return tl.dot(a.to(DT), lo, acc=tl.dot(a.to(DT), hi, out_dtype=tl.float32))
+    return mma(a, b, DT, PREC)
 
 
 @triton.jit
-def mma_parts(a, hi, lo, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """a @ (hi + lo), a float32 operand split as mma_f32 splits it (SPLIT), else a @ hi with hi
-    the float32 operand itself: for a state that many programs read, split once on the host
-    instead of once per program. (mma_f32 keeps its own two products: routing them through here
-    changed ptxas's spills in source_grad.)"""
-    if SPLIT:  # an else, not an early return: Triton also compiles what follows a constexpr return
-        out = tl.dot(a, lo, acc=tl.dot(a, hi, out_dtype=tl.float32))
+def mma_split(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """mma_f32 with the float32 operand b split into bf16 hi + lo parts for bf16 inputs (two
+    products, about 16 bits): for sums by product whose terms cancel, such as dg's straddling
+    pairs, where one rounding of every term would show in the difference."""
+    if DT == tl.bfloat16:  # an else, not an early return: Triton also compiles what follows a constexpr return
+        hi = b.to(DT)
+        out = tl.dot(a.to(DT), (b - hi.to(tl.float32)).to(DT), acc=tl.dot(a.to(DT), hi, out_dtype=tl.float32))
     else:
-        out = tl.dot(a.to(tl.float32), hi, input_precision=PREC, out_dtype=tl.float32)
+        out = mma_f32(a, b, DT, PREC)
     return out

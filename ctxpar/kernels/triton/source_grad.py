@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, group_tiles, head_tiles, intra_decay, intra_scales, level_grads,
-                                          local_decay, local_levels, mma, mma_f32, num_warps, put, row_tile, slot_info,
-                                          tile_of_v, v_tile)
+                                          local_decay, local_levels, mma, mma_f32, mma_split, num_warps, put, row_tile,
+                                          slot_info, tile_of_v, v_tile)
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def straddling_pairs(pairs, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexp
     SASS instructions instead of 5848, 59 shuffles instead of 107), and source_grad ran 1.422 ->
     1.358 ms at 8K x 4 and 5.64 -> 5.56 at 128K (H=32, K=128, Hk=1, V=64)."""
     r = tl.arange(0, C)
-    before = mma_f32((r[:, None] > r[None, :]).to(DT), tl.trans(pairs), DT, PREC)  # [r, t]: sum over s < r
+    before = mma_split((r[:, None] > r[None, :]).to(DT), tl.trans(pairs), DT, PREC)  # [r, t]: sum over s < r
     return tl.sum(tl.where(r[:, None] <= r[None, :], before, 0.0), 1)
 
 

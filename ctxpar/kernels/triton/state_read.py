@@ -7,7 +7,8 @@ Forward: one program per (block of BT tokens, q group, V tile) loads the block's
 and adds the reads of each head of the group to o in one pass. Backward: dq and dw per (token
 block, q group, V tile), looping over the group's heads (atomics only when V is split,
 common.v_tile); dS per (run of token blocks, bucket, head, V tile), an atomic add per run. For
-bf16 queries the float32 state is split into hi + lo parts once, on the host (common.mma_parts).
+bf16 queries the float32 state is rounded to bf16 once, on the host, as common.mma_f32 rounds
+it in registers.
 Rows are the flattened [R * n] tokens; a token block never straddles two sequences.
 
 In torch the same op took 18 ms of a 512K-token context-parallel step on an H200 (separate
@@ -20,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.state_reads import hi_lo
-from ctxpar.kernels.triton.common import (dot_precision, mma_f32, mma_parts, num_warps, put, row_tile, tile_of_v,
-                                          v_tile)
+from ctxpar.kernels.triton.common import dot_precision, mma_f32, num_warps, put, row_tile, tile_of_v, v_tile
 
 # Swept on an H200 at the 1M-token CP shape (512K tokens read one bucket, H=32, Hk=1, K=128,
 # V=64, bf16; 2026-11-30-h200-sweep_reads.json): forward 3.47 -> 2.02 ms (a copy of o, the floor
@@ -50,8 +49,8 @@ def bucket_tile(s, r, h, b, H, NB, K, V, rk, rv):
 
 
 @triton.jit
-def reads_kernel(o, q, w, s_hi, s_lo, out, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                 SPLIT: tl.constexpr, PREC: tl.constexpr):
+def reads_kernel(o, q, w, s, out, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
     pid, group, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r, rows, valid = block_rows(pid, n, BT)
     rk, rv = tl.arange(0, KP), vb * BV + tl.arange(0, BV)
@@ -63,15 +62,14 @@ def reads_kernel(o, q, w, s_hi, s_lo, out, n, H, HQ, K, V, NB, BT: tl.constexpr,
         acc = tl.zeros([BT, BV], dtype=tl.float32)
         for b in range(NB):
             wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
-            hi = bucket_tile(s_hi, r, h, b, H, NB, K, V, rk, rv)
-            acc += wb[:, None] * mma_parts(qt, hi, bucket_tile(s_lo, r, h, b, H, NB, K, V, rk, rv), SPLIT, PREC)
+            acc += wb[:, None] * mma_f32(qt, bucket_tile(s, r, h, b, H, NB, K, V, rk, rv), q.dtype.element_ty, PREC)
         x = tl.load(row_tile(o, rows, H, h, V, rv), mask=mask, other=0.0).to(tl.float32) + acc
         tl.store(row_tile(out, rows, H, h, V, rv), x.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def reads_grad_kernel(do, q, w, s_hi, s_lo, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
-                      BV: tl.constexpr, SHARED: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+def reads_grad_kernel(do, q, w, s, dq, dw, n, H, HQ, K, V, NB, BT: tl.constexpr, KP: tl.constexpr,
+                      BV: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr):
     pid, group = tl.program_id(0), tl.program_id(1)
     r, rows, valid = block_rows(pid, n, BT)
     rk, rv = tl.arange(0, KP), tile_of_v(SHARED) * BV + tl.arange(0, BV)
@@ -84,8 +82,7 @@ def reads_grad_kernel(do, q, w, s_hi, s_lo, dq, dw, n, H, HQ, K, V, NB, BT: tl.c
         dot_ = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         dot_ = dot_.to(q.dtype.element_ty)
         for b in range(NB):
-            hi = tl.trans(bucket_tile(s_hi, r, h, b, H, NB, K, V, rk, rv))
-            y = mma_parts(dot_, hi, tl.trans(bucket_tile(s_lo, r, h, b, H, NB, K, V, rk, rv)), SPLIT, PREC)
+            y = mma_f32(dot_, tl.trans(bucket_tile(s, r, h, b, H, NB, K, V, rk, rv)), q.dtype.element_ty, PREC)
             wb = tl.load(w + (rows * H + h) * NB + b, mask=valid, other=0.0)
             acc += wb[:, None] * y
             put(dw + (rows * H + h) * NB + b, tl.sum(qt * y, 1), valid, SHARED)
@@ -122,19 +119,18 @@ class StateReads(torch.autograd.Function):
     def forward(ctx, o, q, w, s, n):
         H, V, HQ, K, NB = o.shape[1], o.shape[2], q.shape[1], q.shape[2], s.shape[2]
         out = torch.empty_like(o)
-        hi, lo = _parts(s, q)
+        operand = _state_operand(s, q)
         BV, BT = min(64, triton.next_power_of_2(V)), _block_tokens(K)
         grid = (s.shape[0] * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))
-        reads_kernel[grid](o, q, w, hi, lo, out, n, H, HQ, K, V, NB, BT=BT, KP=triton.next_power_of_2(K), BV=BV,
-                           SPLIT=_split(q), PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype),
-                           num_stages=READ_STAGES)
-        ctx.save_for_backward(q, w, s, hi, lo)
+        reads_kernel[grid](o, q, w, operand, out, n, H, HQ, K, V, NB, BT=BT, KP=triton.next_power_of_2(K), BV=BV,
+                           PREC=dot_precision(q.dtype), num_warps=num_warps(q.dtype), num_stages=READ_STAGES)
+        ctx.save_for_backward(q, w, s, operand)
         ctx.n = n
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, w, s, hi, lo = ctx.saved_tensors
+        q, w, s, operand = ctx.saved_tensors
         n, d_out = ctx.n, d_out.contiguous()
         H, V, HQ, K, NB = d_out.shape[1], d_out.shape[2], q.shape[1], q.shape[2], s.shape[2]
         R, KP, BT = s.shape[0], triton.next_power_of_2(K), _block_tokens(K)
@@ -143,7 +139,7 @@ class StateReads(torch.autograd.Function):
         dq = (torch.zeros if shared else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
         dw = (torch.zeros_like if shared else torch.empty_like)(w)
         reads_grad_kernel[(R * triton.cdiv(n, BT), HQ, triton.cdiv(V, BV))](
-            d_out, q, w, hi, lo, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP, BV=BV, SHARED=shared, SPLIT=_split(q),
+            d_out, q, w, operand, dq, dw, n, H, HQ, K, V, NB, BT=BT, KP=KP, BV=BV, SHARED=shared,
             PREC=dot_precision(q.dtype), num_warps=GRAD_WARPS)
         ds = torch.zeros_like(s)
         BV = min(64, triton.next_power_of_2(V))
@@ -157,15 +153,10 @@ def _block_tokens(k_dim):
     return max(16, min(128, BLOCK_ELEMENTS // triton.next_power_of_2(k_dim)))
 
 
-def _split(q):
-    """bf16 queries read the state as bf16 hi + lo parts; fp16 parts would overflow past 65504,
-    so fp16 queries, like float32 ones, read it whole (common.mma_f32)."""
-    return q.dtype == torch.bfloat16
-
-
-def _parts(s, q):
-    """The state's hi and lo parts in bf16 (other queries: the state itself, twice)."""
-    return hi_lo(s, q.dtype) if _split(q) else (s, s)
+def _state_operand(s, q):
+    """The state as the products take it: rounded to bf16 for bf16 queries (once here, not in
+    every program), else float32 (common.mma_f32)."""
+    return s.to(q.dtype) if q.dtype == torch.bfloat16 else s
 
 
 def add_state_reads(o, q, w, states):
