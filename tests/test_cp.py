@@ -140,8 +140,8 @@ def test_random_ranks_slices_documents_and_states(lengths, cuts, init, variant, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_inputs_match_float64_within_bf16_error(variant):
-    """Half-precision q meets the float32 incoming state as bf16 hi + lo parts: outputs and
-    gradients of bf16 inputs stay within bf16 error of the float64 one-process result."""
+    """bf16 q meets the float32 incoming state rounded to bf16: outputs and gradients of bf16
+    inputs stay within bf16 error of the float64 one-process result."""
     P, n = 2, 128
     xs, _ = inputs(variant, 1, P * n, None, (4, 16, 16))
     o_ref, grads_ref = reference(variant, xs, None, None, do := torch.randn_like(xs[2]))
