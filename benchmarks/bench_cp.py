@@ -143,9 +143,17 @@ def step_fn(variant, inputs, levels, backend, cp):
     do = torch.randn_like(leaves[2])
 
     def run():
+        fresh_grads(leaves)
         call_op(variant, leaves, backend, cp).backward(do)
 
     return run
+
+
+def fresh_grads(leaves):
+    """As a training step after zero_grad(set_to_none=True): backward assigns each gradient
+    instead of adding it to the last step's (4 adds, about 2 ms at 512K tokens on an H200)."""
+    for x in leaves:
+        x.grad = None
 
 
 def fla_step_fn(inputs, cp_context):
@@ -160,6 +168,7 @@ def fla_step_fn(inputs, cp_context):
     do = torch.randn_like(v)
 
     def run():
+        fresh_grads([q, k, v, g, beta])
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cp_context=cp_context)
         o.backward(do)
 
