@@ -4,8 +4,9 @@ Stages, one file each: chunk_state (each chunk's end state), tree (up-sweep into
 of nodes; down-sweep of their gradients), output (intra-chunk block + node reads), node_grad (the
 read nodes' gradients), query_grad (dq; the node reads' dlambda), source_grad (dk, dv; the
 intra-chunk block's dlambda), rows_first (dlambda into lambda's layout); function.py ties
-them into one autograd Function and handles the Fenwick states. state_read: context parallelism's reads of
-an arriving Fenwick state, fused into the output (reference: ctxpar.kernels.state_reads).
+them into one autograd Function and handles the Fenwick states. state_read: context
+parallelism's reads of an arriving Fenwick state, fused into the output (reference:
+ctxpar.kernels.state_reads).
 
 Log-linear Gated DeltaNet (``beta`` given): gdn_chunk (the UT transform and everything else
 inside a chunk) and gdn_chunk_grad (its backward), gdn_grid (token rows <-> the slot grid),
