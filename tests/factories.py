@@ -31,12 +31,16 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def random_documents(seed: int):
+def random_documents(seed: int | None = None):
     """(T, spans, initial positions, levels L) of one random packed row: 20-119 tokens cut into
     documents (a single last token among them), each continuing from a random position (0, around
-    a chunk edge of 16, or anywhere below 200); L covers the longest document's end."""
+    a chunk edge of 16, or anywhere below 200); L covers the longest document's end. Without a
+    seed, a fresh one, printed so that a failing test shows it."""
     import random
 
+    if seed is None:
+        seed = random.randrange(2**31)
+        print(f"seed={seed}")
     rng = random.Random(seed)
     T = rng.randrange(20, 120)
     cuts = sorted({0, T, *rng.sample(range(1, T), rng.randrange(1, 6)), T - 1})
