@@ -92,9 +92,10 @@ def register_cap(dtype: torch.dtype, programs_per_sm: int, warps: int = 4):
     (Triton 3.6, bf16, H=32, K=128, V=64) the output kernel took 183 registers, two programs per
     SM; capped at 168 (three) it ran 0.856 -> 0.694 ms at 8K x 4 and 4.21 -> 3.63 at 128K (176 and
     184 were no faster than none; at 168 ptxas spills 32 bytes a thread), and chunk_state at 128
-    (four, no spills) 0.384 -> 0.342 and 1.85 -> 1.64.
-    The backward stages (255 registers) only slowed when capped: their spills cost more than the
-    extra program gained (2026-12-01-h200-sweep-register-caps.json)."""
+    (four, no spills) 0.384 -> 0.342 and 1.85 -> 1.64, and node_grad at 168 (three; 218
+    uncapped) 0.643 -> 0.585 and 3.95 -> 3.52.
+    query_grad and source_grad (255 registers) only slowed when capped: their spills cost more
+    than the extra program gained (2026-12-01-h200-sweep-register-caps.json)."""
     if dtype != torch.bfloat16:
         return None
     return REGISTERS_PER_SM // (programs_per_sm * warps * 32) // 8 * 8

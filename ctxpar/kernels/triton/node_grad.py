@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, gc_before, level_scale, local_decay, mma_f32, node_at, node_carry,
-                                          num_warps, row_tile, state_offsets)
+                                          num_warps, register_cap, row_tile, state_offsets)
 
 # Swept at 128K tokens on an H200 (segments of 8-64 chunks, 4 or 8 warps, 1-3 stages, K tiles of
 # 64 or 128): 4 warps and one stage take 4.9-5.3 ms, 8 warps 8.0-9.5 ms, 64-wide K tiles 6.0 ms;
@@ -74,5 +74,5 @@ def node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec):
                            layout.segments, H, q.shape[1], K, V, L,
                            1 if init_grads is None else init_grads.shape[2], C=layout.chunk,
                            LOG_C=layout.chunk.bit_length() - 1, SEGMENT=layout.segment, BK=BK, BV=BV,
-                           num_warps=num_warps(q.dtype), num_stages=NUM_STAGES, PREC=prec,
-                           HAS_INIT=init_grads is not None)
+                           num_warps=num_warps(q.dtype), num_stages=NUM_STAGES, maxnreg=register_cap(q.dtype, 3),
+                           PREC=prec, HAS_INIT=init_grads is not None)
