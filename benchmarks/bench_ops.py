@@ -204,14 +204,15 @@ def stage_inputs(T, B, prec="tf32"):
     do = torch.randn_like(v)
     spans = [(b, 0, T) for b in range(B)]
     layout = build_layout(spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT, DEV)
-    states, totals = F.chunk_states(k, v, g, layout, prec)
+    states, copy, totals = F.chunk_states(k, v, g, layout, prec, copy=k.dtype == torch.bfloat16)
     gc = F.cumulative_decay(totals, layout)
-    F.up_sweep(states, None, gc, layout)
+    F.up_sweep(states, copy, None, gc, layout)
+    nodes = states if copy is None else copy  # what the readers take, as in the op
     ys = torch.zeros(layout.num_slots, v.shape[1], layout.heights, device=DEV)
-    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, states, None, gc, layout, prec)
+    _, dlam, dg, xs = F.query_grads(q, k, v, g, lam, do, nodes, None, gc, layout, prec)
     return SimpleNamespace(q=q, k=k, v=v, g=g, lam=lam, do=do, B=B, spans=spans, layout=layout, states=states,
-                           totals=totals, gc=gc, grads=torch.randn_like(states) * 0.01, ys=ys, xs=xs, dlam=dlam, dg=dg,
-                           straddle=F.straddle(xs, ys, layout))
+                           copy=copy, nodes=nodes, totals=totals, gc=gc, grads=torch.randn_like(states) * 0.01, ys=ys,
+                           xs=xs, dlam=dlam, dg=dg, straddle=F.straddle(xs, ys, layout))
 
 
 def stage_times(T):
@@ -227,15 +228,15 @@ def stage_times(T):
         "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
                                                build_layout(s.spans, [0] * B, T, F.DEFAULT_CHUNK, F.DEFAULT_SEGMENT,
                                                             DEV))),
-        "chunk_state": ms(lambda: F.chunk_states(s.k, s.v, s.g, s.layout, fwd)),
+        "chunk_state": ms(lambda: F.chunk_states(s.k, s.v, s.g, s.layout, fwd, copy=s.copy is not None)),
         "cumulative_decay": ms(lambda: F.cumulative_decay(s.totals, s.layout)),
-        "tree up": ms(lambda: F.up_sweep(s.states, None, s.gc, s.layout)),
-        "output": ms(lambda: F.outputs(s.q, s.k, s.v, s.g, s.lam, s.states, None, s.gc, s.layout, fwd)),
+        "tree up": ms(lambda: F.up_sweep(s.states, s.copy, None, s.gc, s.layout)),
+        "output": ms(lambda: F.outputs(s.q, s.k, s.v, s.g, s.lam, s.nodes, None, s.gc, s.layout, fwd)),
         "node_grad": ms(lambda: F.node_grads(s.q, s.do, s.g, s.lam, s.gc, s.grads, None, s.layout, bwd)),
-        "tree down": ms(lambda: F.down_sweep(s.grads, s.states, s.ys, s.gc, s.layout)),
-        "query_grad": ms(lambda: F.query_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.states, None, s.gc, s.layout, bwd)),
+        "tree down": ms(lambda: F.down_sweep(s.grads, s.nodes, s.ys, s.gc, s.layout)),
+        "query_grad": ms(lambda: F.query_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.nodes, None, s.gc, s.layout, bwd)),
         "dg straddle": ms(lambda: F.straddle(s.xs, s.ys, s.layout)),
-        "source_grad": ms(lambda: F.source_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.grads, s.states, s.gc, s.straddle,
+        "source_grad": ms(lambda: F.source_grads(s.q, s.k, s.v, s.g, s.lam, s.do, s.grads, s.nodes, s.gc, s.straddle,
                                                  s.dlam, s.dg, s.layout, bwd)),
     }
     row = dict(name="ctxpar_stage_ms", T=T, B=B, H=H, stages=times)

@@ -31,11 +31,12 @@ if not GPU:  # the interpreter: a small float32 shape, one sequence
     B.DEV, B.DT, B.H, B.K, B.V = "cpu", torch.float32, 2, 16, 16
 # each stage's call on the prepared inputs s, returning every tensor it writes
 CALLS = {
-    "chunk_states": lambda f, s: f(s.k, s.v, s.g, s.layout, PREC),
-    "outputs": lambda f, s: [f(s.q, s.k, s.v, s.g, s.lam, s.states, None, s.gc, s.layout, PREC)],
+    "chunk_states": lambda f, s: [x for x in f(s.k, s.v, s.g, s.layout, PREC, copy=s.copy is not None)
+                                  if x is not None],
+    "outputs": lambda f, s: [f(s.q, s.k, s.v, s.g, s.lam, s.nodes, None, s.gc, s.layout, PREC)],
     "node_grads": lambda f, s: f(s.q, s.do, s.g, s.lam, s.gc, s.grads, None, s.layout, PREC) or [s.grads],
-    "query_grads": lambda f, s: f(s.q, s.k, s.v, s.g, s.lam, s.do, s.states, None, s.gc, s.layout, PREC),
-    "source_grads": lambda f, s: [*f(s.q, s.k, s.v, s.g, s.lam, s.do, s.grads, s.states, s.gc, s.straddle, s.dlam,
+    "query_grads": lambda f, s: f(s.q, s.k, s.v, s.g, s.lam, s.do, s.nodes, None, s.gc, s.layout, PREC),
+    "source_grads": lambda f, s: [*f(s.q, s.k, s.v, s.g, s.lam, s.do, s.grads, s.nodes, s.gc, s.straddle, s.dlam,
                                      s.dg, s.layout, PREC), s.dlam, s.dg],
 }
 

@@ -108,7 +108,7 @@ def test_stages_match_torch_chunked():
     H, K, V, NC = 2, 16, 16, 11
     q, k, v, g, lam = make_inputs(1, NC * C, H, H, K, V, 8, dtype=torch.float32)
     layout = build_layout([(0, 0, NC * C)], [0], NC * C, C, 2, DEVICE)
-    states, totals = chunk_states(k[0], v[0], g[0], layout, "ieee")
+    states, _, totals = chunk_states(k[0], v[0], g[0], layout, "ieee")
     per_chunk = lambda x: x[0].transpose(0, 1).unflatten(1, (NC, C))[None]  # noqa: E731
     stage = torch_chunked.chunk_stage(per_chunk(q), per_chunk(k), per_chunk(v), per_chunk(g), None)
     tree = torch_chunked.build_tree(stage["U"], stage["M"], 0, (NC - 1).bit_length(), None, C.bit_length() - 1)
@@ -117,11 +117,47 @@ def test_stages_match_torch_chunked():
         assert rel(states[c], tree.node(h, torch.tensor([(c + 1 >> h) - 1]))[0, :, 0]) < 1e-5, c
     assert rel(states[0::2].transpose(0, 1), stage["U"][0, :, 0::2]) < 1e-5
 
-    up_sweep(states, None, cumulative_decay(totals, layout), layout)
+    up_sweep(states, None, None, cumulative_decay(totals, layout), layout)
     for c, h in enumerate(trailing_ones(torch.arange(NC)).tolist()):
         if h < tree.heights:
             node = tree.node(h, torch.tensor([(c + 1 >> h) - 1]))[0, :, 0]
             assert rel(states[c], node) < 1e-5, (c, h)
+
+
+@pytest.mark.parametrize("documents", ["fixed", "random"])
+def test_bf16_copy_of_the_tree_holds_every_finished_node(monkeypatch, documents):
+    """The tree's bf16 copy (the nodes bf16 readers take), written where each node is finished:
+    by chunk_state, at the up-sweep height that finishes it, and again where the host adds
+    sub-chunk initial buckets. After the forward's build it must equal the float32 tree built
+    without a copy, rounded, slot by slot; and the float32 tree built beside the copy, which
+    skips nodes nothing reads in float32, must still give the same final-state nodes. Packed
+    documents from initial positions whose first chunk is odd (an initial node at height 0), even
+    with sub-chunk bits (a folded pair), and random ones. Within one bf16 ulp: the interpreter's
+    casts round toward zero, torch's to nearest."""
+    from ctxpar.kernels.state import FenwickState
+    from ctxpar.kernels.triton import function as F
+
+    if documents == "fixed":
+        T, spans, positions, L = 100, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [91, 32, 5], 9
+    else:
+        T, spans, positions, L = random_documents()
+    q, k, v, g, lam = make_inputs(1, T, 2, 1, 16, 16, L, dtype=torch.float32)
+    nbits = max(p.bit_length() for p in positions)
+    init = FenwickState(torch.randn(len(spans), 2, nbits, 16, 16) * 0.3, positions)
+    build, checked = F.build_tree, []
+
+    def build_both(k, v, g, init_nodes, leaf_extra, plan, prec, copy):
+        expected, _, gc = build(k, v, g, init_nodes, leaf_extra, plan, prec, copy=False)
+        states, half, _ = build(k, v, g, init_nodes, leaf_extra, plan, prec, copy=True)
+        torch.testing.assert_close(half.float(), expected, rtol=2.0**-7, atol=0)
+        assert plan.finals
+        assert torch.equal(F._gather_finals(states, init_nodes, plan), F._gather_finals(expected, init_nodes, plan))
+        checked.append(plan)
+        return expected, None, gc  # the float32 run goes on as before
+
+    monkeypatch.setattr(F, "build_tree", build_both)
+    chunked(q, k, v, g, None, lam, spans, initial_state=init, output_final_state=True, chunk_size=C, segment=2)
+    assert checked
 
 
 def test_public_op_dispatches_to_the_kernels():
@@ -241,7 +277,7 @@ def test_node_gradients_cover_every_slot():
     flat = lambda x: x.reshape(600, *x.shape[2:]).contiguous()  # noqa: E731
     q, k, v, g, lam = (flat(x) for x in (q, k, v, g, lam))
     layout = build_layout(spans, [0] * 3, 300, C, 2, DEVICE)
-    states, totals = chunk_states(k, v, g, layout, "ieee")
+    states, _, totals = chunk_states(k, v, g, layout, "ieee")
     gc = cumulative_decay(totals, layout)
     do = torch.randn_like(v)
     zeroed = torch.zeros_like(states)

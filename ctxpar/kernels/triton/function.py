@@ -50,52 +50,71 @@ class Plan:
 class LogLinearMamba2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, lam, init_nodes, leaf_extra, plan, prec):
-        layout = plan.layout
-        states, totals = chunk_states(k, v, g, layout, prec)
-        gc = cumulative_decay(totals, layout)
-        if leaf_extra is not None:
-            _add_extra(states, leaf_extra, gc, plan)
-        up_sweep(states, init_nodes, gc, layout)
-        o = outputs(q, k, v, g, lam, states, init_nodes, gc, layout, prec)
+        states, copy, gc = build_tree(k, v, g, init_nodes, leaf_extra, plan, prec, copy=k.dtype == torch.bfloat16)
+        # bf16 inputs: every product rounds the nodes to bf16 (common.mma_f32), so the readers and
+        # the backward keep the tree's bf16 copy (half the bytes; the float32 tree is freed here).
+        # dg's tree transports (tree.down_sweep, source_grad) then take the rounded nodes too: the
+        # bf16 GPU test with states in and out had dg errors of 2.0-2.9e-3 before and 2.6-3.0e-3
+        # after on an H200 (three runs each; one more run gave 5.5e-3, bound 1e-2).
+        nodes = states if copy is None else copy
+        o = outputs(q, k, v, g, lam, nodes, init_nodes, gc, plan.layout, prec)
         final = _gather_finals(states, init_nodes, plan)
-        ctx.save_for_backward(q, k, v, g, lam, init_nodes, leaf_extra, states, gc)
+        ctx.save_for_backward(q, k, v, g, lam, init_nodes, leaf_extra, nodes, gc)
         ctx.plan, ctx.prec = plan, prec
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, lam, init_nodes, leaf_extra, states, gc = ctx.saved_tensors
+        q, k, v, g, lam, init_nodes, leaf_extra, nodes, gc = ctx.saved_tensors
         plan, prec = ctx.plan, ctx.prec
         layout = plan.layout
         do = do.contiguous()
-        grads = torch.empty_like(states)
+        grads = torch.empty_like(nodes, dtype=torch.float32)
         # node_grads stores every other slot; assigning through the index tensor synced the host
         grads.index_fill_(0, layout.shared_slots, 0)
         init_grads = None if init_nodes is None else torch.zeros_like(init_nodes)
         node_grads(q, do, g, lam, gc, grads, init_grads, layout, prec)
         if dfinal is not None and plan.finals:
             _scatter_finals(dfinal, grads, init_grads, plan)
-        ys = torch.zeros(layout.num_slots, states.shape[1], max(layout.heights, 1), device=states.device)
-        down_sweep(grads, states, ys, gc, layout)
+        ys = torch.zeros(layout.num_slots, nodes.shape[1], max(layout.heights, 1), device=nodes.device)
+        down_sweep(grads, nodes, ys, gc, layout)
         if init_grads is not None:
             _push_to_initial_nodes(grads, init_grads, init_nodes, ys, gc, plan)
-        dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, states, init_nodes, gc, layout, prec)
-        dk, dv = source_grads(q, k, v, g, lam, do, grads, states, gc, straddle(xs, ys, layout), dlam, dg, layout, prec)
+        dq, dlam, dg, xs = query_grads(q, k, v, g, lam, do, nodes, init_nodes, gc, layout, prec)
+        dk, dv = source_grads(q, k, v, g, lam, do, grads, nodes, gc, straddle(xs, ys, layout), dlam, dg, layout, prec)
         d_extra = None if leaf_extra is None else _extra_grad(grads, gc, plan)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), rows_first(dlam, lam.dtype), init_grads, d_extra,
                 None, None)
+
+
+def build_tree(k, v, g, init_nodes, leaf_extra, plan, prec, copy):
+    """-> (the up-swept tree [S, H, K, V] float32, its bf16 copy if asked for (else None), the
+    chunk-level cumulative decays gc)."""
+    layout = plan.layout
+    states, copy, totals = chunk_states(k, v, g, layout, prec, copy)
+    gc = cumulative_decay(totals, layout)
+    if leaf_extra is not None:
+        _add_extra(states, copy, leaf_extra, gc, plan)
+    up_sweep(states, copy, init_nodes, gc, layout)
+    return states, copy, gc
 
 
 def _index(values, picks, device):
     return torch.tensor([values[p] for p in picks], dtype=torch.long, device=device)
 
 
-def _add_extra(states, leaf_extra, gc, plan):
+def _add_extra(states, copy, leaf_extra, gc, plan):
     """The sub-chunk initial buckets into their document's first chunk state, and into its
-    right sibling's where chunk_state folded the pair."""
-    states.index_add_(0, _index(plan.first_slot, plan.extra_docs, states.device), leaf_extra)
-    for j, slot in _folded_firsts(plan):
+    right sibling's where chunk_state folded the pair; the bf16 copy of those slots taken again
+    (the up-sweep writes it once more where it builds on them)."""
+    firsts = _index(plan.first_slot, plan.extra_docs, states.device)
+    states.index_add_(0, firsts, leaf_extra)
+    folded = _folded_firsts(plan)
+    for j, slot in folded:
         states[slot + 1] += _pair_decay(gc, slot) * leaf_extra[j]
+    if copy is not None:
+        touched = torch.cat([firsts, firsts.new_tensor([slot + 1 for _, slot in folded])])
+        copy[touched] = states[touched].to(copy.dtype)
 
 
 def _extra_grad(grads, gc, plan):

@@ -110,8 +110,8 @@ def straddling_pairs(pairs, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexp
 
 def source_grads(q, k, v, g, lam, do, grads, states, gc, straddle, dlam, dg, layout, prec):
     """-> dk [rows, Hk, K] f32, dv [rows, H, V] (v's dtype); adds the intra-chunk block's shares
-    into query_grads' dlam and dg (grads: down-swept to height 1; states: the up-swept tree;
-    straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
+    into query_grads' dlam and dg (grads: down-swept to height 1; states: the up-swept tree, or
+    its bf16 copy; straddle [S, H]: each chunk's share from pairs on both sides of it, dg.py)."""
     H, K, V, L = v.shape[1], q.shape[2], v.shape[2], lam.shape[2]
     dk = torch.zeros(v.shape[0], q.shape[1], K, device=v.device, dtype=torch.float32)
     dv = torch.empty_like(v)

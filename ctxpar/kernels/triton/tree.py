@@ -5,7 +5,9 @@ height-h children, ``slot[j] += exp(gc[j] - gc[j - 2^h]) * slot[j - 2^h]`` (the 
 sits in slot j). A left child that ends before the document's first chunk is the initial state's
 node of that height (carried with decay exp(gc[j]), since initial nodes sit at t0). Height 0
 with both children in slots is done by chunk_state.py; here it only adds initial nodes, to the
-first slot of each document whose first chunk is odd (layout.first_odd_slots).
+first slot of each document whose first chunk is odd (layout.first_odd_slots). A slot is done at
+the height that leaves bit h + 1 of its chunk clear; there its program also writes the bf16 copy of
+the tree (chunk_state.chunk_states), if there is one.
 
 Down-sweep (backward), height h = top .. 0: each left node of height h receives its parent's
 gradient, ``d[j] += exp(gc[j + 2^h] - gc[j]) * d[j + 2^h]``, so that afterwards slot c holds the
@@ -24,8 +26,8 @@ from ctxpar.kernels.triton.common import load_node, slot_info
 
 
 @triton.jit
-def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI, K, V,
-              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
+def up_kernel(states, copy, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI, K, V,
+              BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, COPY: tl.constexpr):
     j = tl.load(slots + tl.program_id(0)).to(tl.int64)
     h, tile = tl.program_id(1), tl.program_id(2)
     rk = tile // tl.cdiv(V, BV) * BK + tl.arange(0, BK)
@@ -37,8 +39,11 @@ def up_kernel(states, init, gc, slots, docs, slot_doc, slot_chunk, height, H, NI
     gc_left = tl.load(gc + left * H + h, mask=left_in_slots, other=0.0)
     decay = tl.exp((tl.load(gc + j * H + h) - gc_left).to(tl.float32))
     x = load_node(states, init, left_in_slots, left, n, h, height, H, NI, K, V, rk, rv, mask, HAS_INIT)
-    ptr = states + (j * H + h) * K * V + rk[:, None] * V + rv[None, :]
-    tl.store(ptr, tl.load(ptr, mask=mask) + decay * x, mask=mask)
+    offsets = (j * H + h) * K * V + rk[:, None] * V + rv[None, :]
+    node = tl.load(states + offsets, mask=mask) + decay * x
+    tl.store(states + offsets, node, mask=mask)
+    if COPY:
+        tl.store(copy + offsets, node.to(copy.dtype.element_ty), mask=mask & (((c >> (height + 1)) & 1) == 0))
 
 
 @triton.jit
@@ -67,8 +72,9 @@ def _grid(count, states):
     return (count, H, triton.cdiv(K, BK) * triton.cdiv(V, BV)), BK, BV
 
 
-def up_sweep(states, init, gc, layout):
-    """In place: chunk_states' output [S, H, K, V] -> Fenwick array of tree nodes. init: [N, H, NI, K, V] or None."""
+def up_sweep(states, copy, init, gc, layout):
+    """In place: chunk_states' output [S, H, K, V] -> Fenwick array of tree nodes, and its bf16
+    copy (or None) completed. init: [N, H, NI, K, V] or None."""
     H, K, V = states.shape[1:]
     for h in range(layout.heights):
         slots = layout.slots_up(h)
@@ -79,15 +85,15 @@ def up_sweep(states, init, gc, layout):
                 continue
             slots = layout.first_odd_slots
         grid, BK, BV = _grid(slots.numel(), states)
-        up_kernel[grid](states, states if init is None else init, gc, slots, layout.docs, layout.slot_doc,
-                        layout.slot_chunk, h, H, 1 if init is None else init.shape[2], K, V,
-                        BK=BK, BV=BV, HAS_INIT=init is not None)
+        up_kernel[grid](states, states if copy is None else copy, states if init is None else init, gc, slots,
+                        layout.docs, layout.slot_doc, layout.slot_chunk, h, H, 1 if init is None else init.shape[2],
+                        K, V, BK=BK, BV=BV, HAS_INIT=init is not None, COPY=copy is not None)
 
 
 def down_sweep(grads, states, ys, gc, layout):
     """In place: gradients of the read nodes, each pushed down to its left children of height >= 1
     (source_grad pushes height 0 in registers); adds each transport's dg share into ys [S, H, NH]
-    (states: the up-swept tree)."""
+    (states: the up-swept tree, or its bf16 copy where the forward's products read that)."""
     H, K, V = grads.shape[1:]
     for h in reversed(range(1, layout.heights)):
         slots = layout.slots_down(h)
