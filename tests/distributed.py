@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ctxpar.comm.launch import destroy_process_group
+from tests import interpreter
 
 # Read by the children at startup: gloo over loopback, one thread per rank (the CPU has 2 cores).
 _CHILD_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -35,10 +36,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo") -> None:
 
 
 def _run_rank(rank: int, world_size: int, port: int, backend: str, fn, args: tuple) -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":  # as the conftest does in the test process
-        from tests import memcheck
-
-        memcheck.install()
+    interpreter.prepare()  # as the conftest does in the test process
     if backend == "nccl":
         torch.cuda.set_device(rank)
     address = f"tcp://127.0.0.1:{port}"
