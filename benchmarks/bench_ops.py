@@ -48,6 +48,23 @@ def batch_of(T):
     return max(1, 32768 // T)
 
 
+def median_ms(fn, warmup=5, rep=50):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def fwd_bwd_step(call, inputs, do):
+    """One forward + backward, each leaf's gradient dropped before: accumulating into the previous
+    run's would time an add per leaf too (0.13 ms of a 4.1 ms step at 8K x 4)."""
+
+    def step():
+        for x in inputs:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.grad = None
+        call(*inputs).backward(do)
+
+    return step
+
+
 def peak_gib(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -73,16 +90,11 @@ def run_case(name, T, make, call, heads=H):
         with torch.no_grad():  # an output kept with its graph would hold the op's saved tensors through every run
             do = torch.randn_like(call(*inputs))
 
-        def fwd_bwd():
-            for x in inputs:
-                if isinstance(x, torch.Tensor) and x.requires_grad:
-                    x.grad = None
-            call(*inputs).backward(do)
-
+        fwd_bwd = fwd_bwd_step(call, inputs, do)
         fwd_bwd()
         with torch.no_grad():
-            fwd = triton.testing.do_bench(lambda: call(*inputs), warmup=10, rep=100, return_mode="median")
-        fb = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
+            fwd = median_ms(lambda: call(*inputs), warmup=10, rep=100)
+        fb = median_ms(fwd_bwd, warmup=10, rep=100)
         row.update(fwd_ms=fwd, fwdbwd_ms=fb, fwdbwd_Mtok_s=B * T / fb / 1e3, fwd_Mtok_s=B * T / fwd / 1e3,
                    peak_GiB=peak_gib(fwd_bwd))
         del inputs, do
@@ -222,7 +234,7 @@ def stage_times(T):
 
     B = batch_of(T)
     s = stage_inputs(T, B)
-    ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
+    ms = median_ms
     fwd = bwd = "tf32"
     times = {
         "layout (host, uncached)": ms(lambda: (clear_layout_cache(),
@@ -252,7 +264,7 @@ def gdn_stage_times(T):
     B = batch_of(T)
     q, k, v, g, beta, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in gdn_inputs(*GDN_SHAPES[0], True)(B, T))
     spans, C = [(b, 0, T) for b in range(B)], F.DEFAULT_CHUNK
-    ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")  # noqa: E731
+    ms = median_ms
 
     def plan():
         layout = F.build_layout(spans, [0] * B, T, C, 1, DEV)

@@ -20,7 +20,6 @@ import sys
 from types import SimpleNamespace
 
 import torch
-import triton
 
 import bench_ops as B
 from ctxpar.kernels.triton import function as F
@@ -71,14 +70,12 @@ def largest_difference(a, b):
 def op_ms(s, T):
     """Forward + backward of the whole op (current stages, or one swapped for a variant)."""
     leaves = [x.detach().reshape(s.B, T, *x.shape[1:]).requires_grad_() for x in s.inputs]
-    do = s.do.reshape(s.B, T, *s.do.shape[1:])
-    return triton.testing.do_bench(lambda: B.ctxpar_call(*leaves).backward(do), warmup=5, rep=40,
-                                   return_mode="median")
+    return B.median_ms(B.fwd_bwd_step(B.ctxpar_call, leaves, s.do.reshape(s.B, T, *s.do.shape[1:])), rep=40)
 
 
 def compare(variants, T):
     s = prepared(T)
-    ms = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")  # noqa: E731
+    ms = lambda fn: B.median_ms(fn, rep=40)  # noqa: E731
     rows = []
     base_op = op_ms(s, T) if GPU else None
     for path, (stage, fn) in variants.items():
