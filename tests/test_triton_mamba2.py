@@ -124,7 +124,7 @@ def test_stages_match_torch_chunked():
             assert rel(states[c], node) < 1e-5, (c, h)
 
 
-@pytest.mark.parametrize("documents", ["fixed", "random"])
+@pytest.mark.parametrize("documents", ["fixed", "random", "positions_only"])
 def test_bf16_copy_of_the_tree_holds_every_finished_node(monkeypatch, documents):
     """The tree's bf16 copy (the nodes bf16 readers take), written where each node is finished:
     by chunk_state, at the up-sweep height that finishes it, and again where the host adds
@@ -132,18 +132,22 @@ def test_bf16_copy_of_the_tree_holds_every_finished_node(monkeypatch, documents)
     without a copy, rounded, slot by slot; and the float32 tree built beside the copy, which
     skips nodes nothing reads in float32, must still give the same final-state nodes. Packed
     documents from initial positions whose first chunk is odd (an initial node at height 0), even
-    with sub-chunk bits (a folded pair), and random ones. Within one bf16 ulp: the interpreter's
-    casts round toward zero, torch's to nearest."""
+    with sub-chunk bits (a folded pair), random ones, and the fixed ones from states that hold
+    nothing (a context-parallel piece: no initial nodes, trees that start mid-way). Within one
+    bf16 ulp: the interpreter's casts round toward zero, torch's to nearest."""
     from ctxpar.kernels.state import FenwickState
     from ctxpar.kernels.triton import function as F
 
-    if documents == "fixed":
-        T, spans, positions, L = 100, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [91, 32, 5], 9
-    else:
+    if documents == "random":
         T, spans, positions, L = random_documents()
+    else:
+        T, spans, positions, L = 100, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [91, 32, 5], 9
     q, k, v, g, lam = make_inputs(1, T, 2, 1, 16, 16, L, dtype=torch.float32)
-    nbits = max(p.bit_length() for p in positions)
-    init = FenwickState(torch.randn(len(spans), 2, nbits, 16, 16) * 0.3, positions)
+    if documents == "positions_only":
+        init = FenwickState.empty(len(spans), 2, 16, 16, positions, device=DEVICE)
+    else:
+        nbits = max(p.bit_length() for p in positions)
+        init = FenwickState(torch.randn(len(spans), 2, nbits, 16, 16, device=DEVICE) * 0.3, positions)
     build, checked = F.build_tree, []
 
     def build_both(k, v, g, init_nodes, leaf_extra, plan, prec, copy):
