@@ -273,7 +273,7 @@ def gdn_stage_times(T):
     ms = median_ms
 
     def plan():
-        layout = F.build_layout(spans, [0] * B, T, C, 1, DEV)
+        layout = F.build_layout(spans, [0] * B, T, C, F.READ_RUN, DEV)
         return layout, F.SlotGrid(layout, B * T, heads, heads, DEV), F.TreePlan(layout, DEV)
 
     layout, grid, tree_plan = plan()
@@ -284,7 +284,8 @@ def gdn_stage_times(T):
     nodes, trans = F.up_sweep(u, m, None, tree_plan, "tf32")
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
-    reads = lambda: F.TreeReads.apply(qt, lam_slots, None, tree_plan, log_c, "tf32", *tree)  # noqa: E731
+    reads = lambda: F.CarryReads.apply(qt, lam_slots, None, tree_plan, log_c, "tf32",  # noqa: E731
+                                       F.operand_dtype(q.dtype), *tree)
     d_reads = torch.randn_like(o)
     grads = [torch.randn_like(x) for x in (o, qt, u, m)]
     with torch.no_grad():

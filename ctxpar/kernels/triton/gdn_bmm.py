@@ -1,24 +1,19 @@
 """Batched products of gathered tree states: out[o_i] (+)= op(a[a_i]) @ op(b[b_i]) per head.
 
-The node reads (gdn_read.py) multiply K x K transitions, K x V states and C x K queries picked
-by index lists. torch would gather copies of both operands first and, for float32 states, run
-SGEMM; here the gathers are addresses and the products run on tensor cores as tf32 when the op's
-inputs are half precision (10 mantissa bits, more than bf16 inputs carry; emulated on a 4K-token
-bf16 run it changed no error digit), as ieee float32 for float32 inputs.
+The up-sweep (gdn_tree.py) multiplies K x K transitions and K x V states picked by index lists.
+torch would gather copies of both operands first and, for float32 states, run SGEMM; here the
+gathers are addresses and the products run on tensor cores as tf32 when the op's inputs are half
+precision (10 mantissa bits, more than bf16 inputs carry; emulated on a 4K-token bf16 run it
+changed no error digit), as ieee float32 for float32 inputs.
 
 Every tensor is [items, H, rows, cols], contiguous; op(x) is x or its transpose. ``mode``:
-"store" writes, "add" adds (each output item at most once per call), "atomic" adds with atomics
-(an output item may repeat). ``weight`` [n, H, M] scales the rows of each product, ``k_weight``
-[n, H, KD] the terms of its sum. ``dots`` = (p, d) also adds, before ``weight``, each product row's
-dot with the same row of p[a_idx[i]] (p like the product, [items, H, M, N]) into d[out_idx[i]], an
-[items, H, M] tensor of any strides: the reads' lambda gradient (a level of a transposed view),
-without storing the products (gdn_read.py).
+"store" writes, "add" adds (each output item at most once per call).
 """
 
 import triton
 import triton.language as tl
 
-MODES = {"store": 0, "add": 1, "atomic": 2}
+MODES = {"store": 0, "add": 1}
 # The largest output tile and reduction step. Swept on an H200 at 128K tokens (H=16, K=V=128, the
 # up-sweep and reads, fwd+bwd; 2026-11-30-h200-sweep_gdn_bmm.json): 64 x 64 tiles 215.9 ms, 128 x 128
 # with 8 warps 184.3 (4 warps 178.2, but ptxas spills 1.5 KB per thread there, 104 B with 8), 128 x 64
@@ -37,41 +32,27 @@ def op_tile(base, r, c, R, CN, TRANS: tl.constexpr):
 
 
 @triton.jit
-def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, weight, k_weight, partner, dots, D_ITEM, D_HEAD, D_ROW, H, M,
-                      N, KD, TRANS_A: tl.constexpr, TRANS_B: tl.constexpr, MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      HAS_K_WEIGHT: tl.constexpr, HAS_DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr):
+def gather_bmm_kernel(a, a_idx, b, b_idx, out, out_idx, H, M, N, KD, TRANS_A: tl.constexpr, TRANS_B: tl.constexpr,
+                      MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = tile // tl.cdiv(N, BN) * BM + tl.arange(0, BM)
     rn = tile % tl.cdiv(N, BN) * BN + tl.arange(0, BN)
-    a_item = tl.load(a_idx + i) * H + h
-    a_base = a + a_item * M * KD
+    a_base = a + (tl.load(a_idx + i) * H + h) * M * KD
     b_base = b + (tl.load(b_idx + i) * H + h) * KD * N
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, KD, BK):
         rk = k0 + tl.arange(0, BK)
-        b_tile = op_tile(b_base, rk, rn, KD, N, TRANS_B)
-        if HAS_K_WEIGHT:
-            b_tile *= tl.load(k_weight + (i * H + h) * KD + rk, mask=rk < KD, other=0.0)[:, None]
-        acc = tl.dot(op_tile(a_base, rm, rk, M, KD, TRANS_A), b_tile, acc, input_precision=PREC)
+        acc = tl.dot(op_tile(a_base, rm, rk, M, KD, TRANS_A), op_tile(b_base, rk, rn, KD, N, TRANS_B), acc,
+                     input_precision=PREC)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    o = tl.load(out_idx + i)
-    if HAS_DOTS:  # N tiles add their shares
-        p = tl.load(partner + a_item * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
-        tl.atomic_add(dots + o * D_ITEM + h * D_HEAD + rm * D_ROW, tl.sum(acc * p, 1), mask=rm < M, sem="relaxed")
-    if HAS_WEIGHT:
-        acc *= tl.load(weight + (i * H + h) * M + rm, mask=rm < M, other=0.0)[:, None]
-    ptr = out + (o * H + h) * M * N + rm[:, None] * N + rn[None, :]
-    if MODE == 2:
-        tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
-    elif MODE == 1:
+    ptr = out + (tl.load(out_idx + i) * H + h) * M * N + rm[:, None] * N + rn[None, :]
+    if MODE == 1:
         tl.store(ptr, tl.load(ptr, mask=mask) + acc, mask=mask)
     else:
         tl.store(ptr, acc, mask=mask)
 
 
-def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b=False, mode="store", weight=None,
-               k_weight=None, dots=None):
+def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b=False, mode="store"):
     """out[out_idx[i]] (+)= op(a[a_idx[i]]) @ op(b[b_idx[i]]) for every i and head (float32)."""
     n, H = a_idx.numel(), a.shape[1]
     if n == 0:
@@ -81,9 +62,5 @@ def gather_bmm(a, a_idx, b, b_idx, out, out_idx, *, prec, trans_a=False, trans_b
     BM, BN = min(TILE_M, triton.next_power_of_2(M)), min(TILE_N, triton.next_power_of_2(N))
     BK = min(TILE_K, triton.next_power_of_2(KD))
     grid = (n, H, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    partner, dot_out = (out, out) if dots is None else dots
-    gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, out if weight is None else weight,
-                            out if k_weight is None else k_weight, partner, dot_out, *dot_out.stride()[:3], H, M, N, KD,
-                            TRANS_A=trans_a, TRANS_B=trans_b, MODE=MODES[mode], HAS_WEIGHT=weight is not None,
-                            HAS_K_WEIGHT=k_weight is not None, HAS_DOTS=dots is not None, BM=BM, BN=BN, BK=BK,
-                            PREC=prec, num_warps=NUM_WARPS)
+    gather_bmm_kernel[grid](a, a_idx, b, b_idx, out, out_idx, H, M, N, KD, TRANS_A=trans_a, TRANS_B=trans_b,
+                            MODE=MODES[mode], BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=NUM_WARPS)

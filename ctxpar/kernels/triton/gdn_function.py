@@ -4,10 +4,11 @@ Design. Inside a chunk the delta rule needs the UT transform (a triangular solve
 head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
 writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
 output; its backward (gdn_chunk_grad.py) is the mirror kernel. Across chunks everything is a
-batched K x K product over all nodes of one tree height, one launch per height and step (gdn_bmm:
-gathered operands, tf32 tensor cores for half-precision inputs): the up-sweep (gdn_tree.py, S
-products) and the node reads (gdn_read.py, O(S log S) products, the bulk of the work), each one
-autograd Function with its own backward that rebuilds what it needs from the tree.
+batched K x K product over all nodes of one tree height, one launch per height (gdn_bmm: gathered
+operands, tf32 tensor cores for half-precision inputs): the up-sweep (gdn_tree.py, S products);
+the node reads (gdn_carry.py, O(S log S) products, the bulk of the work) carry each chunk's
+queries down its bits in one program per slot and head. Each is an autograd Function with its
+own backward.
 
 Initial and final Fenwick states: the initial buckets of bits >= log2 C are tree nodes in front of
 each document (left children and read nodes with identity transitions); the sub-chunk buckets
@@ -27,14 +28,15 @@ from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.common import dot_precision
+from ctxpar.kernels.triton.gdn_carry import CarryReads, operand_dtype
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
-from ctxpar.kernels.triton.gdn_read import TreeReads
 from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
 DEFAULT_CHUNK = 64
+READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 
 
 class ChunkStage(torch.autograd.Function):
@@ -81,7 +83,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c)
     nodes, trans = up_sweep(u, m, init, plan, prec)
-    o = o + TreeReads.apply(qt, lam_slots, init, plan, log_c, prec, *nodes, *trans)
+    o = o + CarryReads.apply(qt, lam_slots, init, plan, log_c, prec, operand_dtype(fq.dtype), *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:
         return out, None
@@ -95,7 +97,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
 def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     """The index tables of one call shape (layout, slot grid, tree plan), cached: a training loop
     repeats its shapes every step, and building them costs host time and many small copies."""
-    layout = build_layout(list(spans), list(starts), length, chunk, 1, device)
+    layout = build_layout(list(spans), list(starts), length, chunk, READ_RUN, device)
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
 
 

@@ -12,10 +12,8 @@ height are the first entries of its children's array and nothing is updated in p
 child before the document's first chunk is the initial state's node of that height, with
 identity transition (its content is already carried to t0).
 
-Chunk c reads, at each set bit h, the node ending at a - 1 (a = c with its low h bits cleared)
-carried to c's start: X(c) = trans of slot c - 1 (height tz(c)) @ X(c - 2^tz(c)), X(a) = the node.
-Sources have more trailing zeros than their targets, so one batched product per tz fills a pool
-of the height's carried nodes in order (``Read``; gdn_read.py runs them).
+Chunk c reads, at each set bit h, the node ending at a - 1 (a = c with its low h bits cleared),
+carried to c's start through the nodes it reads below h (gdn_carry.py).
 """
 
 from __future__ import annotations
@@ -25,21 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ctxpar.kernels.triton.gdn_bmm import gather_bmm
-from ctxpar.kernels.triton.layout import trailing_ones
-
-
-@dataclass
-class Read:
-    """Height h's reads: slots ``readers`` read pool[pos]; the pool starts with the N initial
-    nodes, then ``nodes[h][node_rank]``, then one block per step (tz j, rank of each target's
-    slot c - 1 in trans[j], source pos), in that order. Each row past the initial nodes is one
-    reader's pos, and an initial node is at most one reader's (gdn_read's backward stores there)."""
-
-    height: int
-    readers: torch.Tensor
-    pos: torch.Tensor
-    node_rank: torch.Tensor
-    steps: list
 
 
 @dataclass
@@ -60,7 +43,7 @@ class TreePlan:
 
     def __init__(self, layout, device):
         doc, chunk, order = (layout.host[x] for x in ("slot_doc", "slot_chunk", "by_height"))
-        c0, first = torch.tensor(layout.c0)[doc], torch.tensor(layout.first_slot)[doc]
+        c0 = torch.tensor(layout.c0)[doc]
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
         self.layout, self.num_docs, self.rank_host = layout, layout.num_docs, rank
@@ -75,33 +58,14 @@ class TreePlan:
             dev = lambda x: x.to(device)  # noqa: E731
             self.up.append(Up(right.numel(), dev(parents[inside]), dev(rank[right[inside] - (1 << h)]),
                               dev(parents[~inside]), dev(doc[right[~inside]])))
-        self.reads = [r for h in range(layout.heights) if (r := self._read(h, doc, chunk, c0, first, device))]
-
-    def _read(self, h, doc, chunk, c0, first, device):
-        readers = ((chunk >> h) & 1).nonzero().flatten()
-        if readers.numel() == 0:
-            return None
-        c, cz = chunk[readers], c0[readers]
-        a = (c >> h) << h
-        base = ((c & ((1 << h) - 1)) == 0) | (c == cz)  # X = the node itself
-        in_slots = base & (a - 1 >= cz)
-        pos = torch.full_like(chunk, -1)
-        pos[readers[base & ~in_slots]] = doc[readers[base & ~in_slots]]
-        pos[readers[in_slots]] = self.num_docs + torch.arange(int(in_slots.sum()))
-        node_rank = self.rank_host[first[readers[in_slots]] + a[in_slots] - 1 - cz[in_slots]]
-        size = self.num_docs + node_rank.numel()
-        tz = trailing_ones(c - 1)
-        steps = []
-        for j in reversed(range(h)):
-            sel = readers[~base & (tz == j)]
-            if sel.numel() == 0:
-                continue
-            src_in = chunk[sel] - (1 << j) >= c0[sel]
-            src = torch.where(src_in, pos[(sel - (1 << j)).clamp(min=0)], doc[sel])
-            pos[sel] = size + torch.arange(sel.numel())
-            size += sel.numel()
-            steps.append((j, self.rank_host[sel - 1].to(device), src.to(device)))
-        return Read(h, readers.to(device), pos[readers].to(device), node_rank.to(device), steps)
+        # The reads' tables (gdn_carry.py): the joined tree's first row of each height, and
+        # each (slot, height) read's row among all reads (-1: no read), at every set bit of the
+        # chunk (reads of initial nodes included, read or not).
+        sizes = torch.tensor([layout.at_least[h] for h in range(len(self.up) + 1)])
+        self.node_offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+        bits = (chunk[:, None] >> torch.arange(layout.heights)) & 1
+        self.read_row = torch.where(bits == 1, torch.cumsum(bits.flatten(), 0).view_as(bits) - 1, -1).to(device)
+        self.num_reads = int(bits.sum())
 
     def slot_rank(self, n, chunk):
         """Position of document n's chunk in the by_height order (host int)."""

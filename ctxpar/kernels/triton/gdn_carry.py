@@ -1,0 +1,260 @@
+"""GDN stage 3 (counterpart: ``torch_chunked.read_tree``): every chunk's reads of tree nodes, by
+carrying the chunk's queries rather than the nodes.
+
+Chunk c reads, at each set bit h of c (lowest first), the node B_h of the block that ends where
+the block of the previous read begins, carried to c's start through the transitions T of the
+blocks read before it: o += lambda_h Qt T_h1 ... T_h' B_h. One program per (slot, head) walks its
+bits with Q = Qt, o += lambda_h Q @ B_h, Q = Q @ T_h: C K (K + V) multiply-adds a read and no
+carried node is ever written (the node-side carry, K K V a read gathered into per-height pools,
+took 29 of a 187 ms step forward at 128K tokens, H=16, K=V=128, and 77 backward). Initial-state
+nodes are carried to t0 already: their transition is the identity.
+
+The operands are one copy of the tree joined over heights (``TreePlan.node_offsets``), in bf16 for
+half-precision inputs (the products run on bf16 tensor cores, float32 accumulation; Q is rounded
+before each product as the tree is) and float32 otherwise.
+
+Backward, two kernels:
+- chain_grad, per (slot, head): Q up the bits, each read's Q kept (``TreePlan.read_row``), then dQ
+  down them: dQ_h = lambda_h dO B_h^T + dQ_h+ T_h^T, the dQ_h+ entering each read kept; dQt = the
+  last dQ; lambda's gradient rowsum(Q * dO B_h^T) from the same product;
+- node_grad, per (run of a node's readers, head, tile): dB += Q^T (lambda dO) and dT += Q^T dQ_h+
+  over the run (a node's readers are consecutive chunks, layout.node_segments), stored where the
+  run is all of them, else added atomically.
+
+Designs measured before this one (H200, bf16, H=16, K=V=128, 128K tokens; the scripts are in the
+history of benchmarks/exp_gdn_query_carry.py and exp_gdn_height_scan.py, their figures in
+results/2026-12-01-h200-exp-gdn-*.json): the node-side carry (29.1 ms forward, 105.8 fwd+bwd);
+this design with float32 operands in tf32 and Q, dQ kept in float32 (19.6, 81.2); one delta-rule
+scan per height, A <- M_c A + U_c with U taken while the height's bit is clear (forward 21.2
+against the up-sweep's 7.55 + the node-side reads' 29.3; its backward must sum dM_c over every
+height, 46 GB of float32 atomic adds at 128K if each height's program adds its own).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxpar.kernels.triton.common import node_at, reads_at, slot_info
+
+NUM_WARPS = 4
+CHAIN_STAGES = 1
+CHAIN_REGS = None
+
+
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tree copy's dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+@triton.jit
+def tree_item(offsets, rank, height, slot, in_slots, H, h):
+    """Row of the joined tree (nodes of ``height``, slot's rank among them) times H plus the head;
+    0 for an initial node (heights past the tree's own are only those)."""
+    return (tl.load(offsets + height, mask=in_slots, other=0) + tl.load(rank + slot, mask=in_slots, other=0)) * H + h
+
+
+@triton.jit
+def node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT: tl.constexpr):
+    """[KP, BV] tile of the read node: a slot's, or the initial state's (zero past its heights)."""
+    tile = rk[:, None] * V + rv[None, :]
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    x = tl.load(nodes + item.to(tl.int64) * K * V + tile, mask=mask & in_slots, other=0.0)
+    if HAS_INIT:
+        o_init = ((n * H + h) * NI + height).to(tl.int64) * K * V
+        x += tl.load(init + o_init + tile, mask=mask & (in_slots == 0) & (height < NI), other=0.0)
+    return x
+
+
+@triton.jit
+def carries(c, height, in_slots):
+    """The read at ``height`` carries Q on: its block is a slot and a higher bit of c is set."""
+    return in_slots & ((c >> (height + 1)) != 0)
+
+
+@triton.jit
+def square(ptr, item, K, rk):
+    return tl.load(ptr + (item.to(tl.int64) * K + rk[:, None]) * K + rk[None, :],
+                   mask=(rk[:, None] < K) & (rk[None, :] < K), other=0.0)
+
+
+@triton.jit
+def rows_of(ptr, item, K, rc, rk):
+    """Pointers to the [C, KP] rows of ``item`` in a [items, C, K] tensor."""
+    return ptr + (item.to(tl.int64) * rc.shape[0] + rc[:, None]) * K + rk[None, :]
+
+
+@triton.jit
+def reads_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, docs, slot_doc, slot_chunk, out,
+                 H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                 HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
+    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=rk[None, :] < K, other=0.0).to(nodes.dtype.element_ty)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for height in range(0, heights):
+        if reads_at(c, height, c0, HAS_INIT):
+            in_slots, slot = node_at(c, height, c0, first)
+            item = tree_item(offsets, rank, height, slot, in_slots, H, h)
+            node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
+            w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
+            acc += w[:, None] * tl.dot(q, node, input_precision=PREC)
+            if carries(c, height, in_slots):
+                q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
+    tl.store(out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], acc, mask=rv[None, :] < V)
+
+
+@triton.jit
+def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs,
+                      slot_doc, slot_chunk, qs, dqs, d_qt, d_lam, dl_s0, dl_s1, dl_s2, H, K, V, NI, heights, LEVEL0,
+                      C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+                      PREC: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rc, rk = tl.arange(0, C), tl.arange(0, KP)
+    ck = rk[None, :] < K
+    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0).to(nodes.dtype.element_ty)
+    for height in range(0, heights):
+        if reads_at(c, height, c0, HAS_INIT):
+            tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
+            in_slots, slot = node_at(c, height, c0, first)
+            if carries(c, height, in_slots):
+                item = tree_item(offsets, rank, height, slot, in_slots, H, h)
+                q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
+    dq = tl.zeros([C, KP], dtype=tl.float32)
+    for step in range(0, heights):
+        height = heights - 1 - step
+        if reads_at(c, height, c0, HAS_INIT):
+            row = tl.load(read_row + i * heights + height) * H + h
+            tl.store(rows_of(dqs, row, K, rc, rk), dq.to(q.dtype), mask=ck)
+            in_slots, slot = node_at(c, height, c0, first)
+            item = tree_item(offsets, rank, height, slot, in_slots, H, h)
+            if carries(c, height, in_slots):
+                dq = tl.dot(dq.to(q.dtype), tl.trans(square(trans, item, K, rk)), input_precision=PREC)
+            # dO B^T over V tiles: dQ's share and, against the kept Q, lambda's gradient
+            dq_read = tl.zeros([C, KP], dtype=tl.float32)
+            for v0 in range(0, V, BV):
+                rv = v0 + tl.arange(0, BV)
+                node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
+                do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :],
+                             mask=rv[None, :] < V, other=0.0)
+                dq_read += tl.dot(do.to(q.dtype), tl.trans(node), input_precision=PREC)
+            qj = tl.load(rows_of(qs, row, K, rc, rk), mask=ck, other=0.0).to(tl.float32)
+            tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(qj * dq_read, 1))
+            dq += tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)[:, None] * dq_read
+    tl.store(rows_of(d_qt, i * H + h, K, rc, rk), dq, mask=ck)
+
+
+@triton.jit
+def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segments, docs, offsets, rank, grads,
+                     init_grads, H, K, N, NI, heights, LEVEL0, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                     SEGMENT: tl.constexpr, OF_TRANS: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    """dB (partner = dO [S, H, C, N], weighed by lambda) or, OF_TRANS, dT (partner = the kept dQ_h+
+    [reads, H, C, N]) of one run of a node's readers, one [BK, BN] tile."""
+    s, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg = segments + s * 4
+    n, height, c_first, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
+    c0, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 5)
+    rc = tl.arange(0, C)
+    rk = tile // tl.cdiv(N, BN) * BK + tl.arange(0, BK)
+    rn = tile % tl.cdiv(N, BN) * BN + tl.arange(0, BN)
+    acc = tl.zeros([BK, BN], dtype=tl.float32)
+    for j in range(0, count):
+        i = first + c_first + j - c0
+        row = tl.load(read_row + i * heights + height) * H + h
+        qj = tl.load(rows_of(qs, row, K, rc, rk), mask=rk[None, :] < K, other=0.0)
+        if OF_TRANS:
+            b = tl.load(rows_of(partner, row, N, rc, rn), mask=rn[None, :] < N, other=0.0)
+        else:
+            w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
+            do = tl.load(rows_of(partner, i * H + h, N, rc, rn), mask=rn[None, :] < N, other=0.0)
+            b = (w[:, None] * do).to(qj.dtype)
+        acc += tl.dot(tl.trans(qj), b, input_precision=PREC)
+    in_slots, slot = node_at(c_first, height, c0, first)
+    tile_off = rk[:, None] * N + rn[None, :]
+    item = tree_item(offsets, rank, height, slot, in_slots, H, h).to(tl.int64)
+    o_init = ((n * H + h) * NI + height).to(tl.int64) * K * N
+    out = tl.where(in_slots, grads + item * K * N + tile_off, init_grads + o_init + tile_off)
+    mask = (rk[:, None] < K) & (rn[None, :] < N) & (in_slots | HAS_INIT)
+    if (1 << height) > SEGMENT:  # the node's readers span several runs
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc, mask=mask)
+
+
+def _joined(parts, dtype):
+    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype`` (the kernels' operand)."""
+    out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
+    for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
+        piece.copy_(part)
+    return out
+
+
+def _tiles(K, V):
+    """(K padded, the reads' V tile, chain_grad's V step): chain_grad holds a [K, K] transition
+    beside each [K, V step] node tile, so its step narrows as K grows (sm_90: 256 KiB of shared
+    memory at K = 256 with a 128-wide step, over the 227 KiB a block may take)."""
+    KP = triton.next_power_of_2(K)
+    return KP, min(triton.next_power_of_2(V), 128), min(triton.next_power_of_2(V), 16384 // KP)
+
+
+class CarryReads(torch.autograd.Function):
+    """qt [S, H, C, K], lam_slots [S, H, C, L'], init [N, H, NI, K, V] or None, then the up-sweep's
+    nodes[0..] and trans[0..] -> the reads of every height summed in the slot grid [S, H, C, V]."""
+
+    @staticmethod
+    def forward(ctx, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
+        nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
+        S, H, C, K = qt.shape
+        V = nodes[0].shape[-1]
+        node_ops, trans_ops = _joined(nodes, dtype), _joined(trans, dtype)
+        init_ops = None if init is None else init.to(dtype).contiguous()
+        KP, BV, _ = _tiles(K, V)
+        out = qt.new_empty(S, H, C, V)
+        layout = plan.layout
+        reads_kernel[(S, H, triton.cdiv(V, BV))](
+            qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops, node_ops if init is None else init_ops,
+            plan.node_offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk, out, H, K, V,
+            1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C, KP=KP, BV=BV,
+            HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
+        ctx.save_for_backward(qt, lam_slots, init_ops, node_ops, trans_ops)
+        ctx.plan, ctx.log_c, ctx.prec, ctx.has_init = plan, log_c, prec, init is not None
+        ctx.sizes = [x.shape[0] for x in nodes]
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        qt, lam_slots, init_ops, node_ops, trans_ops = ctx.saved_tensors
+        plan, log_c, prec = ctx.plan, ctx.log_c, ctx.prec
+        layout = plan.layout
+        S, H, C, K = qt.shape
+        V = node_ops.shape[-1]
+        KP, _, BV = _tiles(K, V)
+        NI = 1 if init_ops is None else init_ops.shape[2]
+        d_out = d_out.contiguous()
+        qs = qt.new_empty(plan.num_reads, H, C, K, dtype=node_ops.dtype)
+        dqs = torch.empty_like(qs)
+        d_qt, d_lam = torch.empty_like(qt), torch.zeros_like(lam_slots)
+        chain_grad_kernel[(S, H)](
+            qt, d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
+            node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
+            layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=ctx.has_init, PREC=prec, num_warps=NUM_WARPS,
+            num_stages=CHAIN_STAGES, maxnreg=CHAIN_REGS)
+        d_nodes = torch.zeros(node_ops.shape, device=qt.device)
+        d_trans = torch.zeros(trans_ops.shape, device=qt.device)
+        d_init = None if init_ops is None else torch.zeros(init_ops.shape, device=qt.device)
+        # Without an initial state the runs reading initial nodes (the last ones) add nothing.
+        count = layout.segments.shape[0] if ctx.has_init else layout.segments_in_slots
+        for of_trans, partner, grads, N, runs in ((False, d_out, d_nodes, V, count),
+                                                   (True, dqs, d_trans, K, layout.segments_in_slots)):
+            BK, BN = min(KP, 64), min(triton.next_power_of_2(N), 64)
+            if runs:
+                node_grad_kernel[(runs, H, triton.cdiv(K, BK) * triton.cdiv(N, BN))](
+                    qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
+                    plan.node_offsets, plan.rank, grads, grads if d_init is None else d_init, H, K, N, NI,
+                    layout.heights, log_c + 1, C=C, BK=BK, BN=BN, SEGMENT=layout.segment, OF_TRANS=of_trans,
+                    HAS_INIT=ctx.has_init, PREC=prec, num_warps=NUM_WARPS)
+        return (d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(ctx.sizes), *d_trans.split(ctx.sizes))
