@@ -38,9 +38,13 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import node_at, reads_at, slot_info
 
+# Swept on an H200 at 128K tokens (bf16, H=16, K=V=128; the reads' fwd+bwd): chain_grad with one
+# stage 24.7 ms, three 29.7 (two programs per SM where three stages' buffers left one); 8 warps
+# 29.0, registers capped at 168 28.2; node_grad's 128-wide tiles 21.8 (64: 24.6, 32: 39.2; 8 warps
+# 23.1) (results/2026-12-01-h200-sweep-gdn-carry.json).
 NUM_WARPS = 4
 CHAIN_STAGES = 1
-CHAIN_REGS = None
+NODE_TILE = 128
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -242,7 +246,7 @@ class CarryReads(torch.autograd.Function):
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=ctx.has_init, PREC=prec, num_warps=NUM_WARPS,
-            num_stages=CHAIN_STAGES, maxnreg=CHAIN_REGS)
+            num_stages=CHAIN_STAGES)
         d_nodes = torch.zeros(node_ops.shape, device=qt.device)
         d_trans = torch.zeros(trans_ops.shape, device=qt.device)
         d_init = None if init_ops is None else torch.zeros(init_ops.shape, device=qt.device)
@@ -250,7 +254,7 @@ class CarryReads(torch.autograd.Function):
         count = layout.segments.shape[0] if ctx.has_init else layout.segments_in_slots
         for of_trans, partner, grads, N, runs in ((False, d_out, d_nodes, V, count),
                                                    (True, dqs, d_trans, K, layout.segments_in_slots)):
-            BK, BN = min(KP, 64), min(triton.next_power_of_2(N), 64)
+            BK, BN = min(KP, NODE_TILE), min(triton.next_power_of_2(N), NODE_TILE)
             if runs:
                 node_grad_kernel[(runs, H, triton.cdiv(K, BK) * triton.cdiv(N, BN))](
                     qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
