@@ -189,11 +189,17 @@ def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segment
 
 
 def _joined(parts, dtype):
-    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype`` (the kernels' operand)."""
+    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype``."""
     out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
     for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
         piece.copy_(part)
     return out
+
+
+def _operands(tree, init, dtype):
+    """The kernels' copies of the tree (nodes, transitions) and of the initial nodes, in ``dtype``."""
+    nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
+    return _joined(nodes, dtype), _joined(trans, dtype), None if init is None else init.to(dtype).contiguous()
 
 
 def _tiles(K, V):
@@ -210,11 +216,9 @@ class CarryReads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
-        nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
+        node_ops, trans_ops, init_ops = _operands(tree, init, dtype)
         S, H, C, K = qt.shape
-        V = nodes[0].shape[-1]
-        node_ops, trans_ops = _joined(nodes, dtype), _joined(trans, dtype)
-        init_ops = None if init is None else init.to(dtype).contiguous()
+        V = node_ops.shape[-1]
         KP, BV, _ = _tiles(K, V)
         out = qt.new_empty(S, H, C, V)
         layout = plan.layout
@@ -223,20 +227,24 @@ class CarryReads(torch.autograd.Function):
             plan.node_offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk, out, H, K, V,
             1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C, KP=KP, BV=BV,
             HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
-        ctx.save_for_backward(qt, lam_slots, init_ops, node_ops, trans_ops)
-        ctx.plan, ctx.log_c, ctx.prec, ctx.has_init = plan, log_c, prec, init is not None
-        ctx.sizes = [x.shape[0] for x in nodes]
+        # The float32 tree is the up-sweep's, saved there too; its copies are made again in the
+        # backward rather than kept (16 GiB at 512K tokens, H=16, K=V=128: the op ran out of an
+        # H200's memory with them).
+        ctx.save_for_backward(qt, lam_slots, init, *tree)
+        ctx.plan, ctx.log_c, ctx.prec, ctx.dtype = plan, log_c, prec, dtype
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        qt, lam_slots, init_ops, node_ops, trans_ops = ctx.saved_tensors
+        qt, lam_slots, init, *tree = ctx.saved_tensors
         plan, log_c, prec = ctx.plan, ctx.log_c, ctx.prec
+        node_ops, trans_ops, init_ops = _operands(tree, init, ctx.dtype)
         layout = plan.layout
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
         KP, _, BV = _tiles(K, V)
-        NI = 1 if init_ops is None else init_ops.shape[2]
+        NI = 1 if init is None else init.shape[2]
+        has_init = init is not None
         d_out = d_out.contiguous()
         qs = qt.new_empty(plan.num_reads, H, C, K, dtype=node_ops.dtype)
         dqs = torch.empty_like(qs)
@@ -245,13 +253,15 @@ class CarryReads(torch.autograd.Function):
             qt, d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
-            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=ctx.has_init, PREC=prec, num_warps=NUM_WARPS,
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS,
             num_stages=CHAIN_STAGES)
-        d_nodes = torch.zeros(node_ops.shape, device=qt.device)
-        d_trans = torch.zeros(trans_ops.shape, device=qt.device)
-        d_init = None if init_ops is None else torch.zeros(init_ops.shape, device=qt.device)
+        shapes = node_ops.shape, trans_ops.shape
+        del node_ops, trans_ops, init_ops  # freed before the gradients' buffers are made
+        d_nodes, d_trans = (torch.zeros(x, device=qt.device) for x in shapes)
+        d_init = None if init is None else torch.zeros_like(init)
         # Without an initial state the runs reading initial nodes (the last ones) add nothing.
-        count = layout.segments.shape[0] if ctx.has_init else layout.segments_in_slots
+        count = layout.segments.shape[0] if has_init else layout.segments_in_slots
+        sizes = [x.shape[0] for x in tree[: len(tree) // 2]]
         for of_trans, partner, grads, N, runs in ((False, d_out, d_nodes, V, count),
                                                    (True, dqs, d_trans, K, layout.segments_in_slots)):
             BK, BN = min(KP, NODE_TILE), min(triton.next_power_of_2(N), NODE_TILE)
@@ -260,5 +270,5 @@ class CarryReads(torch.autograd.Function):
                     qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
                     plan.node_offsets, plan.rank, grads, grads if d_init is None else d_init, H, K, N, NI,
                     layout.heights, log_c + 1, C=C, BK=BK, BN=BN, SEGMENT=layout.segment, OF_TRANS=of_trans,
-                    HAS_INIT=ctx.has_init, PREC=prec, num_warps=NUM_WARPS)
-        return (d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(ctx.sizes), *d_trans.split(ctx.sizes))
+                    HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
+        return (d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(sizes), *d_trans.split(sizes))
