@@ -147,7 +147,8 @@ def test_chunk_stage_matches_torch_chunked(K, V):
         assert rel_err(a, b) < 1e-5, name
 
 
-def test_tree_matches_torch_chunked():
+@pytest.mark.parametrize("K, V", [(16, 16), (128, 160)])  # 160: two V tiles of the reads, chain_grad's V steps
+def test_tree_matches_torch_chunked(K, V):                  # and node_grad's tiles, masked
     """From random chunk states, transitions, carried queries and an initial state: after the
     up-sweep the Fenwick slot c holds build_tree's node (state and transition) of height ones(c)
     ending at chunk c, and CarryReads equals read_tree summed over heights, gradients included
@@ -156,7 +157,7 @@ def test_tree_matches_torch_chunked():
     from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
 
-    H, K, V, NC, c0, log_c = 2, 16, 16, 13, 3, C.bit_length() - 1
+    H, NC, c0, log_c = 2, 13, 3, C.bit_length() - 1
     t0 = c0 * C + 5
     layout = build_layout([(0, 0, NC * C - 9)], [t0], NC * C - 9, C, 4, DEVICE)
     heights = layout.heights
