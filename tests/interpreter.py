@@ -1,9 +1,8 @@
 """What every test process sets up when the Triton kernels run under the interpreter (CPU,
 TRITON_INTERPRET=1): autotuned kernels take their first config, since autotuning with several
-configs fails there ("0 active drivers"), tl.dot takes bf16 operands as the numbers they hold
-(the interpreter keeps bf16 as uint16 bits and multiplied those: 2e10 off on a 16 x 16 product,
-Triton 3.7.1), and every memory access a kernel makes is bounds-checked (tests/memcheck.py). The conftest calls it in the test process and
-tests/distributed.py in each rank it spawns."""
+configs fails there ("0 active drivers"); bf16 behaves as on the GPU (_bf16); and every memory
+access a kernel makes is bounds-checked (tests/memcheck.py). The conftest calls it in the test
+process and tests/distributed.py in each rank it spawns."""
 
 import os
 
@@ -12,7 +11,7 @@ def prepare() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     _first_config_autotuner()
-    _bf16_dot()
+    _bf16()
     from tests import memcheck
 
     memcheck.install()  # every interpreted kernel's loads, stores and atomics stay inside its tensors
@@ -32,14 +31,22 @@ def _first_config_autotuner() -> None:
     autotuner.Autotuner._first_config_only = True
 
 
-def _bf16_dot() -> None:
+def _bf16() -> None:
+    """The interpreter (Triton 3.7.1) keeps bf16 values as their uint16 bits, and tl.dot and the
+    elementwise ops computed on those bits (2e10 off on a 16 x 16 product): here they take bf16
+    operands as float32 numbers, and elementwise results go back to bf16 as on the GPU. float32
+    -> bf16 casts truncated where the GPU rounds to nearest even (and the interpreter's own
+    round-to-nearest-even mode loses the carry into the exponent: 0.5 off); they round to nearest
+    even here."""
+    import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_bf16_dot", False):
+    if getattr(builder, "_bf16_as_on_gpu", False):
         return
-    original = builder.create_dot
+    dot, cast, binary = builder.create_dot, builder.cast_impl, builder.binary_op
+    arithmetic = (np.add, np.subtract, np.multiply, np.divide, np.fmod, np.minimum, np.maximum)
 
     def as_float32(x):
         if x.dtype.scalar != tl.bfloat16:
@@ -48,7 +55,34 @@ def _bf16_dot() -> None:
         return interpreter.TensorHandle(bits.view(interpreter._get_np_dtype(tl.float32)), tl.float32)
 
     def create_dot(self, a, b, d, *args):
-        return original(self, as_float32(a), as_float32(b), d, *args)
+        return dot(self, as_float32(a), as_float32(b), d, *args)
 
-    builder.create_dot = create_dot
-    builder._bf16_dot = True
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # to nearest, ties to even
+        return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+
+    def binary_op(self, lhs, rhs, op):
+        if tl.bfloat16 not in (lhs.dtype.scalar, rhs.dtype.scalar):
+            return binary(self, lhs, rhs, op)
+        out = binary(self, as_float32(lhs), as_float32(rhs), op)
+        return cast_impl(self, out, tl.bfloat16) if op in arithmetic else out
+
+    def in_float32(method):
+        def run(self, input):
+            if input.dtype.scalar != tl.bfloat16:
+                return method(self, input)
+            out = method(self, tl.core.tensor(as_float32(input.handle), input.type.with_element_ty(tl.float32)))
+            results = out if isinstance(out, list) else [out]
+            rounded = [tl.core.tensor(cast_impl(None, x.handle, tl.bfloat16), x.type.with_element_ty(tl.bfloat16))
+                       for x in results]
+            return rounded if isinstance(out, list) else rounded[0]
+
+        return run
+
+    builder.create_dot, builder.cast_impl, builder.binary_op = create_dot, cast_impl, binary_op
+    interpreter.ReduceOps.sum = in_float32(interpreter.ReduceOps.sum)
+    interpreter.ScanOps.cumsum = in_float32(interpreter.ScanOps.cumsum)
+    builder._bf16_as_on_gpu = True
