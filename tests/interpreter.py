@@ -36,8 +36,9 @@ def _bf16() -> None:
     elementwise ops computed on those bits (2e10 off on a 16 x 16 product): here they take bf16
     operands as float32 numbers, and elementwise results go back to bf16 as on the GPU. float32
     -> bf16 casts truncated where the GPU rounds to nearest even (and the interpreter's own
-    round-to-nearest-even mode loses the carry into the exponent: 0.5 off); they round to nearest
-    even here."""
+    round-to-nearest-even mode loses the carry into the exponent: 0.5 off), and integer or bool
+    -> bf16 casts kept the integer as the bits (True became 1e-40, not 1): every cast to bf16
+    goes through float32 and rounds to nearest even here, and casts from bf16 start from float32."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -58,9 +59,11 @@ def _bf16() -> None:
         return dot(self, as_float32(a), as_float32(b), d, *args)
 
     def cast_impl(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return cast(self, src, dst_type)
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        if dst_type.scalar != tl.bfloat16:
+            return cast(self, as_float32(src), dst_type)
+        if src.dtype.scalar == tl.bfloat16:
+            return src
+        bits = np.asarray(src.data).astype(np.float32).view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # to nearest, ties to even
         return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
 
