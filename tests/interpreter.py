@@ -1,8 +1,9 @@
 """What every test process sets up when the Triton kernels run under the interpreter (CPU,
 TRITON_INTERPRET=1): autotuned kernels take their first config, since autotuning with several
-configs fails there ("0 active drivers"); bf16 behaves as on the GPU (_bf16); and every memory
-access a kernel makes is bounds-checked (tests/memcheck.py). The conftest calls it in the test
-process and tests/distributed.py in each rank it spawns."""
+configs fails there ("0 active drivers"); bf16 behaves as on the GPU (_bf16); every memory
+access a kernel makes is bounds-checked (tests/memcheck.py); and launches from several threads
+(cp.simulate's virtual ranks) run one at a time. The conftest calls it in the test process and
+tests/distributed.py in each rank it spawns."""
 
 import os
 
@@ -15,6 +16,7 @@ def prepare() -> None:
     from tests import memcheck
 
     memcheck.install()  # every interpreted kernel's loads, stores and atomics stay inside its tensors
+    _one_launch_at_a_time()
 
 
 def _first_config_autotuner() -> None:
@@ -89,3 +91,25 @@ def _bf16() -> None:
     interpreter.ReduceOps.sum = in_float32(interpreter.ReduceOps.sum)
     interpreter.ScanOps.cumsum = in_float32(interpreter.ScanOps.cumsum)
     builder._bf16_as_on_gpu = True
+
+
+def _one_launch_at_a_time() -> None:
+    """An interpreted launch patches triton.language for its run and restores it after: a launch
+    on another thread meanwhile lost the patch ("Did you forget to add @triton.jit"), and
+    memcheck's spans are one global. A lock around each launch (kernels never wait on another
+    thread, so it cannot deadlock)."""
+    import threading
+
+    from triton.runtime import interpreter
+
+    executor = interpreter.GridExecutor
+    if getattr(executor, "_one_at_a_time", False):
+        return
+    run, lock = executor.__call__, threading.RLock()
+
+    def locked(self, *args, **kwargs):
+        with lock:
+            return run(self, *args, **kwargs)
+
+    executor.__call__ = locked
+    executor._one_at_a_time = True
