@@ -20,6 +20,9 @@ Backward, two kernels:
 - node_grad, per (run of a node's readers, head, tile): dB += Q^T (lambda dO) and dT += Q^T dQ_h+
   over the run (a node's readers are consecutive chunks, layout.node_segments), stored where the
   run is all of them, else added atomically.
+The kept Q and dQ_h+ are [reads, H, C, K] each in the operands' dtype (reads: the set bits of
+every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are made in
+the forward and again in the backward rather than kept from one to the other.
 
 Designs measured before this one (H200, bf16, H=16, K=V=128, 128K tokens; the scripts are in the
 history of benchmarks/exp_gdn_query_carry.py and exp_gdn_height_scan.py, their figures in
