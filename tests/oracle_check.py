@@ -1,4 +1,5 @@
-"""One check shared by the Triton kernel tests: a backend against the float64 oracles.
+"""The checks shared by the Triton kernel tests: a backend against the float64 oracles, on
+float64 inputs or on half-precision ones.
 
 Outputs, final Fenwick state and every gradient (q, k, v, g, beta when given, level_scales,
 initial state) on fresh random output and state gradients.
@@ -55,3 +56,43 @@ def check_against_reference(chunked, inputs, spans, positions, final, tol=1e-5, 
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
     if with_state:  # buckets of unset bits receive zero gradient
         assert (grads[-1].transpose(1, 2)[~init.live_mask()] == 0).all()
+
+
+def check_half_precision(chunked, inputs, spans, positions, final, dtype, tol_o, tol_grad, **kwargs):
+    """inputs: float64 q, k, v, g, beta (None for Mamba-2), lam, rounded to ``dtype`` (g and an
+    initial state's buckets float32). Outputs and gradients come back in the inputs' dtypes, and
+    outputs, final state and gradients match the float64 oracle on the rounded inputs within tol_o
+    and tol_grad."""
+    half = [None if x is None else x.float() if i == 3 else x.to(dtype) for i, x in enumerate(inputs)]
+    names = [n for n, x in zip(NAMES, half) if x is not None]
+    leaves = [x.requires_grad_() for x in half if x is not None]
+    if positions is not None:
+        v, k = inputs[2], inputs[1]
+        nbits = max(p.bit_length() for p in positions)
+        shape = (len(spans), v.shape[2], nbits, k.shape[3], v.shape[3])
+        leaves.append((torch.randn(shape, device=v.device) * 0.3).requires_grad_())
+        names.append("initial_state")
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+
+    def call(fn, xs, **kw):
+        it = iter(xs)
+        args = [None if x is None else next(it) for x in half]
+        return fn(*args, spans, None if positions is None else FenwickState(next(it), positions), final, **kw)
+
+    o, state = call(chunked, leaves, **kwargs)
+    assert o.dtype == dtype
+    ref_o, ref_state = call(reference_run, exact)
+    assert rel_err(o.double(), ref_o) < tol_o
+    if final:
+        assert rel_err(state.buckets.double(), ref_state.buckets) < tol_o
+    do = torch.randn_like(ref_o)
+    d_state = torch.randn_like(ref_state.buckets) if final else None
+
+    def loss_of(o, state):
+        loss = (o.double() * do).sum()
+        return loss + (state.buckets.double() * d_state).sum() if final else loss
+
+    grads = torch.autograd.grad(loss_of(o, state), leaves)
+    assert [x.dtype for x in grads] == [x.dtype for x in leaves]
+    for name, a, b in zip(names, grads, torch.autograd.grad(loss_of(ref_o, ref_state), exact)):
+        assert rel_err(a.double(), b) < tol_grad, (name, rel_err(a.double(), b))

@@ -7,11 +7,11 @@ inputs every run. Each stage is also checked against its counterpart in ``torch_
 import pytest
 import torch
 
-from ctxpar.kernels import reference, torch_chunked
+from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, unavailable_reason
 from tests.factories import attention_inputs, random_documents, rel_err
 from tests.oracle_check import NAMES as GRADS
-from tests.oracle_check import check_against_reference
+from tests.oracle_check import check_against_reference, check_half_precision
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -97,19 +97,8 @@ def test_lambda_one_is_the_gated_delta_rule():
 def test_half_precision_inputs(dtype):
     """Half-precision q, k, v, beta, lambda (g float32): outputs and gradients come back in the
     input dtypes and match the float64 oracle on the rounded inputs to the inputs' precision."""
-    inputs = make_inputs(1, 80, 2, 1, 16, 32, 8)
-    half = [x.to(dtype) if x.dtype == torch.float64 and i != 3 else x.float() for i, x in enumerate(inputs)]
-    leaves = [x.requires_grad_() for x in half]
-    o, _ = chunked(*leaves, [(0, 0, 80)], chunk_size=C)
-    assert o.dtype == dtype
-    exact = [x.detach().double().requires_grad_() for x in half]
-    expected = reference.materialized(*exact, [(0, 0, 80)])
-    assert rel_err(o.double(), expected) < 1e-2
-    do = torch.randn_like(expected)
-    grads = torch.autograd.grad((o.double() * do).sum(), leaves)
-    assert [x.dtype for x in grads] == [x.dtype for x in half]
-    for name, a, b in zip(GRADS, grads, torch.autograd.grad((expected * do).sum(), exact)):
-        assert rel_err(a.double(), b) < 2e-2, name
+    check_half_precision(chunked, make_inputs(1, 80, 2, 1, 16, 32, 8), [(0, 0, 80)], None, False, dtype, 1e-2, 2e-2,
+                         chunk_size=C)
 
 
 def test_float32_and_torch_backend_agree():

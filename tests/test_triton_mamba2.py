@@ -10,7 +10,7 @@ import torch
 from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.triton import chunked, common, unavailable_reason
 from tests.factories import random_documents
-from tests.oracle_check import check_against_reference, reference_run
+from tests.oracle_check import check_against_reference, check_half_precision, reference_run
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -59,25 +59,9 @@ def test_half_precision_inputs(dtype):
     products, fp16 through tf32. Outputs and gradients come back in the input dtypes and match the
     float64 oracle on the rounded inputs to the inputs' precision (on the interpreter, as bf16
     computes on the GPU: tests/interpreter.py)."""
-    from ctxpar.kernels.state import FenwickState
-
     spans, positions = [(0, 0, 40), (0, 40, 47), (0, 47, 100)], (75, 32, 5)
     q, k, v, g, lam = make_inputs(1, 100, 2, 1, 16, 16, 9)
-    half = [x.to(dtype) if x is not g else x.float() for x in (q, k, v, g, lam)]
-    buckets = torch.randn(3, 2, 7, 16, 16, device=DEVICE) * 0.3
-    leaves = [x.requires_grad_() for x in (*half, buckets)]
-    o, state = chunked(*leaves[:4], None, leaves[4], spans, FenwickState(leaves[5], positions), True, chunk_size=C)
-    assert o.dtype == dtype
-    exact = [x.detach().double().requires_grad_() for x in leaves]
-    ref_o, ref_state = reference_run(*exact[:4], None, exact[4], spans, FenwickState(exact[5], positions), True)
-    assert rel(o, ref_o) < 4e-3
-    assert rel(state.buckets, ref_state.buckets) < 4e-3
-    do, d_state = torch.randn_like(ref_o), torch.randn_like(ref_state.buckets)
-    grads = torch.autograd.grad((o.double() * do).sum() + (state.buckets.double() * d_state).sum(), leaves)
-    expected = torch.autograd.grad((ref_o * do).sum() + (ref_state.buckets * d_state).sum(), exact)
-    assert [x.dtype for x in grads] == [x.dtype for x in leaves]
-    for name, a, b in zip(["q", "k", "v", "g", "level_scales", "initial_state"], grads, expected):
-        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    check_half_precision(chunked, (q, k, v, g, None, lam), spans, positions, True, dtype, 4e-3, 1e-2, chunk_size=C)
 
 
 def test_random_documents_and_states():
