@@ -1,9 +1,8 @@
 """Test setup shared by every test module.
 
 Without a GPU the Triton kernels run under the interpreter, which must be switched on before any
-module that defines a kernel is imported; under it, autotuning with several configs fails
-("0 active drivers"), so autotuned kernels take their first config, and every memory access a
-kernel makes is bounds-checked (tests/interpreter.py).
+module that defines a kernel is imported; tests/interpreter.py then sets it up (the first config
+of autotuned kernels, bf16 as on the GPU, bounds-checked memory accesses, one launch at a time).
 """
 
 import os
