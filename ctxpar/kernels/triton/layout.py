@@ -52,7 +52,8 @@ class Layout:
 
     @cached_property
     def _node_grad_tables(self) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Built on first use: only the Mamba-2 backward reads them (GDN's layouts never do)."""
+        """Built on first use, by a backward: both variants' node gradients read the segments
+        (node_grad.py, gdn_carry.py); shared_slots only Mamba-2's."""
         slot_doc, slot_chunk = self.host["slot_doc"], self.host["slot_chunk"]
         c0, off = torch.tensor(self.c0), torch.tensor(self.first_slot)
         segments, in_slots = node_segments(slot_doc, slot_chunk, c0, self.heights, self.segment)
