@@ -177,26 +177,6 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
         assert rel_err(a, b) < 1e-5, name
 
 
-@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("mode", ["store", "add"])
-def test_gather_bmm(trans_a, trans_b, mode):
-    """gdn_bmm.gather_bmm against torch: gathered operands, several tiles (M = 80, N = 96,
-    KD = 48), products stored or added into the output items."""
-    from ctxpar.kernels.triton.gdn_bmm import gather_bmm
-
-    M, N, KD, H = 80, 96, 48, 2
-    a = torch.randn(5, H, *((KD, M) if trans_a else (M, KD)), device=DEVICE)
-    b = torch.randn(4, H, *((N, KD) if trans_b else (KD, N)), device=DEVICE)
-    a_idx, b_idx = torch.tensor([4, 0, 2], device=DEVICE), torch.tensor([1, 3, 0], device=DEVICE)
-    out_idx = torch.tensor([2, 0, 1], device=DEVICE)
-    op = lambda x, t: x.transpose(-1, -2) if t else x  # noqa: E731
-    products = op(a[a_idx], trans_a) @ op(b[b_idx], trans_b)
-    out = torch.randn(3, H, M, N, device=DEVICE)
-    expected = out.index_add(0, out_idx, products) if mode == "add" else out.index_copy(0, out_idx, products)
-    gather_bmm(a, a_idx, b, b_idx, out, out_idx, prec="ieee", trans_a=trans_a, trans_b=trans_b, mode=mode)
-    assert rel_err(out, expected) < 1e-5
-
-
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
     Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch

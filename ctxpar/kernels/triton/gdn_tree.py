@@ -1,9 +1,12 @@
 """GDN stage 2 (counterparts: ``torch_chunked.build_tree`` + ``read_tree``): the tree over chunks.
 
 Across chunks every step is a batched [K, K] @ [K, K or V] product, one launch per tree height
-with every node of that height in the batch (gdn_bmm's gathered products, on tensor cores for
-half-precision inputs); the up-sweep is one autograd Function with its own backward, which needs
-nothing but the tree (autograd over torch ops would keep a gathered copy of every left child).
+with every node of that height in the batch (tf32 tensor cores for half-precision inputs): a
+parent's node and transition from one launch, tiles of both, and in the backward all four of its
+children's gradients from one launch (the gathered products before, two launches per height
+forward and four backward plus a copy, a clone and adds, re-read each operand). The up-sweep is
+one autograd Function with its own backward, which needs nothing but the tree (autograd over
+torch ops would keep a gathered copy of every left child).
 
 Nodes use the layout's Fenwick numbering (layout.py): the node of height h ending at chunk c is
 slot c's once ones(c) >= h. ``nodes[h]`` / ``trans[h]`` hold the states / transitions at height h
@@ -21,21 +24,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ctxpar.kernels.triton.gdn_bmm import gather_bmm
+import triton
+import triton.language as tl
 
 
 @dataclass
 class Up:
     """Height h -> h + 1 of the up-sweep: the parents are the first ``count`` entries of nodes[h]
-    (their right children); ``inner`` of them have their left child at ``inner_left`` in nodes[h],
-    ``front`` ones the initial node of document ``front_doc``."""
+    (their right children); parent p's left child is nodes[h][left[p]], or where left[p] < 0 the
+    initial node of document doc[p] (carried to t0 already: identity transition)."""
 
     count: int
-    inner: torch.Tensor
-    inner_left: torch.Tensor
-    front: torch.Tensor
-    front_doc: torch.Tensor
+    left: torch.Tensor
+    doc: torch.Tensor
 
 
 class TreePlan:
@@ -54,10 +55,8 @@ class TreePlan:
             if right.numel() == 0:
                 break
             inside = chunk[right] - (1 << h) >= c0[right]
-            parents = torch.arange(right.numel())
-            dev = lambda x: x.to(device)  # noqa: E731
-            self.up.append(Up(right.numel(), dev(parents[inside]), dev(rank[right[inside] - (1 << h)]),
-                              dev(parents[~inside]), dev(doc[right[~inside]])))
+            left = torch.where(inside, rank[(right - (1 << h)).clamp(min=0)], -1)
+            self.up.append(Up(right.numel(), left.to(device), torch.where(inside, 0, doc[right]).to(device)))
         # The reads' tables (gdn_carry.py): the joined tree's first row of each height, and
         # each (slot, height) read's row among all reads (-1: no read), at every set bit of the
         # chunk (reads of initial nodes included, read or not).
@@ -87,23 +86,150 @@ def up_sweep(u, m, init, plan, prec):
     return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :])
 
 
+@triton.jit
+def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr):
+    """Rows r, columns c of op(x) for x = ptr's [items, R, CN] entry ``item`` (op: x or x^T)."""
+    base = ptr + item.to(tl.int64) * R * CN
+    if TRANS:
+        return tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R), other=0.0)
+    return tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN), other=0.0)
+
+
+@triton.jit
+def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TRANS: tl.constexpr,
+              TRANS: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Rows r, columns c of op(X): X the left child's node [K, V] or, OF_TRANS, its transition
+    [K, K]; before the document (left < 0) the initial node, or the identity."""
+    inside = left >= 0
+    row = (tl.maximum(left, 0) * H + h).to(tl.int64)
+    if OF_TRANS:
+        x = tl.where(inside, tile_of(trans, row, K, K, r, c, TRANS), (r[:, None] == c[None, :]).to(tl.float32))
+    else:
+        x = tl.where(inside, tile_of(nodes, row, K, V, r, c, TRANS), 0.0)
+        if HAS_INIT:
+            start = ((doc * H + h) * NI + tl.minimum(height, NI - 1)).to(tl.int64)  # a row of init in any case
+            x += tl.where((left < 0) & (height < NI), tile_of(init, start, K, V, r, c, TRANS), 0.0)
+    return x
+
+
+@triton.jit
+def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, V, NI, height,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
+    columns), X the left child (left_tile); one program per (parent, head, tile)."""
+    p, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    node_cols = tl.cdiv(V, BN)
+    cols = node_cols + tl.cdiv(K, BN)
+    rm = t // cols * BM + tl.arange(0, BM)
+    j = t % cols
+    left, doc = tl.load(left_idx + p), tl.load(doc_idx + p)
+    right = (p * H + h).to(tl.int64)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if j < node_cols:
+        rn = j * BN + tl.arange(0, BN)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+        acc += tile_of(nodes, right, K, V, rm, rn, False)
+        tl.store(node_out + right * K * V + rm[:, None] * V + rn[None, :], acc, mask=(rm[:, None] < K) & (rn[None, :] < V))
+    else:
+        rn = (j - node_cols) * BN + tl.arange(0, BN)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+        tl.store(trans_out + right * K * K + rm[:, None] * K + rn[None, :], acc, mask=(rm[:, None] < K) & (rn[None, :] < K))
+
+
+@triton.jit
+def add_tile(ptr, item, R, CN, r, c, x, on):
+    """ptr's [items, R, CN] entry ``item`` += x at rows r, columns c, where ``on``."""
+    at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
+    mask = (r[:, None] < R) & (c[None, :] < CN) & on
+    tl.store(at, tl.load(at, mask=mask, other=0.0) + x, mask=mask)
+
+
+@triton.jit
+def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, d_nodes, d_trans, d_init, H, K, V,
+                   NI, height, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
+                   PREC: tl.constexpr):
+    """The gradients of parent p's children, one [BM, BN] tile per program, by kind: the right
+    node dN_r += dP; the right transition dT_r += dP X^T + dPm T_l^T; the left node (or initial
+    node) T_r^T dP; the left transition T_r^T dPm. Rows written once per launch: a left child has
+    one parent, and no right child is a left one."""
+    p, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv = tl.cdiv(K, BM) * tl.cdiv(V, BN)
+    kk = tl.cdiv(K, BM) * tl.cdiv(K, BN)
+    left, doc = tl.load(left_idx + p), tl.load(doc_idx + p)
+    right = (p * H + h).to(tl.int64)
+    lrow = (tl.maximum(left, 0) * H + h).to(tl.int64)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if t < kv:  # right node
+        rm, rn = t // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
+        add_tile(d_nodes, right, K, V, rm, rn, tile_of(d_parent, right, K, V, rm, rn, False), True)
+    elif t < kv + kk:  # right transition
+        t2 = t - kv
+        rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
+        for v0 in range(0, V, BK):
+            rv = v0 + tl.arange(0, BK)
+            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rv, rn, False, True, HAS_INIT)
+            acc = tl.dot(tile_of(d_parent, right, K, V, rm, rv, False), x, acc, input_precision=PREC)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, True, HAS_INIT)
+            acc = tl.dot(tile_of(d_parent_m, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+        add_tile(d_trans, right, K, K, rm, rn, acc, True)
+    elif t < 2 * kv + kk:  # left node, or the initial node
+        t2 = t - kv - kk
+        rm, rn = t2 // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_parent, right, K, V, rk, rn, False), acc,
+                         input_precision=PREC)
+        add_tile(d_nodes, lrow, K, V, rm, rn, acc, left >= 0)
+        if HAS_INIT:
+            add_tile(d_init, ((doc * H + h) * NI + height), K, V, rm, rn, acc, (left < 0) & (height < NI))
+    else:  # left transition
+        t2 = t - 2 * kv - kk
+        rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_parent_m, right, K, K, rk, rn, False),
+                         acc, input_precision=PREC)
+        add_tile(d_trans, lrow, K, K, rm, rn, acc, left >= 0)
+
+
+# The gathered products' configuration, swept on an H200 at 128K tokens (H=16, K=V=128, the
+# up-sweep and reads, fwd+bwd; results/2026-11-30-h200-sweep_gdn_bmm.json): 128 x 128 tiles with
+# 32-wide steps and 8 warps 184.3 ms, 64 x 64 215.9, 128 x 64 194.3, 64-wide steps 215.7 / 251.5.
+TILE, STEP, NUM_WARPS = 128, 32, 8
+
+
+def _tiles(K, V):
+    """(rows of a tile, its columns, the reduction step)."""
+    p2 = triton.next_power_of_2
+    return min(TILE, p2(K)), min(TILE, p2(max(K, V))), min(STEP, p2(min(K, V)))
+
+
 class UpSweep(torch.autograd.Function):
-    """parent = M_right @ left + right, M_parent = M_right @ M_left, one height at a time, as
-    gdn_bmm products (tensor cores for half-precision inputs); the backward walks the heights top
-    down and needs only the tree itself, which the reads keep anyway."""
+    """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
+    tensor cores for half-precision inputs); the backward walks the heights top down, one launch
+    each, and needs only the tree itself, which the reads keep anyway."""
 
     @staticmethod
     def forward(ctx, u, m, init, plan, prec):
         nodes, trans = [u], [m]
+        H, K, V = u.shape[1], u.shape[2], u.shape[3]
+        BM, BN, BK = _tiles(K, V)
+        NI = 1 if init is None else init.shape[2]
+        init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
+        has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         for h, up in enumerate(plan.up):
-            node, tr = nodes[h][: up.count].clone(), torch.empty_like(trans[h][: up.count])
-            gather_bmm(trans[h], up.inner, nodes[h], up.inner_left, node, up.inner, prec=prec, mode="add")
-            gather_bmm(trans[h], up.inner, trans[h], up.inner_left, tr, up.inner, prec=prec)
-            if up.front.numel():  # left child: an initial node, carried to t0 already (identity)
-                if init is not None:
-                    start = initial_node(init, h, u, plan.num_docs).contiguous()
-                    gather_bmm(trans[h], up.front, start, up.front_doc, node, up.front, prec=prec, mode="add")
-                tr[up.front] = trans[h][up.front]
+            node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
+            grid = (up.count, H, triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)))
+            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr, H, K, V, NI,
+                            h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
             nodes.append(node)
             trans.append(tr)
         ctx.save_for_backward(init, *nodes, *trans)
@@ -115,28 +241,21 @@ class UpSweep(torch.autograd.Function):
         init, *tree = ctx.saved_tensors
         plan, prec, half = ctx.plan, ctx.prec, len(tree) // 2
         nodes, trans = tree[:half], tree[half:]
+        H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
+        BM, BN, BK = _tiles(K, V)
+        NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place.
         d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
+        init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         d_init = None if init is None else torch.zeros_like(init)
+        has_init = init is not None and NI > 0
+        kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)
         for h in reversed(range(len(plan.up))):
-            up, d_parent, d_parent_m = plan.up[h], d_nodes[h + 1], d_trans[h + 1]
-            d_nodes[h][: up.count] += d_parent
-            rows, left = up.inner, up.inner_left  # left children (ones = h) never are parents (ones > h)
-            gather_bmm(d_parent, rows, nodes[h], left, d_trans[h], rows, prec=prec, trans_b=True, mode="add")
-            gather_bmm(d_parent_m, rows, trans[h], left, d_trans[h], rows, prec=prec, trans_b=True, mode="add")
-            gather_bmm(trans[h], rows, d_parent, rows, d_nodes[h], left, prec=prec, trans_a=True, mode="add")
-            gather_bmm(trans[h], rows, d_parent_m, rows, d_trans[h], left, prec=prec, trans_a=True, mode="add")
-            if up.front.numel():
-                d_trans[h].index_add_(0, up.front, d_parent_m[up.front])
-            if up.front.numel() and init is not None:
-                start = initial_node(init, h, nodes[0], plan.num_docs).contiguous()
-                gather_bmm(d_parent, up.front, start, up.front_doc, d_trans[h], up.front, prec=prec, trans_b=True,
-                           mode="add")
-                if h < init.shape[2]:
-                    d_start = torch.zeros_like(start)
-                    gather_bmm(trans[h], up.front, d_parent, up.front, d_start, up.front_doc, prec=prec, trans_a=True,
-                               mode="add")
-                    d_init[:, :, h] += d_start
+            up = plan.up[h]
+            up_grad_kernel[(up.count, H, 2 * (kv + kk))](
+                nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
+                d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
+                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
         return d_nodes[0], d_trans[0], d_init, None, None
 
 
