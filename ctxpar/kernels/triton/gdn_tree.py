@@ -87,12 +87,13 @@ def up_sweep(u, m, init, plan, prec):
 
 
 @triton.jit
-def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr):
-    """Rows r, columns c of op(x) for x = ptr's [items, R, CN] entry ``item`` (op: x or x^T)."""
+def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr, on=True):
+    """Rows r, columns c of op(x) for x = ptr's [items, R, CN] entry ``item`` (op: x or x^T);
+    zeros, and no traffic, where ``on`` is False."""
     base = ptr + item.to(tl.int64) * R * CN
     if TRANS:
-        return tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R), other=0.0)
-    return tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN), other=0.0)
+        return tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R) & on, other=0.0)
+    return tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN) & on, other=0.0)
 
 
 @triton.jit
@@ -103,13 +104,20 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
     inside = left >= 0
     row = (tl.maximum(left, 0) * H + h).to(tl.int64)
     if OF_TRANS:
-        x = tl.where(inside, tile_of(trans, row, K, K, r, c, TRANS), (r[:, None] == c[None, :]).to(tl.float32))
+        x = tl.where(inside, tile_of(trans, row, K, K, r, c, TRANS, inside), (r[:, None] == c[None, :]).to(tl.float32))
     else:
-        x = tl.where(inside, tile_of(nodes, row, K, V, r, c, TRANS), 0.0)
+        x = tile_of(nodes, row, K, V, r, c, TRANS, inside)
         if HAS_INIT:
-            start = ((doc * H + h) * NI + tl.minimum(height, NI - 1)).to(tl.int64)  # a row of init in any case
-            x += tl.where((left < 0) & (height < NI), tile_of(init, start, K, V, r, c, TRANS), 0.0)
+            start = ((doc * H + h) * NI + height).to(tl.int64)
+            x += tile_of(init, start, K, V, r, c, TRANS, (left < 0) & (height < NI))
     return x
+
+
+@triton.jit
+def store_tile(ptr, item, R, CN, r, c, x):
+    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c."""
+    at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
+    tl.store(at, x, mask=(r[:, None] < R) & (c[None, :] < CN))
 
 
 @triton.jit
@@ -132,14 +140,14 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, 
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
-        tl.store(node_out + right * K * V + rm[:, None] * V + rn[None, :], acc, mask=(rm[:, None] < K) & (rn[None, :] < V))
+        store_tile(node_out, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
-        tl.store(trans_out + right * K * K + rm[:, None] * K + rn[None, :], acc, mask=(rm[:, None] < K) & (rn[None, :] < K))
+        store_tile(trans_out, right, K, K, rm, rn, acc)
 
 
 @triton.jit
