@@ -284,7 +284,7 @@ def gdn_stage_times(T):
     nodes, trans = F.up_sweep(u, m, None, tree_plan, "tf32")
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
-    reads = lambda: F.CarryReads.apply(qt, lam_slots, None, tree_plan, log_c, "tf32",  # noqa: E731
+    reads = lambda: F.CarryReads.apply(o, qt, lam_slots, None, tree_plan, log_c, "tf32",  # noqa: E731
                                        F.operand_dtype(q.dtype), *tree)
     d_reads = torch.randn_like(o)
     grads = [torch.randn_like(x) for x in (o, qt, u, m)]

@@ -153,16 +153,18 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     u, m, qt = rand(NC, H, K, V), rand(NC, H, K, K) * K**-0.5, rand(NC, H, C, K)
     lam, f0 = rand(NC, H, C, log_c + 1 + heights), rand(1, H, t0.bit_length(), K, V)
-    leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0)]
+    o_intra = rand(NC, H, C, V)  # what the chunk stage's output brings to the reads' sum
+    leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0, o_intra)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
     nodes, trans = up_sweep(u[order], m[order], init, plan, "ieee")
-    ours = CarryReads.apply(qt, lam, init, plan, log_c, "ieee", torch.float32, *nodes, *trans)
+    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", torch.float32, *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
-    theirs = sum(torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c) for h in range(heights))
+    theirs = per_chunk(o_intra) + sum(torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c)
+                                      for h in range(heights))
     assert rel_err(per_chunk(ours), theirs) < 1e-5
     rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
     for slot, h in enumerate(trailing_ones(torch.arange(c0, c0 + NC)).tolist()):
@@ -173,7 +175,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     d_out = rand(NC, H, C, V)
     grads = torch.autograd.grad((ours * d_out).sum(), leaves)
     expected = torch.autograd.grad((theirs * per_chunk(d_out)).sum(), leaves)
-    for name, a, b in zip(["u", "m", "qt", "lam", "initial_state"], grads, expected):
+    for name, a, b in zip(["u", "m", "qt", "lam", "initial_state", "o_intra"], grads, expected):
         assert rel_err(a, b) < 1e-5, name
 
 

@@ -93,14 +93,15 @@ def rows_of(ptr, item, K, rc, rk):
 
 
 @triton.jit
-def reads_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, docs, slot_doc, slot_chunk, out,
+def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, docs, slot_doc, slot_chunk, out,
                  H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                  HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
     q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=rk[None, :] < K, other=0.0).to(nodes.dtype.element_ty)
-    acc = tl.zeros([C, BV], dtype=tl.float32)
+    tile = ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :]
+    acc = tl.load(o + tile, mask=rv[None, :] < V, other=0.0)
     for height in range(0, heights):
         if reads_at(c, height, c0, HAS_INIT):
             in_slots, slot = node_at(c, height, c0, first)
@@ -110,7 +111,7 @@ def reads_kernel(qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, r
             acc += w[:, None] * tl.dot(q, node, input_precision=PREC)
             if carries(c, height, in_slots):
                 q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
-    tl.store(out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :], acc, mask=rv[None, :] < V)
+    tl.store(out + tile, acc, mask=rv[None, :] < V)
 
 
 @triton.jit
@@ -214,11 +215,13 @@ def _tiles(K, V):
 
 
 class CarryReads(torch.autograd.Function):
-    """qt [S, H, C, K], lam_slots [S, H, C, L'], init [N, H, NI, K, V] or None, then the up-sweep's
-    nodes[0..] and trans[0..] -> the reads of every height summed in the slot grid [S, H, C, V]."""
+    """o [S, H, C, V] (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'], init
+    [N, H, NI, K, V] or None, then the up-sweep's nodes[0..] and trans[0..] -> o plus the reads of
+    every height, in the slot grid. Taking o in spares an add; o's gradient is the output's, made
+    contiguous once here for both this backward and the chunk stage's."""
 
     @staticmethod
-    def forward(ctx, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
+    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
         node_ops, trans_ops, init_ops = _operands(tree, init, dtype)
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
@@ -226,7 +229,7 @@ class CarryReads(torch.autograd.Function):
         out = qt.new_empty(S, H, C, V)
         layout = plan.layout
         reads_kernel[(S, H, triton.cdiv(V, BV))](
-            qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops, node_ops if init is None else init_ops,
+            o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops, node_ops if init is None else init_ops,
             plan.node_offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk, out, H, K, V,
             1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C, KP=KP, BV=BV,
             HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
@@ -274,4 +277,4 @@ class CarryReads(torch.autograd.Function):
                     plan.node_offsets, plan.rank, grads, grads if d_init is None else d_init, H, K, N, NI,
                     layout.heights, log_c + 1, C=C, BK=BK, BN=BN, SEGMENT=layout.segment, OF_TRANS=of_trans,
                     HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
-        return (d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(sizes), *d_trans.split(sizes))
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(sizes), *d_trans.split(sizes))

@@ -83,7 +83,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c)
     nodes, trans = up_sweep(u, m, init, plan, prec)
-    o = o + CarryReads.apply(qt, lam_slots, init, plan, log_c, prec, operand_dtype(fq.dtype), *nodes, *trans)
+    o = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, operand_dtype(fq.dtype), *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:
         return out, None
