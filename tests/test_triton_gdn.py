@@ -179,6 +179,23 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
         assert rel_err(a, b) < 1e-5, name
 
 
+def test_slot_grid_gathers_and_their_gradients():
+    """SlotGrid.tokens and .rows (packed documents starting mid-chunk, so slots have padded
+    positions): rows undoes tokens, padded positions are zero, and the gradients, which gather
+    through the other map rather than scatter, pass gradcheck."""
+    from ctxpar.kernels.triton.gdn_grid import SlotGrid
+    from ctxpar.kernels.triton.layout import build_layout
+
+    layout = build_layout([(0, 0, 20), (0, 20, 50), (1, 0, 50)], [0, 5, 70], 50, C, 2, DEVICE)
+    grid = SlotGrid(layout, 100, 2, 2, DEVICE)
+    x = torch.randn(100, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    slots = grid.tokens(x)
+    assert torch.equal(grid.rows(slots), x)
+    assert (slots != 0).sum() == x.numel()  # every row once, the rest zeros
+    y = torch.randn(*slots.shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(grid.tokens, (x,)) and torch.autograd.gradcheck(grid.rows, (y,))
+
+
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
     Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch

@@ -25,10 +25,21 @@ class SlotGrid:
         self.layout, self.chunk, self.num_slots = layout, C, doc.numel()
         self.index, self.inverse = rows.to(device), inverse.to(device)
         self.heads_of = (torch.arange(heads) // (heads // qk_heads)).to(device)
+        # The same maps between [rows * H] and [S * H * C] (one gather each way, no copies of
+        # transposed views): the source of every grid position (padded ones read row 0, then are
+        # zeroed), and the grid position of every (row, head).
+        head = torch.arange(heads)[None, :, None]
+        grid_rows = rows.view(-1, 1, C)
+        self.grid_source = torch.where(grid_rows < num_rows, grid_rows * heads + head, 0).flatten().to(device)
+        self.grid_pads = torch.nonzero((grid_rows == num_rows).expand(-1, heads, -1).flatten())[:, 0].to(device)
+        slot, offset = inverse[:, None] // C, inverse[:, None] % C
+        self.row_source = ((slot * heads + torch.arange(heads)) * C + offset).flatten().to(device)
 
     def tokens(self, x, expand=False, slots=None):
         """[rows, Hx, ...] -> [S, H, C, ...] (or only ``slots``, a list); ``expand`` maps the Hk
         q/k groups to the H heads."""
+        if not expand and slots is None:
+            return Regrid.apply(x, self, True)
         index = self.index if slots is None else self.index.view(self.num_slots, -1)[slots].flatten()
         x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index]
         if expand:
@@ -37,7 +48,30 @@ class SlotGrid:
 
     def rows(self, y):
         """[S, H, C, ...] -> [rows, H, ...]."""
-        return y.transpose(1, 2).flatten(0, 1)[self.inverse]
+        return Regrid.apply(y, self, False)
+
+    def _slots(self, x):
+        flat = x.reshape(-1, *x.shape[2:]).index_select(0, self.grid_source).index_fill_(0, self.grid_pads, 0)
+        return flat.view(self.num_slots, x.shape[1], self.chunk, *x.shape[2:])
+
+    def _rows(self, y):
+        return y.reshape(-1, *y.shape[3:]).index_select(0, self.row_source).view(-1, y.shape[1], *y.shape[3:])
+
+
+class Regrid(torch.autograd.Function):
+    """SlotGrid.tokens of every slot (to_slots) or SlotGrid.rows. Each token row sits at one slot
+    position, so the two gathers are each other's adjoint and the backward gathers too (autograd's
+    backward of an index scatters with accumulation: a sort on the GPU); padded positions get zero
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, x, grid, to_slots):
+        ctx.grid, ctx.to_slots = grid, to_slots
+        return grid._slots(x) if to_slots else grid._rows(x)
+
+    @staticmethod
+    def backward(ctx, d):
+        return (ctx.grid._rows(d) if ctx.to_slots else ctx.grid._slots(d)), None, None
 
 
 def torch_stage(q, k, v, g, beta, lam, grid):
