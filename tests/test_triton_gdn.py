@@ -196,6 +196,32 @@ def test_slot_grid_gathers_and_their_gradients():
     assert torch.autograd.gradcheck(grid.tokens, (x,)) and torch.autograd.gradcheck(grid.rows, (y,))
 
 
+def test_node_gradients_cover_every_tree_row():
+    """node_grads stores where it is a node's only writer, so the reads' backward zeroes only
+    plan.zero_ranges of the joined tree: NaN-filled buffers with those rows zeroed must end like
+    zeroed ones, NaN-free (packed documents; runs of 2 readers, so nodes from height 2 up take
+    atomic adds)."""
+    from ctxpar.kernels.triton.gdn_carry import node_grads
+    from ctxpar.kernels.triton.gdn_tree import TreePlan
+    from ctxpar.kernels.triton.layout import build_layout
+
+    H, K, V, log_c = 2, 16, 32, C.bit_length() - 1
+    layout = build_layout([(0, 0, 40), (0, 40, 300), (1, 0, 300)], [0] * 3, 300, C, 2, DEVICE)
+    plan = TreePlan(layout, DEVICE)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    qs, dqs = rand(plan.num_reads, H, C, K), rand(plan.num_reads, H, C, K)
+    d_out, lam = rand(layout.num_slots, H, C, V), rand(layout.num_slots, H, C, log_c + 1 + layout.heights)
+    zeroed = torch.zeros(plan.num_nodes, H, K, V, device=DEVICE), torch.zeros(plan.num_nodes, H, K, K, device=DEVICE)
+    node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *zeroed, None)
+    poisoned = [torch.full_like(x, float("nan")) for x in zeroed]
+    for lo, hi in plan.zero_ranges:
+        poisoned[0][lo:hi], poisoned[1][lo:hi] = 0, 0
+    node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *poisoned, None)
+    assert 0 < sum(hi - lo for lo, hi in plan.zero_ranges) < plan.num_nodes
+    for a, b in zip(poisoned, zeroed):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
 def test_public_op_dispatches_to_the_kernels_with_qk_l2norm():
     """log_linear_gdn(backend="triton", use_qk_l2norm=True) normalises q, k inside the op, keeps
     Hk = 1 unexpanded and matches the reference backend, gradients included (and the torch

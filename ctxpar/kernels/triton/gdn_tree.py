@@ -22,6 +22,7 @@ carried to c's start through the nodes it reads below h (gdn_carry.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import triton
@@ -61,10 +62,31 @@ class TreePlan:
         # each (slot, height) read's row among all reads (-1: no read), at every set bit of the
         # chunk (reads of initial nodes included, read or not).
         sizes = torch.tensor([layout.at_least[h] for h in range(len(self.up) + 1)])
-        self.node_offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+        self.num_nodes, self.device = int(sizes.sum()), device
+        self.offsets_host = torch.cumsum(sizes, 0) - sizes
+        self.node_offsets = self.offsets_host.to(device)
         bits = (chunk[:, None] >> torch.arange(layout.heights)) & 1
         self.read_row = torch.where(bits == 1, torch.cumsum(bits.flatten(), 0).view_as(bits) - 1, -1).to(device)
         self.num_reads = int(bits.sum())
+
+    @cached_property
+    def zero_ranges(self) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of the joined tree without a single node_grad writer (gdn_carry.py):
+        nodes no chunk reads (the right children, rows [0, at_least[h + 1]) of height h, and nodes
+        at a document's end) and nodes read by several runs (atomic adds). Only these need zeros
+        before it runs; every other row's one writer stores. Ranges, not rows, because one fill of
+        a contiguous range runs at bandwidth where index_fill_ over the same rows took longer than
+        filling the whole buffer (H200). Built on first use, by a backward."""
+        layout = self.layout
+        doc, h, c, _ = layout.segments[: layout.segments_in_slots].cpu().unbind(1)
+        c0, first = torch.tensor(layout.c0), torch.tensor(layout.first_slot)
+        row = self.offsets_host[h] + self.rank_host[first[doc] + ((c >> h) << h) - 1 - c0[doc]]
+        single = torch.zeros(self.num_nodes + 1, dtype=torch.bool)
+        single[row[(1 << h) <= layout.segment]] = True
+        single[-1] = True  # closes a last range
+        edges = torch.nonzero(single[1:] != single[:-1])[:, 0] + 1
+        bounds = ([0] if not single[0] else []) + edges.tolist()
+        return list(zip(bounds[::2], bounds[1::2]))
 
     def slot_rank(self, n, chunk):
         """Position of document n's chunk in the by_height order (host int)."""
