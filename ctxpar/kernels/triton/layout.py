@@ -51,15 +51,12 @@ class Layout:
         return self.docs.shape[0]
 
     @cached_property
-    def _node_grad_tables(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def _segment_table(self) -> tuple[torch.Tensor, int]:
         """Built on first use, by a backward: both variants' node gradients read the segments
-        (node_grad.py, gdn_carry.py); shared_slots only Mamba-2's."""
+        (node_grad.py, gdn_carry.py)."""
         slot_doc, slot_chunk = self.host["slot_doc"], self.host["slot_chunk"]
-        c0, off = torch.tensor(self.c0), torch.tensor(self.first_slot)
-        segments, in_slots = node_segments(slot_doc, slot_chunk, c0, self.heights, self.segment)
-        shared = shared_slots(segments[:in_slots], c0, off, self.num_slots, self.segment)
-        device = self.docs.device
-        return segments.to(device), in_slots, shared.to(device)
+        segments, in_slots = node_segments(slot_doc, slot_chunk, torch.tensor(self.c0), self.heights, self.segment)
+        return segments, in_slots
 
     @cached_property
     def first_odd_slots(self) -> torch.Tensor:
@@ -68,20 +65,22 @@ class Layout:
         odd = [slot for slot, c in zip(self.first_slot, self.c0) if c & 1]
         return torch.tensor(odd, dtype=torch.int32).to(self.docs.device)
 
-    @property
+    @cached_property
     def segments(self) -> torch.Tensor:
         """[G, 4] int64: (document, height, first chunk, chunks) of the node-gradient segments."""
-        return self._node_grad_tables[0]
+        return self._segment_table[0].to(self.docs.device)
 
     @property
     def segments_in_slots(self) -> int:
         """The first segments, whose node is a slot (the rest read initial-state nodes)."""
-        return self._node_grad_tables[1]
+        return self._segment_table[1]
 
-    @property
+    @cached_property
     def shared_slots(self) -> torch.Tensor:
-        """[Z] int64: slots without a single node-gradient writer (see node_grad.py)."""
-        return self._node_grad_tables[2]
+        """[Z] int64: slots without a single node-gradient writer (see node_grad.py; Mamba-2's)."""
+        segments, in_slots = self._segment_table
+        c0, off = torch.tensor(self.c0), torch.tensor(self.first_slot)
+        return shared_slots(segments[:in_slots], c0, off, self.num_slots, self.segment).to(self.docs.device)
 
     def slots_up(self, h: int) -> torch.Tensor:
         """Parents built at height h -> h + 1: slots with ones >= h + 1."""
