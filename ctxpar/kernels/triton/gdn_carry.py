@@ -251,10 +251,10 @@ class CarryReads(torch.autograd.Function):
         out = qt.new_empty(S, H, C, V)
         layout = plan.layout
         reads_kernel[(S, H, triton.cdiv(V, BV))](
-            o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops, node_ops if init is None else init_ops,
-            plan.node_offsets, plan.rank, layout.docs, layout.slot_doc, layout.slot_chunk, out, H, K, V,
-            1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C, KP=KP, BV=BV,
-            HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
+            o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
+            node_ops if init is None else init_ops, plan.node_offsets, plan.rank, layout.docs, layout.slot_doc,
+            layout.slot_chunk, out, H, K, V, 1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C,
+            KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
         # The float32 tree is the up-sweep's, saved there too; its copies are made again in the
         # backward rather than kept (16 GiB at 512K tokens, H=16, K=V=128: the op ran out of an
         # H200's memory with them).
