@@ -16,6 +16,13 @@ tokens: they contribute nothing and their gradients are not stored.
 
 dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
 dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
+
+On sm_90 (Triton 3.6) this kernel takes 255 registers and spills 2.7 KB a thread. Measured and
+not kept (H200, 128K tokens): the tile loops' sums expanded into two accumulators, dO V^T (then
+D = dP - sum dQt Kd^T) and E = sum dU V^T - sum dM Kd^T, so that dS = D T^T, dT = S^T D + Kt E,
+dKt = T E^T after the loops, with the forward's terms recomputed there: 2.4 KB of spills, but
+49.4 ms against this kernel's 36.4 at H=16, K=V=128 (42.2 with 8 warps and 32-wide tiles) and
+59.6 against 48.3 at H=6, K=192, V=384 (benchmarks/results/2026-12-01-h200-gdn-session17-ab.json).
 """
 
 import torch
