@@ -80,12 +80,9 @@ class TreePlan:
         before it runs; every other row's one writer stores. Ranges, not rows, because one fill of
         a contiguous range runs at bandwidth where index_fill_ over the same rows took longer than
         filling the whole buffer (H200). Built on first use, by a backward."""
-        layout = self.layout
-        doc, h, c, _ = layout.segments[: layout.segments_in_slots].cpu().unbind(1)
-        c0, first = torch.tensor(layout.c0), torch.tensor(layout.first_slot)
-        row = self.offsets_host[h] + self.rank_host[first[doc] + ((c >> h) << h) - 1 - c0[doc]]
+        height, slot = self.layout.sole_writers
         single = torch.zeros(self.num_nodes + 1, dtype=torch.bool)
-        single[row[(1 << h) <= layout.segment]] = True
+        single[self.offsets_host[height] + self.rank_host[slot]] = True
         single[-1] = True  # closes a last range
         edges = torch.nonzero(single[1:] != single[:-1])[:, 0] + 1
         bounds = ([0] if not single[0] else []) + edges.tolist()
@@ -280,7 +277,6 @@ class UpSweep(torch.autograd.Function):
         NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place.
         d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
-        init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         d_init = None if init is None else torch.zeros_like(init)
         has_init = init is not None and NI > 0
         kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)

@@ -76,11 +76,22 @@ class Layout:
         return self._segment_table[1]
 
     @cached_property
-    def shared_slots(self) -> torch.Tensor:
-        """[Z] int64: slots without a single node-gradient writer (see node_grad.py; Mamba-2's)."""
+    def sole_writers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(height, slot), host int64: the nodes in slots whose node gradient comes from one
+        segment alone (node_grad stores it); every other node's gradient needs zeros first."""
         segments, in_slots = self._segment_table
-        c0, off = torch.tensor(self.c0), torch.tensor(self.first_slot)
-        return shared_slots(segments[:in_slots], c0, off, self.num_slots, self.segment).to(self.docs.device)
+        doc, h, c, _ = segments[:in_slots].unbind(1)
+        sole = (1 << h) <= self.segment  # else its readers span several segments: atomic adds
+        slot = torch.tensor(self.first_slot)[doc] + ((c >> h) << h) - 1 - torch.tensor(self.c0)[doc]
+        return h[sole], slot[sole]
+
+    @cached_property
+    def shared_slots(self) -> torch.Tensor:
+        """[Z] int64: slots without a single node-gradient writer (see node_grad.py; Mamba-2's,
+        whose slot holds one node): nodes read by several segments and nodes no chunk reads."""
+        single = torch.zeros(self.num_slots, dtype=torch.bool)
+        single[self.sole_writers[1]] = True
+        return torch.nonzero(~single)[:, 0].to(self.docs.device)
 
     def slots_up(self, h: int) -> torch.Tensor:
         """Parents built at height h -> h + 1: slots with ones >= h + 1."""
@@ -115,18 +126,6 @@ def node_segments(slot_doc, slot_chunk, c0, heights, segment):
     in_slots = ((table[:, 2] >> table[:, 1]) << table[:, 1]) - 1 >= c0[table[:, 0]]
     order = torch.argsort(-(in_slots.long() * (1 << 32) + table[:, 3]), stable=True)
     return table[order], int(in_slots.sum())
-
-
-def shared_slots(segments, c0, first_slot, num_slots, segment):
-    """Slots whose node gradient does not come from one node_grad program alone: nodes read by
-    several segments (atomic adds) and nodes no chunk reads. Only these need zeros first; every
-    other slot's single writer stores its gradient."""
-    doc, h, c = segments[:, 0], segments[:, 1], segments[:, 2]
-    sole = (1 << h) <= segment
-    slot = first_slot[doc] + ((c >> h) << h) - 1 - c0[doc]
-    single = torch.zeros(num_slots, dtype=torch.bool)
-    single[slot[sole]] = True
-    return torch.nonzero(~single)[:, 0]
 
 
 def build_layout(spans, starts, row_length, chunk, segment, device) -> Layout:
