@@ -225,6 +225,16 @@ def node_carry(gc, gl, before, c, height, c0, first, H, h):
 
 
 @triton.jit
+def tiles_adjacent(H, tiles):
+    """(item, head, tile) of a program in a 1D grid of items x H heads x ``tiles``, tiles fastest:
+    the programs of one (item, head), which load the same operands, run side by side and find them
+    in L2 (in a (items, H, tiles) grid they ran items x H programs apart)."""
+    pid = tl.program_id(0)
+    rest = pid // tiles
+    return rest // H, rest % H, pid % tiles
+
+
+@triton.jit
 def row_tile(ptr, rows, heads, head, width, cols):
     """Pointers to the [rows, cols] tile of one head of a [tokens, heads, width] tensor."""
     return ptr + (rows[:, None] * heads + head) * width + cols[None, :]

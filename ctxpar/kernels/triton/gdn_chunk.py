@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info)
+                                          num_warps, row_tile, slot_info, tiles_adjacent)
 
 # The substitution's rows are [C] vectors reduced over [C, C] tiles: fewer warps mean cheaper
 # cross-warp sums. Swept on an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took 3.2 / 2.9 /
@@ -80,7 +80,7 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, tree_rows,
                      H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, PREC: tl.constexpr):
-    i, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -130,7 +130,7 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows):
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
-    grid = (S, H, triton.cdiv(V, BV) + triton.cdiv(K, BK))
+    grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *tables, tree_rows, H, k.shape[1], K, V, L, C=C,
                            LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv

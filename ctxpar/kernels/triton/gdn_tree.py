@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxpar.kernels.triton.common import tiles_adjacent
+
 
 @dataclass
 class Up:
@@ -146,10 +148,10 @@ def store_tile(ptr, item, R, CN, r, c, x):
 def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, V, NI, height,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
-    columns), X the left child (left_tile); one program per (parent, head, tile)."""
-    p, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    columns), X the left child (left_tile); one program per (parent, head, tile), tiles adjacent."""
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
+    p, h, t = tiles_adjacent(H, tl.cdiv(K, BM) * cols)
     rm = t // cols * BM + tl.arange(0, BM)
     j = t % cols
     left, doc = tl.load(left_idx + p), tl.load(doc_idx + p)
@@ -188,9 +190,9 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, 
     node dN_r += dP; the right transition dT_r += dP X^T + dPm T_l^T; the left node (or initial
     node) T_r^T dP; the left transition T_r^T dPm. Rows written once per launch: a left child has
     one parent, and no right child is a left one."""
-    p, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv = tl.cdiv(K, BM) * tl.cdiv(V, BN)
     kk = tl.cdiv(K, BM) * tl.cdiv(K, BN)
+    p, h, t = tiles_adjacent(H, 2 * (kv + kk))
     left, doc = tl.load(left_idx + p), tl.load(doc_idx + p)
     right = (p * H + h).to(tl.int64)
     lrow = (tl.maximum(left, 0) * H + h).to(tl.int64)
@@ -258,7 +260,7 @@ class UpSweep(torch.autograd.Function):
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         for h, up in enumerate(plan.up):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
-            grid = (up.count, H, triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)))
+            grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr, H, K, V, NI,
                             h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
             nodes.append(node)
@@ -282,7 +284,7 @@ class UpSweep(torch.autograd.Function):
         kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)
         for h in reversed(range(len(plan.up))):
             up = plan.up[h]
-            up_grad_kernel[(up.count, H, 2 * (kv + kk))](
+            up_grad_kernel[(up.count * H * 2 * (kv + kk),)](
                 nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
                 BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
