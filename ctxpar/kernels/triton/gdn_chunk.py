@@ -49,11 +49,19 @@ def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def qk_columns(q, k, rows, valid, HK, group, K, cols):
-    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero."""
+def qk_columns(q, k, rows, valid, HK, group, K, cols, AGAIN: tl.constexpr = False):
+    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero.
+    AGAIN: loads the compiler must not merge with identical earlier ones (a distinct cache hint):
+    merged, the first load's value stays live, and so do the shared-memory copies the products
+    take of it (gdn_chunk_grad.py's finish_grad went past an H200's 227 KiB so)."""
     mask = valid[:, None] & (cols[None, :] < K)
-    return (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0).to(tl.float32),
-            tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0).to(tl.float32))
+    if AGAIN:
+        x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=".cg"),
+             tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=".cg"))
+    else:
+        x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0),
+             tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0))
+    return x[0].to(tl.float32), x[1].to(tl.float32)
 
 
 @triton.jit

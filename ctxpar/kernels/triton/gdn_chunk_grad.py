@@ -1,9 +1,7 @@
 """GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
 
-One program per (slot, head) takes the gradients of the chunk's outputs (intra output dO, Qt,
-U, M; the tree's autograd produced the last three), loads the forward's N and applies the
-chain rule backwards through it in registers, [C, C] and [C, K] tiles whole, the [K, V] and
-[K, K] gradients dU, dM one tile at a time (V = 512 whole would not fit):
+From the gradients of the chunk's outputs (intra output dO, Qt, U, M; the tree's autograd
+produced the last three) and the forward's N, the chain rule backwards through:
 
     o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
     U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
@@ -17,12 +15,18 @@ tokens: they contribute nothing and their gradients are not stored.
 dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
 dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
 
-On sm_90 (Triton 3.6) this kernel takes 255 registers and spills 2.7 KB a thread. Measured and
-not kept (H200, 128K tokens): the tile loops' sums expanded into two accumulators, dO V^T (then
-D = dP - sum dQt Kd^T) and E = sum dU V^T - sum dM Kd^T, so that dS = D T^T, dT = S^T D + Kt E,
-dKt = T E^T after the loops, with the forward's terms recomputed there: 2.4 KB of spills, but
-49.4 ms against this kernel's 36.4 at H=16, K=V=128 (42.2 with 8 warps and 32-wide tiles) and
-59.6 against 48.3 at H=6, K=192, V=384 (benchmarks/results/2026-12-01-h200-gdn-session17-ab.json).
+Two kernels. The one program per (slot, head) before ran about a hundred small dependent
+products in a row, two programs per SM, 255 registers and 2.7 KB of spills a thread on sm_90
+(35 ms at 128K tokens, H=16, K=V=128 on an H200; most likely bound by that chain's latency):
+- tile_grad, one program per (slot, head, tile), tiles adjacent: a V tile's dv (all of it:
+  dv = (P * lam)^T dO + T^T Kt dU) or a K tile's dKd = -(P^T dQt + T^T Kt dM) and its e^G shares
+  of dq, dk and dG (the rest of dq, dk come from finish_grad);
+- finish_grad, one per (slot, head): the sums over all V and K columns, two products a tile
+  (dO V^T and dU V^T, then dQt Kd^T and dM Kd^T), into D = dO V^T * lam - dQt Kd^T and
+  E = dU V^T - dM Kd^T; then dS = D T^T, dT = S^T D + Kt E, dKt = T E^T and the rest as below.
+finish_grad's sums are those of a one-kernel restructure measured and not kept, with dv and dKd
+still in its loops: 49.4 ms against the one kernel's 36.4 at H=16, K=V=128 on an H200
+(benchmarks/results/2026-12-01-h200-gdn-session17-ab.json).
 """
 
 import torch
@@ -30,20 +34,13 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info)
+                                          num_warps, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 
-# No multi-buffered loads in the tile loops: a [K, 64] float32 tile of dM is 64 KB at K = 256, and
-# three stages of it alone would nearly fill the shared memory; the loops run a few steps only.
+# No multi-buffered loads in finish_grad's tile loops: a [K, 64] float32 tile of dM is 64 KB at
+# K = 256; the loops run a few steps only.
 NUM_STAGES = 1
-
-
-def tile_width(k_dim: int, v_dim: int) -> int:
-    """dU / dM tile width. Swept on an H200 at 128K tokens (bf16, 4 warps; 16 / 32 / 64 wide):
-    36.5 / 42.6 / 48.7 ms at H=16, K=V=128, 57.7 / 48.4 ms at H=6, K=192, V=384, where 64-wide
-    tiles need 256 KiB of shared memory, past the 227 KiB a block may take. 32-wide tiles fit at
-    K = 256 (192 KiB, benchmarks/kernel_resources.py)."""
-    return 16 if max(k_dim, v_dim) <= 128 else 32
+TILE = 64  # tile_grad's V and K tiles, finish_grad's loop steps (UNSWEPT)
 
 
 @triton.jit
@@ -52,36 +49,72 @@ def dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg, dbeta, dlam, docs, slot_doc,
-                          slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    i, h = tl.program_id(0), tl.program_id(1)
+def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: tl.constexpr, PREC: tl.constexpr):
+    """The forward's per-chunk terms, float32: q, k rows [C, K], decays G (and G_C), beta,
+    Gam, S = Q K^T * Gam, N and T = N diag(beta) [C, C]."""
+    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
+    gl = local_decay(g, rows, valid, H, h)
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    gam = intra_decay(gl, valid, C)
+    s = dot(qt, tl.trans(kt), PREC) * gam
+    n = tl.load(square_tile(inv, i, h, H, C))
+    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+    return qt, kt, gl, total, bt, gam, s, n, n * bt[None, :]
+
+
+@triton.jit
+def tile_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg_in, docs, slot_doc, slot_chunk,
+                     tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    nv = tl.cdiv(V, BV)
+    i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
     r, rk = tl.arange(0, C), tl.arange(0, KP)
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    gl = local_decay(g, rows, valid, H, h)
-    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
-    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
-
-    # Forward quantities.
-    inv = tl.load(square_tile(inv, i, h, H, C))
-    ut = inv * bt[None, :]
-    gam = intra_decay(gl, valid, C)
-    s = dot(qt, tl.trans(kt), PREC) * gam
-    e_in = tl.where(valid, tl.exp(gl), 0.0)
-    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
-    k_out = kt * e_out[:, None]
-    scales = intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+    qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
+                                                         C, PREC)
+    k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
     p = dot(s, ut, PREC)
+    if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
+        rv = t * BV + tl.arange(0, BV)
+        d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
+        d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
+                      other=0.0)
+        scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
+        d_v = dot(tl.trans(scaled), d_o, PREC) + dot(tl.trans(ut), dot(k_out, d_u, PREC), PREC)
+        tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=valid[:, None] & (rv[None, :] < V))
+    else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K
+        rc = (t - nv) * BK + tl.arange(0, BK)
+        col_mask = valid[:, None] & (rc[None, :] < K)
+        e_in = tl.where(valid, tl.exp(gl), 0.0)
+        qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
+        d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
+        d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
+                       other=0.0)
+        d_kd = -dot(tl.trans(p), d_qc, PREC) - dot(tl.trans(ut), dot(k_out, d_mc, PREC), PREC)
+        tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
+        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_qc * e_in[:, None], mask=col_mask, sem="relaxed")
+        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_kd * e_in[:, None], mask=col_mask, sem="relaxed")
 
-    # V tiles: the intra output and the chunk end state U = Kt^T (T V).
+
+@triton.jit
+def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, dbeta, dlam, dg_in, docs, slot_doc,
+                       slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                       KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    group = h // (H // HK)
+    r, rk = tl.arange(0, C), tl.arange(0, KP)
+    head = (i * H + h).to(tl.int64)
+    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
+
+    # The sums over V and K columns: dO V^T, then D and E (see the module docstring).
     dov = tl.zeros([C, C], dtype=tl.float32)
-    d_t = tl.zeros([C, C], dtype=tl.float32)
-    d_kout = tl.zeros([C, KP], dtype=tl.float32)
+    e_acc = tl.zeros([KP, C], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
@@ -90,62 +123,49 @@ def gdn_chunk_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, d
         d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
         dov += dot(d_o, tl.trans(vt), PREC)
-        k_du = dot(k_out, d_u, PREC)  # gradient of the pseudo-values T V
-        d_t += dot(k_du, tl.trans(vt), PREC)
-        d_kout += dot(dot(ut, vt, PREC), tl.trans(d_u), PREC)
-        d_v = dot(tl.trans(p * scales), d_o, PREC) + dot(tl.trans(ut), k_du, PREC)
-        tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=valid[:, None] & (rv[None, :] < V))
+        e_acc += dot(d_u, tl.trans(vt), PREC)
+    qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
+                                                         C, PREC)
+    p = dot(s, ut, PREC)
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
         tl.store(dlam + (rows * H + h) * L + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1),
                  mask=valid & (level < L))
-    d_p = dov * scales
-    d_s = dot(d_p, tl.trans(ut), PREC)
-    d_t += dot(tl.trans(s), d_p, PREC)
-
-    # K tiles: the transition M = e^G_C I - Kt^T W, the carried queries and W = T Kd. The
-    # e^G scalings of Q and Kd go straight to dq, dk; their dG shares are summed per row.
-    d_diag = tl.zeros([KP], dtype=tl.float32)
-    d_g_in = tl.zeros([C], dtype=tl.float32)
+    d_acc = dov * intra_scales(lam, rows, valid, lev, H, h, L, C, LOG_C)
+    e_in = tl.where(valid, tl.exp(gl), 0.0)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        col_mask = valid[:, None] & (rc[None, :] < K)
-        qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
+        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
+        kd = kd.to(tl.float32) * e_in[:, None]
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
         d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
                        other=0.0)
-        d_diag += tl.sum(tl.where(rk[:, None] == rc[None, :], d_mc, 0.0), 1)
-        kd = kc * e_in[:, None]
-        w = dot(ut, kd, PREC)
-        d_w = -dot(tl.trans(s), d_qc, PREC) - dot(k_out, d_mc, PREC)
-        d_s -= dot(d_qc, tl.trans(w), PREC)
-        d_t += dot(d_w, tl.trans(kd), PREC)
-        d_kout -= dot(w, tl.trans(d_mc), PREC)
-        d_kd = dot(tl.trans(ut), d_w, PREC)
-        d_g_in += e_in * tl.sum(qc * d_qc + kc * d_kd, 1)
-        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_qc * e_in[:, None], mask=col_mask, sem="relaxed")
-        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_kd * e_in[:, None], mask=col_mask, sem="relaxed")
+        d_acc -= dot(d_qc, tl.trans(kd), PREC)
+        e_acc -= dot(d_mc, tl.trans(kd), PREC)
+    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
+    d_t = dot(tl.trans(s), d_acc, PREC) + dot(kt * e_out[:, None], e_acc, PREC)
+    d_kout = tl.trans(dot(e_acc, tl.trans(ut), PREC))  # E (its registers) as the product's A: no second copy
+    d_s = dot(d_acc, tl.trans(ut), PREC)
 
     # Through the inverse: T = N diag(beta), N = (I + A)^-1.
-    d_beta = tl.sum(inv * d_t, 0)
-    d_a = -dot(dot(tl.trans(inv), d_t * bt[None, :], PREC), tl.trans(inv), PREC)
+    d_beta = tl.sum(nt * d_t, 0)
+    d_a = -dot(dot(tl.trans(nt), d_t * bt[None, :], PREC), tl.trans(nt), PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
-    # q and k loaded again rather than kept from the start: the shared-memory copies of them that the
-    # products below take (64 KB each at K = 256) would stay allocated through both tile loops (at
-    # K = 192, V = 384: 352 KiB in all, 192 KiB this way).
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    kk = dot(kt, tl.trans(kt), PREC)  # recomputed here, not kept live through the tile loops
+    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
+    kk = dot(kt, tl.trans(kt), PREC)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     d_sg = d_s * gam
     d_q = dot(d_sg, kt, PREC)
     d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kout * e_out[:, None]
 
-    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings, and G_C.
+    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings (the e^G ones from
+    # tile_grad), and G_C: the chunk-end terms, with the trace of dM (M = e^G_C I - ...).
+    d_trace = tl.sum(tl.load(dm + node * K * K + rk * (K + 1), mask=rk < K, other=0.0))
     z = bt[:, None] * d_a * kk * gam + d_s * s
     out_share = e_out * tl.sum(kt * d_kout, 1)
-    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + d_g_in - out_share
-    d_gl += tl.where(r == C - 1, tl.exp(total) * tl.sum(d_diag) + tl.sum(out_share), 0.0)
+    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.load(dg_in + head * C + r) - out_share
+    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace + tl.sum(out_share), 0.0)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
     qk_mask = valid[:, None] & (rk[None, :] < K)
@@ -158,15 +178,18 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L]
     (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    S, C = layout.num_slots, layout.chunk
     f32 = dict(device=v.device, dtype=torch.float32)
     dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
     dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
-    dlam = torch.zeros(R, H, L, **f32)
-    grads = (x.contiguous() for x in (d_o, d_qt, d_u, d_m))
-    KP, tile = triton.next_power_of_2(K), tile_width(K, V)
-    gdn_chunk_grad_kernel[(layout.num_slots, H)](
-        q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg, dbeta, dlam, layout.docs, layout.slot_doc,
-        layout.slot_chunk, tree_rows, H, k.shape[1], K, V, L, C=layout.chunk, LOG_C=layout.chunk.bit_length() - 1,
-        KP=KP, BK=min(tile, KP), BV=min(tile, triton.next_power_of_2(V)), PREC=prec, num_warps=num_warps(q.dtype),
-        num_stages=NUM_STAGES)
+    dlam, dg_in = torch.zeros(R, H, L, **f32), torch.zeros(S, H, C, **f32)
+    grads = [x.contiguous() for x in (d_o, d_qt, d_u, d_m)]
+    KP = triton.next_power_of_2(K)
+    BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
+    tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
+    shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
+    tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
+        q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
+    finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, *grads, dq, dk, dg, dbeta, dlam, dg_in, *tables, H,
+                               k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
     return dq, dk, dv, dg, dbeta, dlam
