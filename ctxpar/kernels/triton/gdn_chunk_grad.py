@@ -26,7 +26,9 @@ products in a row, two programs per SM, 255 registers and 2.7 KB of spills a thr
   E = dU V^T - dM Kd^T; then dS = D T^T, dT = S^T D + Kt E, dKt = T E^T and the rest as below.
 finish_grad's sums are those of a one-kernel restructure measured and not kept, with dv and dKd
 still in its loops: 49.4 ms against the one kernel's 36.4 at H=16, K=V=128 on an H200
-(benchmarks/results/2026-12-01-h200-gdn-session17-ab.json).
+(benchmarks/results/2026-12-01-h200-gdn-session17-ab.json). The two kernels take 9.4 + 20.9 ms
+there, against the one kernel's 35.4, and the op 96.3 -> 90.7 ms (H=6, K=192, V=384: 159.6 ->
+158.8; ...-session18-ab.json).
 """
 
 import torch
