@@ -45,9 +45,16 @@ from ctxpar.kernels.triton.common import node_at, reads_at, slot_info
 # stage 24.7 ms, three 29.7 (two programs per SM where three stages' buffers left one); 8 warps
 # 29.0, registers capped at 168 28.2; node_grad's 128-wide tiles 21.8 (64: 24.6, 32: 39.2; 8 warps
 # 23.1) (results/2026-12-01-h200-sweep-gdn-carry.json).
-NUM_WARPS = 4
 CHAIN_STAGES = 1
 NODE_TILE = 128
+
+
+def carry_warps(K: int) -> int:
+    """Warps of the reads, chain_grad and node_grad: 4, as swept above at K = 128 (8 took the op
+    from 91.1 to 95.9 ms there); 8 where K pads to 256 (K = 192), where at 4 the reads and chain_grad
+    spill 0.8 and 1.6 KB a thread on sm_90 and the op (H=6, K=192, V=384, 128K tokens) took 159.4 ms
+    against 149.1 at 8 (results/2026-12-01-h200-gdn-session18-configs.json)."""
+    return 8 if triton.next_power_of_2(K) > 128 else 4
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,7 +218,7 @@ def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d
                 qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
                 plan.node_offsets, plan.rank, grads, grads if d_init is None else d_init, H, K, N, NI,
                 layout.heights, log_c + 1, C=C, BK=BK, BN=BN, SEGMENT=layout.segment, OF_TRANS=of_trans,
-                HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
+                HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K))
 
 
 def _joined(parts, dtype):
@@ -254,7 +261,7 @@ class CarryReads(torch.autograd.Function):
             o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, layout.docs, layout.slot_doc,
             layout.slot_chunk, out, H, K, V, 1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C,
-            KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec, num_warps=NUM_WARPS)
+            KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec, num_warps=carry_warps(K))
         # The float32 tree is the up-sweep's, saved there too; its copies are made again in the
         # backward rather than kept (16 GiB at 512K tokens, H=16, K=V=128: the op ran out of an
         # H200's memory with them).
@@ -281,7 +288,7 @@ class CarryReads(torch.autograd.Function):
             qt, d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
-            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS,
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K),
             num_stages=CHAIN_STAGES)
         shapes = node_ops.shape, trans_ops.shape
         del node_ops, trans_ops, init_ops  # freed before the gradients' buffers are made

@@ -175,6 +175,14 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, 
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
 
+def finish_warps(q, KP):
+    """finish_grad's warps: as the other per-chunk stages' (4 for half precision), but 8 where K pads
+    to 256 (K = 192): at 4 it spills 7.0 KB a thread on sm_90 (3.1 at 8), and 8 took the op from 159.4
+    to 152.8 ms at 128K tokens (H=6, K=192, V=384, an H200) where at K = V = 128 it went from 91.1 to
+    96.9 (results/2026-12-01-h200-gdn-session18-configs.json)."""
+    return 8 if KP > 128 else num_warps(q.dtype)
+
+
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32; dU, dM at rows tree_rows, as U, M;
     inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L]
@@ -192,6 +200,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
+    shape["num_warps"] = finish_warps(q, KP)
     finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, *grads, dq, dk, dg, dbeta, dlam, dg_in, *tables, H,
                                k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
     return dq, dk, dv, dg, dbeta, dlam

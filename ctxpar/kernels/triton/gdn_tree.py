@@ -240,9 +240,13 @@ TILE, STEP, NUM_WARPS = 128, 32, 8
 
 
 def _tiles(K, V):
-    """(rows of a tile, its columns, the reduction step)."""
+    """(rows of a tile, its columns, the reduction step, warps). A K past 128 and not a multiple of
+    it (192) takes 64 x 64 tiles and 4 warps, which do not pad it: the op at 128K tokens (H=6, K=192,
+    V=384, an H200) 159.4 -> 152.7 ms; at K = V = 128 the same tiles took 91.1 -> 94.0
+    (results/2026-12-01-h200-gdn-session18-configs.json)."""
     p2 = triton.next_power_of_2
-    return min(TILE, p2(K)), min(TILE, p2(max(K, V))), min(STEP, p2(min(K, V)))
+    tile, warps = (TILE, NUM_WARPS) if K <= TILE or K % TILE == 0 else (TILE // 2, NUM_WARPS // 2)
+    return min(tile, p2(K)), min(tile, p2(max(K, V))), min(STEP, p2(min(K, V))), warps
 
 
 class UpSweep(torch.autograd.Function):
@@ -254,7 +258,7 @@ class UpSweep(torch.autograd.Function):
     def forward(ctx, u, m, init, plan, prec):
         nodes, trans = [u], [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
-        BM, BN, BK = _tiles(K, V)
+        BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
@@ -262,7 +266,7 @@ class UpSweep(torch.autograd.Function):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr, H, K, V, NI,
-                            h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
+                            h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
             nodes.append(node)
             trans.append(tr)
         ctx.save_for_backward(init, *nodes, *trans)
@@ -275,7 +279,7 @@ class UpSweep(torch.autograd.Function):
         plan, prec, half = ctx.plan, ctx.prec, len(tree) // 2
         nodes, trans = tree[:half], tree[half:]
         H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
-        BM, BN, BK = _tiles(K, V)
+        BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place.
         d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
@@ -287,7 +291,7 @@ class UpSweep(torch.autograd.Function):
             up_grad_kernel[(up.count * H * 2 * (kv + kk),)](
                 nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
-                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=NUM_WARPS)
+                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
         return d_nodes[0], d_trans[0], d_init, None, None
 
 
