@@ -55,12 +55,9 @@ def qk_columns(q, k, rows, valid, HK, group, K, cols, AGAIN: tl.constexpr = Fals
     merged, the first load's value stays live, and so do the shared-memory copies the products
     take of it (gdn_chunk_grad.py's finish_grad went past an H200's 227 KiB so)."""
     mask = valid[:, None] & (cols[None, :] < K)
-    if AGAIN:
-        x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=".cg"),
-             tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=".cg"))
-    else:
-        x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0),
-             tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0))
+    hint: tl.constexpr = ".cg" if AGAIN else ""
+    x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint),
+         tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint))
     return x[0].to(tl.float32), x[1].to(tl.float32)
 
 

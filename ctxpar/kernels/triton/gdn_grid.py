@@ -23,7 +23,7 @@ class SlotGrid:
         inverse = torch.empty(num_rows, dtype=torch.int64)
         inverse[rows[real.flatten()]] = torch.arange(rows.numel())[real.flatten()]
         self.layout, self.chunk, self.num_slots = layout, C, doc.numel()
-        self.index, self.inverse = rows.to(device), inverse.to(device)
+        self.index = rows.to(device)
         self.heads_of = (torch.arange(heads) // (heads // qk_heads)).to(device)
         # The same maps between [rows * H] and [S * H * C] (one gather each way, no copies of
         # transposed views): the source of every grid position (padded ones read row 0, then are

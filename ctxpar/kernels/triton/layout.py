@@ -55,8 +55,7 @@ class Layout:
         """Built on first use, by a backward: both variants' node gradients read the segments
         (node_grad.py, gdn_carry.py)."""
         slot_doc, slot_chunk = self.host["slot_doc"], self.host["slot_chunk"]
-        segments, in_slots = node_segments(slot_doc, slot_chunk, torch.tensor(self.c0), self.heights, self.segment)
-        return segments, in_slots
+        return node_segments(slot_doc, slot_chunk, torch.tensor(self.c0), self.heights, self.segment)
 
     @cached_property
     def first_odd_slots(self) -> torch.Tensor:
