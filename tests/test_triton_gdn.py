@@ -158,8 +158,8 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
-    nodes, trans = up_sweep(u[order], m[order], init, plan, "ieee")
-    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", torch.float32, *nodes, *trans)
+    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", torch.float32)
+    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)

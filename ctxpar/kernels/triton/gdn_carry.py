@@ -21,8 +21,8 @@ Backward, two kernels:
   over the run (a node's readers are consecutive chunks, layout.node_segments), stored where the
   run is all of them, else added atomically.
 The kept Q and dQ_h+ are [reads, H, C, K] each in the operands' dtype (reads: the set bits of
-every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are made in
-the forward and again in the backward rather than kept from one to the other.
+every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are the
+up-sweep's (gdn_tree.UpSweep), kept for both backwards in place of the float32 tree.
 
 Designs measured before this one (H200, bf16, H=16, K=V=128, 128K tokens; the scripts are in the
 history of benchmarks/exp_gdn_query_carry.py and exp_gdn_height_scan.py, their figures in
@@ -55,11 +55,6 @@ def carry_warps(K: int) -> int:
     spill 0.8 and 1.6 KB a thread on sm_90 and the op (H=6, K=192, V=384, 128K tokens) took 159.4 ms
     against 149.1 at 8 (results/2026-12-01-h200-gdn-session18-configs.json)."""
     return 8 if triton.next_power_of_2(K) > 128 else 4
-
-
-def operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The tree copy's dtype for inputs of ``dtype``."""
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 @triton.jit
@@ -221,20 +216,6 @@ def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d
                 HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K))
 
 
-def _joined(parts, dtype):
-    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype``."""
-    out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
-    for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
-        piece.copy_(part)
-    return out
-
-
-def _operands(tree, init, dtype):
-    """The kernels' copies of the tree (nodes, transitions) and of the initial nodes, in ``dtype``."""
-    nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
-    return _joined(nodes, dtype), _joined(trans, dtype), None if init is None else init.to(dtype).contiguous()
-
-
 def _tiles(K, V):
     """(K padded, the reads' V tile, chain_grad's V step): chain_grad holds a [K, K] transition
     beside each [K, V step] node tile, so its step narrows as K grows (sm_90: 256 KiB of shared
@@ -245,13 +226,14 @@ def _tiles(K, V):
 
 class CarryReads(torch.autograd.Function):
     """o [S, H, C, V] (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'], init
-    [N, H, NI, K, V] or None, then the up-sweep's nodes[0..] and trans[0..] -> o plus the reads of
-    every height, in the slot grid. Taking o in spares an add; o's gradient is the output's, made
-    contiguous once here for both this backward and the chunk stage's."""
+    [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), then its nodes[0..] and
+    trans[0..] -> o plus the reads of every height, in the slot grid. Taking o in spares an add;
+    o's gradient is the output's, made contiguous once here for both this backward and the chunk
+    stage's."""
 
     @staticmethod
-    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
-        node_ops, trans_ops, init_ops = _operands(tree, init, dtype)
+    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, *tree):
+        node_ops, trans_ops, init_ops = copies
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
         KP, BV, _ = _tiles(K, V)
@@ -262,18 +244,16 @@ class CarryReads(torch.autograd.Function):
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, layout.docs, layout.slot_doc,
             layout.slot_chunk, out, H, K, V, 1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C,
             KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec, num_warps=carry_warps(K))
-        # The float32 tree is the up-sweep's, saved there too; its copies are made again in the
-        # backward rather than kept (16 GiB at 512K tokens, H=16, K=V=128: the op ran out of an
-        # H200's memory with them).
-        ctx.save_for_backward(qt, lam_slots, init, *tree)
-        ctx.plan, ctx.log_c, ctx.prec, ctx.dtype = plan, log_c, prec, dtype
+        # The float32 tree comes in for its gradients only: the kernels read the up-sweep's copies,
+        # which its backward keeps too (one storage), and nothing keeps the float32 heights.
+        ctx.save_for_backward(qt, lam_slots, init, node_ops, trans_ops, init_ops)
+        ctx.plan, ctx.log_c, ctx.prec, ctx.sizes = plan, log_c, prec, [x.shape[0] for x in tree[: len(tree) // 2]]
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        qt, lam_slots, init, *tree = ctx.saved_tensors
+        qt, lam_slots, init, node_ops, trans_ops, init_ops = ctx.saved_tensors
         plan, log_c, prec = ctx.plan, ctx.log_c, ctx.prec
-        node_ops, trans_ops, init_ops = _operands(tree, init, ctx.dtype)
         layout = plan.layout
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
@@ -290,12 +270,10 @@ class CarryReads(torch.autograd.Function):
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K),
             num_stages=CHAIN_STAGES)
-        shapes = node_ops.shape, trans_ops.shape
-        del node_ops, trans_ops, init_ops  # freed before the gradients' buffers are made
-        d_nodes, d_trans = (torch.empty(x, device=qt.device) for x in shapes)
+        d_nodes, d_trans = (torch.empty(x.shape, device=qt.device) for x in (node_ops, trans_ops))
         for lo, hi in plan.zero_ranges:
             d_nodes[lo:hi], d_trans[lo:hi] = 0, 0
         d_init = None if init is None else torch.zeros_like(init)
         node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init)
-        sizes = [x.shape[0] for x in tree[: len(tree) // 2]]
-        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(sizes), *d_trans.split(sizes))
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(ctx.sizes),
+                *d_trans.split(ctx.sizes))

@@ -102,12 +102,28 @@ def initial_node(init, h, like, num_docs):
     return init[:, :, h]
 
 
-def up_sweep(u, m, init, plan, prec):
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tree copy's dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def up_sweep(u, m, init, plan, prec, dtype):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
-    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height.
+    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height, float32,
+    and the copies the kernels read, in ``dtype`` (no gradients): the nodes and the transitions,
+    each joined over the heights, and the initial nodes (or None).
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    tree = UpSweep.apply(u, m, init, plan, prec)
-    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :])
+    *tree, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, dtype)
+    init_ops = None if init is None else init.detach().to(dtype).contiguous()
+    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :]), (node_ops, trans_ops, init_ops)
+
+
+def _joined(parts, dtype):
+    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype``."""
+    out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
+    for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
+        piece.copy_(part)
+    return out
 
 
 @triton.jit
@@ -116,8 +132,10 @@ def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr, on=True):
     zeros, and no traffic, where ``on`` is False."""
     base = ptr + item.to(tl.int64) * R * CN
     if TRANS:
-        return tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R) & on, other=0.0)
-    return tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN) & on, other=0.0)
+        x = tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R) & on, other=0.0)
+    else:
+        x = tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN) & on, other=0.0)
+    return x.to(tl.float32)  # the backward reads the bf16 copies
 
 
 @triton.jit
@@ -252,10 +270,13 @@ def _tiles(K, V):
 class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
-    each, and needs only the tree itself, which the reads keep anyway."""
+    each. Also returns the tree's copies in ``dtype``, joined over the heights, which the reads take
+    (no gradients). The backward needs only the tree, and reads it from those copies: nothing keeps
+    the float32 heights, the float32 tree's memory (34 GB at 512K tokens, H=16, K=V=128; bf16
+    copies half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec):
+    def forward(ctx, u, m, init, plan, prec, dtype):
         nodes, trans = [u], [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
@@ -269,20 +290,23 @@ class UpSweep(torch.autograd.Function):
                             h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
             nodes.append(node)
             trans.append(tr)
-        ctx.save_for_backward(init, *nodes, *trans)
-        ctx.plan, ctx.prec = plan, prec
-        return (*nodes, *trans)
+        node_ops, trans_ops = _joined(nodes, dtype), _joined(trans, dtype)
+        ctx.mark_non_differentiable(node_ops, trans_ops)
+        ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
+        ctx.save_for_backward(init, node_ops, trans_ops)
+        ctx.plan, ctx.prec, ctx.sizes = plan, prec, [x.shape[0] for x in nodes]
+        return (*nodes, *trans, node_ops, trans_ops)
 
     @staticmethod
     def backward(ctx, *grads):
-        init, *tree = ctx.saved_tensors
-        plan, prec, half = ctx.plan, ctx.prec, len(tree) // 2
-        nodes, trans = tree[:half], tree[half:]
+        init, node_ops, trans_ops = ctx.saved_tensors
+        plan, prec, half = ctx.plan, ctx.prec, len(ctx.sizes)
+        nodes, trans = node_ops.split(ctx.sizes), trans_ops.split(ctx.sizes)
         H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place.
-        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
+        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half : 2 * half]]
         d_init = None if init is None else torch.zeros_like(init)
         has_init = init is not None and NI > 0
         kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)
@@ -292,7 +316,7 @@ class UpSweep(torch.autograd.Function):
                 nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
                 BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
-        return d_nodes[0], d_trans[0], d_init, None, None
+        return d_nodes[0], d_trans[0], d_init, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
