@@ -118,14 +118,6 @@ def up_sweep(u, m, init, plan, prec, dtype):
     return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :]), (node_ops, trans_ops, init_ops)
 
 
-def _joined(parts, dtype):
-    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype``."""
-    out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
-    for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
-        piece.copy_(part)
-    return out
-
-
 @triton.jit
 def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr, on=True):
     """Rows r, columns c of op(x) for x = ptr's [items, R, CN] entry ``item`` (op: x or x^T);
@@ -157,16 +149,17 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 @triton.jit
 def store_tile(ptr, item, R, CN, r, c, x):
-    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c."""
+    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype)."""
     at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
-    tl.store(at, x, mask=(r[:, None] < R) & (c[None, :] < CN))
+    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN))
 
 
 @triton.jit
-def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, V, NI, height,
+def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, node_copy, trans_copy, H, K, V, NI, height,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
-    columns), X the left child (left_tile); one program per (parent, head, tile), tiles adjacent."""
+    columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
+    program per (parent, head, tile), tiles adjacent."""
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, tl.cdiv(K, BM) * cols)
@@ -183,6 +176,7 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, 
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
         store_tile(node_out, right, K, V, rm, rn, acc)
+        store_tile(node_copy, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
@@ -190,6 +184,7 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, 
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         store_tile(trans_out, right, K, K, rm, rn, acc)
+        store_tile(trans_copy, right, K, K, rm, rn, acc)
 
 
 @triton.jit
@@ -283,18 +278,24 @@ class UpSweep(torch.autograd.Function):
         NI = 1 if init is None else init.shape[2]
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
+        sizes = [u.shape[0]] + [up.count for up in plan.up]
+        node_ops = u.new_empty(sum(sizes), H, K, V, dtype=dtype)  # the copies, joined over the heights
+        trans_ops = m.new_empty(sum(sizes), H, K, K, dtype=dtype)
+        node_copies, trans_copies = node_ops.split(sizes), trans_ops.split(sizes)
+        node_copies[0].copy_(u)  # height 0 is the chunk stage's; the kernels store the rest's copies
+        trans_copies[0].copy_(m)
         for h, up in enumerate(plan.up):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr, H, K, V, NI,
-                            h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
+            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr,
+                            node_copies[h + 1], trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
+                            HAS_INIT=has_init, PREC=prec, num_warps=warps)
             nodes.append(node)
             trans.append(tr)
-        node_ops, trans_ops = _joined(nodes, dtype), _joined(trans, dtype)
         ctx.mark_non_differentiable(node_ops, trans_ops)
         ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
         ctx.save_for_backward(init, node_ops, trans_ops)
-        ctx.plan, ctx.prec, ctx.sizes = plan, prec, [x.shape[0] for x in nodes]
+        ctx.plan, ctx.prec, ctx.sizes = plan, prec, sizes
         return (*nodes, *trans, node_ops, trans_ops)
 
     @staticmethod
