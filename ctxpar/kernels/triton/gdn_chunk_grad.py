@@ -32,7 +32,7 @@ still in its loops: 49.4 ms against the one kernel's 36.4 at H=16, K=V=128 on an
 still in the latter took 9.4 + 20.9 ms there, against the one kernel's 35.4, and the op 96.3 ->
 90.7 ms (H=6, K=192, V=384: 159.6 -> 158.8; ...-session18-ab.json). Moving E out took finish_grad
 from 112 to 96 KiB of shared memory and 2720 to 1152 B of spills (sm_90, Triton 3.6, K=V=128;
-state_grad: 96 KiB, 176 registers, none spilled) - UNMEASURED on a GPU.
+state_grad: 48 KiB, 174 registers, none spilled) - UNMEASURED on a GPU.
 """
 
 import torch
@@ -43,8 +43,9 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
                                           num_warps, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 
-# No multi-buffered loads in finish_grad's tile loops, which run a few steps only (set when they
-# also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not swept since).
+# No multi-buffered loads in state_grad's and finish_grad's tile loops, which run a few steps only
+# (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
+# swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
 NUM_STAGES = 1
 TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps (UNSWEPT)
 
@@ -236,7 +237,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
                                                      k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
-                                                     num_warps=num_warps(q.dtype))
+                                                     num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     shape["num_warps"] = finish_warps(q, KP)
     finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dq, dk, dg, dbeta, dlam, dg_in, d_tt,
                                *tables, H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
