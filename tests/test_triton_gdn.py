@@ -202,6 +202,16 @@ def test_backward_keeps_the_trees_copies_not_its_float32_heights():
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v, g, beta, lam))
 
 
+def test_forward_without_autograd_matches_the_training_forward():
+    """Under no_grad the reads keep nothing for a backward (no carried queries stored): the output
+    is the same as with gradients on."""
+    q, k, v, g, beta, lam = make_inputs(1, 120, 2, 1, 16, 16, 8, dtype=torch.float32)
+    with torch.no_grad():
+        inference, _ = chunked(q, k, v, g, beta, lam, [(0, 0, 120)], chunk_size=C)
+    training, _ = chunked(*(x.requires_grad_() for x in (q, k, v, g, beta, lam)), [(0, 0, 120)], chunk_size=C)
+    assert training.requires_grad and rel_err(inference, training.detach()) < 1e-6
+
+
 def test_slot_grid_gathers_and_their_gradients():
     """SlotGrid.tokens and .rows (packed documents starting mid-chunk, so slots have padded
     positions): rows undoes tokens, padded positions are zero, and the gradients, which gather

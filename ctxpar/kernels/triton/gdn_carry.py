@@ -97,7 +97,7 @@ def rows_of(ptr, item, K, rc, rk):
 @triton.jit
 def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs, slot_doc,
                  slot_chunk, out, qs, H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr,
-                 BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, PREC: tl.constexpr):
     i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
@@ -107,7 +107,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
     acc = tl.load(o + tile, mask=rv[None, :] < V, other=0.0)
     for height in range(0, heights):
         if reads_at(c, height, c0, HAS_INIT):
-            if vt == 0:  # each read's Q, kept for the backward
+            if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
                 tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
             in_slots, slot = node_at(c, height, c0, first)
             item = tree_item(offsets, rank, height, slot, in_slots, H, h)
@@ -234,13 +234,14 @@ class CarryReads(torch.autograd.Function):
         V = node_ops.shape[-1]
         KP, BV, _ = _tiles(K, V)
         out = qt.new_empty(S, H, C, V)
-        qs = qt.new_empty(plan.num_reads, H, C, K, dtype=node_ops.dtype)
+        keep = any(ctx.needs_input_grad)  # no backward to come (no_grad, inference): nothing to keep
+        qs = qt.new_empty(plan.num_reads if keep else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
         reads_kernel[(S, H, triton.cdiv(V, BV))](
             o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, out, qs, H, K, V, 1 if init is None else init.shape[2],
-            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec,
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, KEEP_Q=keep, PREC=prec,
             num_warps=carry_warps(K))
         # The float32 tree comes in for its gradients only: the kernels read the up-sweep's copies,
         # which its backward keeps too (one storage), and nothing keeps the float32 heights. The

@@ -266,9 +266,8 @@ class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
     each. Also returns the tree's copies in ``dtype``, joined over the heights, which the reads take
-    (no gradients). The backward needs only the tree, and reads it from those copies: nothing keeps
-    the float32 heights, the float32 tree's memory (34 GB at 512K tokens, H=16, K=V=128; bf16
-    copies half that)."""
+    (no gradients). The backward needs only the tree, and reads it from those copies, so nothing
+    keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the bf16 copies are half that)."""
 
     @staticmethod
     def forward(ctx, u, m, init, plan, prec, dtype):
