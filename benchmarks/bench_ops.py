@@ -281,18 +281,17 @@ def gdn_stage_times(T):
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    nodes, trans = F.up_sweep(u, m, None, tree_plan, "tf32")
+    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", F.operand_dtype(q.dtype))
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
-    reads = lambda: F.CarryReads.apply(o, qt, lam_slots, None, tree_plan, log_c, "tf32",  # noqa: E731
-                                       F.operand_dtype(q.dtype), *tree)
+    reads = lambda: F.CarryReads.apply(o, qt, lam_slots, None, tree_plan, log_c, "tf32", copies, *tree)  # noqa: E731
     d_reads = torch.randn_like(o)
     grads = [torch.randn_like(x) for x in (o, qt, u, m)]
     with torch.no_grad():
         times = {
             "layout, grid, tree plan (host)": ms(plan),
             "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank)),
-            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32")),
+            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", F.operand_dtype(q.dtype))),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, *grads, layout,
                                                                    "tf32", tree_plan.rank)),

@@ -158,8 +158,8 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
-    nodes, trans = up_sweep(u[order], m[order], init, plan, "ieee")
-    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", torch.float32, *nodes, *trans)
+    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", torch.float32)
+    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
@@ -177,6 +177,39 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     expected = torch.autograd.grad((theirs * per_chunk(d_out)).sum(), leaves)
     for name, a, b in zip(["u", "m", "qt", "lam", "initial_state", "o_intra"], grads, expected):
         assert rel_err(a, b) < 1e-5, name
+
+
+def test_backward_keeps_the_trees_copies_not_its_float32_heights():
+    """bf16 inputs: the graph keeps the tree for the backward as the bf16 copies, joined over the
+    heights (one [nodes, H, K, V] and one [nodes, H, K, K]), and no float32 tensor shaped like a
+    tree height ([rows, H, K, V] or [rows, H, K, K]); the float32 tree, twice the copies' bytes,
+    lives only through the forward."""
+    from ctxpar.kernels.triton.gdn_tree import TreePlan
+    from ctxpar.kernels.triton.layout import build_layout
+
+    T, H, K, V = 150, 2, 32, 24  # K, V unlike C = 16 and each other: no other tensor takes these shapes
+    q, k, v, g, beta, lam = (x.float() if i == 3 else x.to(torch.bfloat16).requires_grad_()
+                             for i, x in enumerate(make_inputs(1, T, H, H, K, V, 9)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        o, _ = chunked(q, k, v, g.requires_grad_(), beta, lam, [(0, 0, T)], chunk_size=C)
+    nodes = TreePlan(build_layout([(0, 0, T)], [0], T, C, 1, DEVICE), DEVICE).num_nodes
+    tree_shaped = [x for x in saved if x.dim() == 4 and tuple(x.shape[1:]) in ((H, K, V), (H, K, K))]
+    assert not [x.shape for x in tree_shaped if x.dtype == torch.float32]
+    assert {(tuple(x.shape), x.dtype) for x in tree_shaped} == {((nodes, H, K, V), torch.bfloat16),
+                                                               ((nodes, H, K, K), torch.bfloat16)}
+    o.sum().backward()  # the kept copies are enough for it
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v, g, beta, lam))
+
+
+def test_forward_without_autograd_matches_the_training_forward():
+    """Under no_grad the reads keep nothing for a backward (no carried queries stored): the output
+    is the same as with gradients on."""
+    q, k, v, g, beta, lam = make_inputs(1, 120, 2, 1, 16, 16, 8, dtype=torch.float32)
+    with torch.no_grad():
+        inference, _ = chunked(q, k, v, g, beta, lam, [(0, 0, 120)], chunk_size=C)
+    training, _ = chunked(*(x.requires_grad_() for x in (q, k, v, g, beta, lam)), [(0, 0, 120)], chunk_size=C)
+    assert training.requires_grad and rel_err(inference, training.detach()) < 1e-6
 
 
 def test_slot_grid_gathers_and_their_gradients():

@@ -14,15 +14,15 @@ half-precision inputs (the products run on bf16 tensor cores, float32 accumulati
 before each product as the tree is) and float32 otherwise.
 
 Backward, two kernels:
-- chain_grad, per (slot, head): Q up the bits, each read's Q kept (``TreePlan.read_row``), then dQ
-  down them: dQ_h = lambda_h dO B_h^T + dQ_h+ T_h^T, the dQ_h+ entering each read kept; dQt = the
-  last dQ; lambda's gradient rowsum(Q * dO B_h^T) from the same product;
+- chain_grad, per (slot, head): dQ down the bits: dQ_h = lambda_h dO B_h^T + dQ_h+ T_h^T, the
+  dQ_h+ entering each read kept; dQt = the last dQ; lambda's gradient rowsum(Q * dO B_h^T) from
+  the same product, Q each read's, which the forward's reads kept (``TreePlan.read_row``);
 - node_grad, per (run of a node's readers, head, tile): dB += Q^T (lambda dO) and dT += Q^T dQ_h+
   over the run (a node's readers are consecutive chunks, layout.node_segments), stored where the
   run is all of them, else added atomically.
 The kept Q and dQ_h+ are [reads, H, C, K] each in the operands' dtype (reads: the set bits of
-every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are made in
-the forward and again in the backward rather than kept from one to the other.
+every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are the
+up-sweep's (gdn_tree.UpSweep), kept for both backwards in place of the float32 tree.
 
 Designs measured before this one (H200, bf16, H=16, K=V=128, 128K tokens; the scripts are in the
 history of benchmarks/exp_gdn_query_carry.py and exp_gdn_height_scan.py, their figures in
@@ -55,11 +55,6 @@ def carry_warps(K: int) -> int:
     spill 0.8 and 1.6 KB a thread on sm_90 and the op (H=6, K=192, V=384, 128K tokens) took 159.4 ms
     against 149.1 at 8 (results/2026-12-01-h200-gdn-session18-configs.json)."""
     return 8 if triton.next_power_of_2(K) > 128 else 4
-
-
-def operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The tree copy's dtype for inputs of ``dtype``."""
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 @triton.jit
@@ -100,17 +95,20 @@ def rows_of(ptr, item, K, rc, rk):
 
 
 @triton.jit
-def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, docs, slot_doc, slot_chunk, out,
-                 H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                 HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs, slot_doc,
+                 slot_chunk, out, qs, H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr,
+                 BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, PREC: tl.constexpr):
     i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
-    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=rk[None, :] < K, other=0.0).to(nodes.dtype.element_ty)
+    ck = rk[None, :] < K
+    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0).to(nodes.dtype.element_ty)
     tile = ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :]
     acc = tl.load(o + tile, mask=rv[None, :] < V, other=0.0)
     for height in range(0, heights):
         if reads_at(c, height, c0, HAS_INIT):
+            if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
+                tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
             in_slots, slot = node_at(c, height, c0, first)
             item = tree_item(offsets, rank, height, slot, in_slots, H, h)
             node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
@@ -122,7 +120,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
 
 
 @triton.jit
-def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs,
+def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs,
                       slot_doc, slot_chunk, qs, dqs, d_qt, d_lam, dl_s0, dl_s1, dl_s2, H, K, V, NI, heights, LEVEL0,
                       C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                       PREC: tl.constexpr):
@@ -130,24 +128,17 @@ def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init
     n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rc, rk = tl.arange(0, C), tl.arange(0, KP)
     ck = rk[None, :] < K
-    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0).to(nodes.dtype.element_ty)
-    for height in range(0, heights):
-        if reads_at(c, height, c0, HAS_INIT):
-            tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
-            in_slots, slot = node_at(c, height, c0, first)
-            if carries(c, height, in_slots):
-                item = tree_item(offsets, rank, height, slot, in_slots, H, h)
-                q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
+    half = nodes.dtype.element_ty
     dq = tl.zeros([C, KP], dtype=tl.float32)
     for step in range(0, heights):
         height = heights - 1 - step
         if reads_at(c, height, c0, HAS_INIT):
             row = tl.load(read_row + i * heights + height) * H + h
-            tl.store(rows_of(dqs, row, K, rc, rk), dq.to(q.dtype), mask=ck)
+            tl.store(rows_of(dqs, row, K, rc, rk), dq.to(half), mask=ck)
             in_slots, slot = node_at(c, height, c0, first)
             item = tree_item(offsets, rank, height, slot, in_slots, H, h)
             if carries(c, height, in_slots):
-                dq = tl.dot(dq.to(q.dtype), tl.trans(square(trans, item, K, rk)), input_precision=PREC)
+                dq = tl.dot(dq.to(half), tl.trans(square(trans, item, K, rk)), input_precision=PREC)
             # dO B^T over V tiles: dQ's share and, against the kept Q, lambda's gradient
             dq_read = tl.zeros([C, KP], dtype=tl.float32)
             for v0 in range(0, V, BV):
@@ -155,7 +146,7 @@ def chain_grad_kernel(qt, d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init
                 node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
                 do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :],
                              mask=rv[None, :] < V, other=0.0)
-                dq_read += tl.dot(do.to(q.dtype), tl.trans(node), input_precision=PREC)
+                dq_read += tl.dot(do.to(half), tl.trans(node), input_precision=PREC)
             qj = tl.load(rows_of(qs, row, K, rc, rk), mask=ck, other=0.0).to(tl.float32)
             tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(qj * dq_read, 1))
             dq += tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)[:, None] * dq_read
@@ -221,20 +212,6 @@ def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d
                 HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K))
 
 
-def _joined(parts, dtype):
-    """The per-height tree tensors as one [rows, H, ...] tensor of ``dtype``."""
-    out = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
-    for part, piece in zip(parts, out.split([p.shape[0] for p in parts])):
-        piece.copy_(part)
-    return out
-
-
-def _operands(tree, init, dtype):
-    """The kernels' copies of the tree (nodes, transitions) and of the initial nodes, in ``dtype``."""
-    nodes, trans = tree[: len(tree) // 2], tree[len(tree) // 2 :]
-    return _joined(nodes, dtype), _joined(trans, dtype), None if init is None else init.to(dtype).contiguous()
-
-
 def _tiles(K, V):
     """(K padded, the reads' V tile, chain_grad's V step): chain_grad holds a [K, K] transition
     beside each [K, V step] node tile, so its step narrows as K grows (sm_90: 256 KiB of shared
@@ -245,57 +222,59 @@ def _tiles(K, V):
 
 class CarryReads(torch.autograd.Function):
     """o [S, H, C, V] (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'], init
-    [N, H, NI, K, V] or None, then the up-sweep's nodes[0..] and trans[0..] -> o plus the reads of
-    every height, in the slot grid. Taking o in spares an add; o's gradient is the output's, made
-    contiguous once here for both this backward and the chunk stage's."""
+    [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), then its nodes[0..] and
+    trans[0..] -> o plus the reads of every height, in the slot grid. Taking o in spares an add;
+    o's gradient is the output's, made contiguous once here for both this backward and the chunk
+    stage's."""
 
     @staticmethod
-    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, dtype, *tree):
-        node_ops, trans_ops, init_ops = _operands(tree, init, dtype)
+    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, *tree):
+        node_ops, trans_ops, init_ops = copies
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
         KP, BV, _ = _tiles(K, V)
         out = qt.new_empty(S, H, C, V)
+        keep = any(ctx.needs_input_grad)  # no backward to come (no_grad, inference): nothing to keep
+        qs = qt.new_empty(plan.num_reads if keep else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
         reads_kernel[(S, H, triton.cdiv(V, BV))](
             o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
-            node_ops if init is None else init_ops, plan.node_offsets, plan.rank, layout.docs, layout.slot_doc,
-            layout.slot_chunk, out, H, K, V, 1 if init is None else init.shape[2], layout.heights, log_c + 1, C=C,
-            KP=KP, BV=BV, HAS_INIT=init is not None, PREC=prec, num_warps=carry_warps(K))
-        # The float32 tree is the up-sweep's, saved there too; its copies are made again in the
-        # backward rather than kept (16 GiB at 512K tokens, H=16, K=V=128: the op ran out of an
-        # H200's memory with them).
-        ctx.save_for_backward(qt, lam_slots, init, *tree)
-        ctx.plan, ctx.log_c, ctx.prec, ctx.dtype = plan, log_c, prec, dtype
+            node_ops if init is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
+            layout.slot_doc, layout.slot_chunk, out, qs, H, K, V, 1 if init is None else init.shape[2],
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, KEEP_Q=keep, PREC=prec,
+            num_warps=carry_warps(K))
+        # The float32 tree comes in for its gradients only: the kernels read the up-sweep's copies,
+        # which its backward keeps too (one storage), and nothing keeps the float32 heights. The
+        # carried queries are kept instead of qt: the backward would make them again (at 128K tokens,
+        # H=16, K=128: 2.9 GB, which the backward held anyway).
+        ctx.save_for_backward(lam_slots, init, node_ops, trans_ops, init_ops, qs)
+        ctx.plan, ctx.log_c, ctx.prec, ctx.sizes = plan, log_c, prec, [x.shape[0] for x in tree[: len(tree) // 2]]
+        ctx.qt_shape = qt.shape
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        qt, lam_slots, init, *tree = ctx.saved_tensors
+        lam_slots, init, node_ops, trans_ops, init_ops, qs = ctx.saved_tensors
         plan, log_c, prec = ctx.plan, ctx.log_c, ctx.prec
-        node_ops, trans_ops, init_ops = _operands(tree, init, ctx.dtype)
         layout = plan.layout
-        S, H, C, K = qt.shape
+        S, H, C, K = ctx.qt_shape
         V = node_ops.shape[-1]
         KP, _, BV = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         has_init = init is not None
         d_out = d_out.contiguous()
-        qs = qt.new_empty(plan.num_reads, H, C, K, dtype=node_ops.dtype)
         dqs = torch.empty_like(qs)
-        d_qt, d_lam = torch.empty_like(qt), torch.zeros_like(lam_slots)
+        d_qt, d_lam = d_out.new_empty(S, H, C, K), torch.zeros_like(lam_slots)
         chain_grad_kernel[(S, H)](
-            qt, d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
+            d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K),
             num_stages=CHAIN_STAGES)
-        shapes = node_ops.shape, trans_ops.shape
-        del node_ops, trans_ops, init_ops  # freed before the gradients' buffers are made
-        d_nodes, d_trans = (torch.empty(x, device=qt.device) for x in shapes)
+        d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
         for lo, hi in plan.zero_ranges:
             d_nodes[lo:hi], d_trans[lo:hi] = 0, 0
         d_init = None if init is None else torch.zeros_like(init)
         node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init)
-        sizes = [x.shape[0] for x in tree[: len(tree) // 2]]
-        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(sizes), *d_trans.split(sizes))
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(ctx.sizes),
+                *d_trans.split(ctx.sizes))

@@ -15,20 +15,24 @@ tokens: they contribute nothing and their gradients are not stored.
 dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
 dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
 
-Two kernels. The one program per (slot, head) before ran about a hundred small dependent
+Three kernels. The one program per (slot, head) before ran about a hundred small dependent
 products in a row, two programs per SM, 255 registers and 2.7 KB of spills a thread on sm_90
 (35 ms at 128K tokens, H=16, K=V=128 on an H200; most likely bound by that chain's latency):
 - tile_grad, one program per (slot, head, tile), tiles adjacent: a V tile's dv (all of it:
   dv = (P * lam)^T dO + T^T Kt dU) or a K tile's dKd = -(P^T dQt + T^T Kt dM) and its e^G shares
-  of dq, dk and dG (the rest of dq, dk come from finish_grad);
-- finish_grad, one per (slot, head): the sums over all V and K columns, two products a tile
-  (dO V^T and dU V^T, then dQt Kd^T and dM Kd^T), into D = dO V^T * lam - dQt Kd^T and
-  E = dU V^T - dM Kd^T; then dS = D T^T, dT = S^T D + Kt E, dKt = T E^T and the rest as below.
+  of dq, dk and dG (the rest of dq, dk come from state_grad and finish_grad);
+- state_grad, one per (slot, head, K tile): that tile's rows of E = dU V^T - dM Kd^T, the
+  chunk-end states' share, and from them its columns of dKt = T E^T (into dk and dG) and its
+  part of Kt E (into a [S, H, C, C] buffer of dT's);
+- finish_grad, one per (slot, head): the sums over all V and K columns, one product a tile, into
+  D = dO V^T * lam - dQt Kd^T; then dS = D T^T, dT = S^T D + Kt E and the rest as below.
 finish_grad's sums are those of a one-kernel restructure measured and not kept, with dv and dKd
 still in its loops: 49.4 ms against the one kernel's 36.4 at H=16, K=V=128 on an H200
-(benchmarks/results/2026-12-01-h200-gdn-session17-ab.json). The two kernels take 9.4 + 20.9 ms
-there, against the one kernel's 35.4, and the op 96.3 -> 90.7 ms (H=6, K=192, V=384: 159.6 ->
-158.8; ...-session18-ab.json).
+(benchmarks/results/2026-12-01-h200-gdn-session17-ab.json). tile_grad and finish_grad with E
+still in the latter took 9.4 + 20.9 ms there, against the one kernel's 35.4, and the op 96.3 ->
+90.7 ms (H=6, K=192, V=384: 159.6 -> 158.8; ...-session18-ab.json). Moving E out took finish_grad
+from 112 to 96 KiB of shared memory and 2720 to 1152 B of spills (sm_90, Triton 3.6, K=V=128;
+state_grad: 48 KiB, 174 registers, none spilled) - UNMEASURED on a GPU.
 """
 
 import torch
@@ -39,10 +43,11 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
                                           num_warps, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 
-# No multi-buffered loads in finish_grad's tile loops: a [K, 64] float32 tile of dM is 64 KB at
-# K = 256; the loops run a few steps only.
+# No multi-buffered loads in state_grad's and finish_grad's tile loops, which run a few steps only
+# (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
+# swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
 NUM_STAGES = 1
-TILE = 64  # tile_grad's V and K tiles, finish_grad's loop steps (UNSWEPT)
+TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps (UNSWEPT)
 
 
 @triton.jit
@@ -103,7 +108,48 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg
 
 
 @triton.jit
-def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, dbeta, dlam, dg_in, docs, slot_doc,
+def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Rows rb of E = dU V^T - dM Kd^T (one program per slot, head and K tile, tiles adjacent) and
+    what they give: columns rb of dKt = T E^T (into dk, and G's out-scaling share into dg_in), and
+    their part of Kt E, the chunk-end states' share of dT (into d_tt)."""
+    i, h, t = tiles_adjacent(H, tl.cdiv(K, BK))
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    group = h // (H // HK)
+    r, rb = tl.arange(0, C), t * BK + tl.arange(0, BK)
+    head = (i * H + h).to(tl.int64)
+    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
+    gl = local_decay(g, rows, valid, H, h)
+    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
+    e_in, e_out = tl.where(valid, tl.exp(gl), 0.0), tl.where(valid, tl.exp(total - gl), 0.0)
+    e = tl.zeros([BK, C], dtype=tl.float32)
+    for vb in range(0, tl.cdiv(V, BV)):
+        rv = vb * BV + tl.arange(0, BV)
+        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        d_u = tl.load(du + node * K * V + rb[:, None] * V + rv[None, :], mask=(rb[:, None] < K) & (rv[None, :] < V),
+                      other=0.0)
+        e += dot(d_u, tl.trans(vt.to(tl.float32)), PREC)
+    for kb in range(0, tl.cdiv(K, BK)):
+        rc = kb * BK + tl.arange(0, BK)
+        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
+        d_m = tl.load(dm + node * K * K + rb[:, None] * K + rc[None, :], mask=(rb[:, None] < K) & (rc[None, :] < K),
+                      other=0.0)
+        e -= dot(d_m, tl.trans(kd.to(tl.float32) * e_in[:, None]), PREC)
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
+    mask = valid[:, None] & (rb[None, :] < K)
+    kc = tl.load(row_tile(k, rows, HK, group, K, rb), mask=mask, other=0.0).to(tl.float32)
+    d_kout = dot(ut, tl.trans(e), PREC)
+    tl.atomic_add(square_tile(d_tt, i, h, H, C), dot(kc * e_out[:, None], e, PREC), sem="relaxed")
+    # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
+    share = e_out * tl.sum(kc * d_kout, 1)
+    tl.atomic_add(dg_in + head * C + r, tl.where(r == C - 1, tl.sum(share), 0.0) - share, sem="relaxed")
+    tl.atomic_add(row_tile(dk, rows, HK, group, K, rb), d_kout * e_out[:, None], mask=mask, sem="relaxed")
+
+
+@triton.jit
+def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbeta, dlam, dg_in, d_tt, docs, slot_doc,
                        slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
                        KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -114,18 +160,13 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, 
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
 
-    # The sums over V and K columns: dO V^T, then D and E (see the module docstring).
+    # The sums over V and K columns: dO V^T, then D (see the module docstring).
     dov = tl.zeros([C, C], dtype=tl.float32)
-    e_acc = tl.zeros([KP, C], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        vt = vt.to(tl.float32)
         d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
-        d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
-                      other=0.0)
-        dov += dot(d_o, tl.trans(vt), PREC)
-        e_acc += dot(d_u, tl.trans(vt), PREC)
+        dov += dot(d_o, tl.trans(vt.to(tl.float32)), PREC)
     qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
                                                          C, PREC)
     p = dot(s, ut, PREC)
@@ -140,13 +181,8 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, 
         kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
         kd = kd.to(tl.float32) * e_in[:, None]
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
-                       other=0.0)
         d_acc -= dot(d_qc, tl.trans(kd), PREC)
-        e_acc -= dot(d_mc, tl.trans(kd), PREC)
-    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
-    d_t = dot(tl.trans(s), d_acc, PREC) + dot(kt * e_out[:, None], e_acc, PREC)
-    d_kout = tl.trans(dot(e_acc, tl.trans(ut), PREC))  # E (its registers) as the product's A: no second copy
+    d_t = dot(tl.trans(s), d_acc, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
     d_s = dot(d_acc, tl.trans(ut), PREC)
 
     # Through the inverse: T = N diag(beta), N = (I + A)^-1.
@@ -159,15 +195,14 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dg, 
     d_kk = bt[:, None] * d_a * gam
     d_sg = d_s * gam
     d_q = dot(d_sg, kt, PREC)
-    d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC) + d_kout * e_out[:, None]
+    d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC)
 
-    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings (the e^G ones from
-    # tile_grad), and G_C: the chunk-end terms, with the trace of dM (M = e^G_C I - ...).
+    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings (from tile_grad and
+    # state_grad), and G_C's trace of dM (M = e^G_C I - ...).
     d_trace = tl.sum(tl.load(dm + node * K * K + rk * (K + 1), mask=rk < K, other=0.0))
     z = bt[:, None] * d_a * kk * gam + d_s * s
-    out_share = e_out * tl.sum(kt * d_kout, 1)
-    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.load(dg_in + head * C + r) - out_share
-    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace + tl.sum(out_share), 0.0)
+    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.load(dg_in + head * C + r)
+    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace, 0.0)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
     qk_mask = valid[:, None] & (rk[None, :] < K)
@@ -192,15 +227,18 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     f32 = dict(device=v.device, dtype=torch.float32)
     dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
     dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
-    dlam, dg_in = torch.zeros(R, H, L, **f32), torch.zeros(S, H, C, **f32)
-    grads = [x.contiguous() for x in (d_o, d_qt, d_u, d_m)]
+    dlam, dg_in, d_tt = torch.zeros(R, H, L, **f32), torch.zeros(S, H, C, **f32), torch.zeros(S, H, C, C, **f32)
+    d_o, d_qt, d_u, d_m = grads = [x.contiguous() for x in (d_o, d_qt, d_u, d_m)]
     KP = triton.next_power_of_2(K)
     BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
     shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
+    state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
+                                                     k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
+                                                     num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     shape["num_warps"] = finish_warps(q, KP)
-    finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, *grads, dq, dk, dg, dbeta, dlam, dg_in, *tables, H,
-                               k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
+    finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dq, dk, dg, dbeta, dlam, dg_in, d_tt,
+                               *tables, H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
     return dq, dk, dv, dg, dbeta, dlam

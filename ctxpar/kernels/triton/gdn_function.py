@@ -28,11 +28,11 @@ from ctxpar.kernels import torch_chunked
 from ctxpar.kernels.levels import bucket_range, level_of, live_bits
 from ctxpar.kernels.state import FenwickState
 from ctxpar.kernels.triton.common import dot_precision
-from ctxpar.kernels.triton.gdn_carry import CarryReads, operand_dtype
+from ctxpar.kernels.triton.gdn_carry import CarryReads
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
-from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, up_sweep
+from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, operand_dtype, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
 DEFAULT_CHUNK = 64
@@ -82,8 +82,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c)
-    nodes, trans = up_sweep(u, m, init, plan, prec)
-    o = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, operand_dtype(fq.dtype), *nodes, *trans)
+    nodes, trans, copies = up_sweep(u, m, init, plan, prec, operand_dtype(fq.dtype))
+    o = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, *nodes, *trans)
     out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
     if not output_final_state:
         return out, None

@@ -102,12 +102,20 @@ def initial_node(init, h, like, num_docs):
     return init[:, :, h]
 
 
-def up_sweep(u, m, init, plan, prec):
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tree copy's dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def up_sweep(u, m, init, plan, prec, dtype):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
-    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height.
+    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height, float32,
+    and the copies the kernels read, in ``dtype`` (no gradients): the nodes and the transitions,
+    each joined over the heights, and the initial nodes (or None).
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    tree = UpSweep.apply(u, m, init, plan, prec)
-    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :])
+    *tree, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, dtype)
+    init_ops = None if init is None else init.detach().to(dtype).contiguous()
+    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :]), (node_ops, trans_ops, init_ops)
 
 
 @triton.jit
@@ -116,8 +124,10 @@ def tile_of(ptr, item, R, CN, r, c, TRANS: tl.constexpr, on=True):
     zeros, and no traffic, where ``on`` is False."""
     base = ptr + item.to(tl.int64) * R * CN
     if TRANS:
-        return tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R) & on, other=0.0)
-    return tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN) & on, other=0.0)
+        x = tl.load(base + c[None, :] * CN + r[:, None], mask=(r[:, None] < CN) & (c[None, :] < R) & on, other=0.0)
+    else:
+        x = tl.load(base + r[:, None] * CN + c[None, :], mask=(r[:, None] < R) & (c[None, :] < CN) & on, other=0.0)
+    return x.to(tl.float32)  # the backward reads the bf16 copies
 
 
 @triton.jit
@@ -139,16 +149,17 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 @triton.jit
 def store_tile(ptr, item, R, CN, r, c, x):
-    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c."""
+    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype)."""
     at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
-    tl.store(at, x, mask=(r[:, None] < R) & (c[None, :] < CN))
+    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN))
 
 
 @triton.jit
-def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, V, NI, height,
+def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, node_copy, trans_copy, H, K, V, NI, height,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
-    columns), X the left child (left_tile); one program per (parent, head, tile), tiles adjacent."""
+    columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
+    program per (parent, head, tile), tiles adjacent."""
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, tl.cdiv(K, BM) * cols)
@@ -165,6 +176,7 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, 
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
         store_tile(node_out, right, K, V, rm, rn, acc)
+        store_tile(node_copy, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
@@ -172,6 +184,7 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, H, K, 
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         store_tile(trans_out, right, K, K, rm, rn, acc)
+        store_tile(trans_copy, right, K, K, rm, rn, acc)
 
 
 @triton.jit
@@ -252,37 +265,48 @@ def _tiles(K, V):
 class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
-    each, and needs only the tree itself, which the reads keep anyway."""
+    each. Also returns the tree's copies in ``dtype``, joined over the heights, which the reads take
+    (no gradients). The backward needs only the tree, and reads it from those copies, so nothing
+    keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the bf16 copies are half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec):
+    def forward(ctx, u, m, init, plan, prec, dtype):
         nodes, trans = [u], [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
+        sizes = [u.shape[0]] + [up.count for up in plan.up]
+        node_ops = u.new_empty(sum(sizes), H, K, V, dtype=dtype)  # the copies, joined over the heights
+        trans_ops = m.new_empty(sum(sizes), H, K, K, dtype=dtype)
+        node_copies, trans_copies = node_ops.split(sizes), trans_ops.split(sizes)
+        node_copies[0].copy_(u)  # height 0 is the chunk stage's; the kernels store the rest's copies
+        trans_copies[0].copy_(m)
         for h, up in enumerate(plan.up):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr, H, K, V, NI,
-                            h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
+            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr,
+                            node_copies[h + 1], trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
+                            HAS_INIT=has_init, PREC=prec, num_warps=warps)
             nodes.append(node)
             trans.append(tr)
-        ctx.save_for_backward(init, *nodes, *trans)
-        ctx.plan, ctx.prec = plan, prec
-        return (*nodes, *trans)
+        ctx.mark_non_differentiable(node_ops, trans_ops)
+        ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
+        ctx.save_for_backward(init, node_ops, trans_ops)
+        ctx.plan, ctx.prec, ctx.sizes = plan, prec, sizes
+        return (*nodes, *trans, node_ops, trans_ops)
 
     @staticmethod
     def backward(ctx, *grads):
-        init, *tree = ctx.saved_tensors
-        plan, prec, half = ctx.plan, ctx.prec, len(tree) // 2
-        nodes, trans = tree[:half], tree[half:]
+        init, node_ops, trans_ops = ctx.saved_tensors
+        plan, prec, half = ctx.plan, ctx.prec, len(ctx.sizes)
+        nodes, trans = node_ops.split(ctx.sizes), trans_ops.split(ctx.sizes)
         H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place.
-        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half:]]
+        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half : 2 * half]]
         d_init = None if init is None else torch.zeros_like(init)
         has_init = init is not None and NI > 0
         kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)
@@ -292,7 +316,7 @@ class UpSweep(torch.autograd.Function):
                 nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
                 BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
-        return d_nodes[0], d_trans[0], d_init, None, None
+        return d_nodes[0], d_trans[0], d_init, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
