@@ -102,12 +102,19 @@ def register_cap(dtype: torch.dtype, programs_per_sm: int, warps: int = 4):
 
 
 @triton.jit
+def doc_info(docs, n):
+    """(first token row, t0, length, c0, c_last, first slot) of document n."""
+    row = docs + n * 6
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
 def slot_info(docs, slot_doc, slot_chunk, i):
     """(document, chunk index, first token row, t0, length, c0, c_last, first slot) of slot i."""
     n = tl.load(slot_doc + i).to(tl.int64)
     c = tl.load(slot_chunk + i)
-    row = docs + n * 6
-    return n, c, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+    token_start, t0, length, c0, c_last, first = doc_info(docs, n)
+    return n, c, token_start, t0, length, c0, c_last, first
 
 
 @triton.jit
