@@ -284,8 +284,11 @@ def gdn_stage_times(T):
     nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", F.operand_dtype(q.dtype))
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
-    reads = lambda: F.CarryReads.apply(o, qt, lam_slots, None, tree_plan, log_c, "tf32", copies, *tree)  # noqa: E731
-    d_reads = torch.randn_like(o)
+
+    def reads():
+        return F.CarryReads.apply(o, qt, lam_slots, None, tree_plan, log_c, "tf32", copies, v.dtype, *tree)
+
+    d_reads = torch.randn_like(o, dtype=v.dtype)
     grads = [torch.randn_like(x) for x in (o, qt, u, m)]
     with torch.no_grad():
         times = {

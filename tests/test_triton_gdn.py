@@ -112,8 +112,8 @@ def test_float32_and_torch_backend_agree():
 
 @pytest.mark.parametrize("K, V", [(16, 32), (80, 80)])  # 80: several K and V tiles (64 wide)
 def test_chunk_stage_matches_torch_chunked(K, V):
-    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), U and M at the
-    rows asked for, and its backward kernel == autograd through them."""
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), o_intra in token
+    rows, U and M at the rows asked for, and its backward kernel == autograd through them."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
     from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
@@ -126,11 +126,14 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
     stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
-    expected = torch_stage(*leaves, SlotGrid(layout, rows, H, 1, DEVICE))
-    for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, expected):
-        assert rel_err(a if name in ("o_intra", "Qt") else a[tree_rows], b) < 1e-5, name
-    d_outputs = [torch.randn_like(x) for x in expected]
-    d_rows = [d if i < 2 else torch.empty_like(d).index_copy_(0, tree_rows, d) for i, d in enumerate(d_outputs)]
+    grid = SlotGrid(layout, rows, H, 1, DEVICE)
+    expected = torch_stage(*leaves, grid)
+    ours = (grid.tokens(stage[0]), stage[1], stage[2][tree_rows], stage[3][tree_rows])  # all in the slot grid
+    for name, a, b in zip(["o_intra", "Qt", "U", "M"], ours, expected):
+        assert rel_err(a, b) < 1e-5, name
+    d_o = torch.randn_like(stage[0])  # in token rows, as the kernels take it; zero at the reference's padding
+    d_outputs = [grid.tokens(d_o), *(torch.randn_like(x) for x in expected[1:])]
+    d_rows = [d_o, d_outputs[1], *(torch.empty_like(d).index_copy_(0, tree_rows, d) for d in d_outputs[2:])]
     grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
@@ -140,41 +143,44 @@ def test_chunk_stage_matches_torch_chunked(K, V):
 def test_tree_matches_torch_chunked(K, V):                  # and node_grad's tiles, masked
     """From random chunk states, transitions, carried queries and an initial state: after the
     up-sweep the Fenwick slot c holds build_tree's node (state and transition) of height ones(c)
-    ending at chunk c, and CarryReads equals read_tree summed over heights, gradients included
-    (runs of at most 4 readers: nodes read by 8 chunks take two runs' atomic adds)."""
+    ending at chunk c, and CarryReads (o and output in token rows) equals read_tree summed over
+    heights at the real positions, gradients included (runs of at most 4 readers: nodes read by
+    8 chunks take two runs' atomic adds)."""
     from ctxpar.kernels.triton.gdn_carry import CarryReads
+    from ctxpar.kernels.triton.gdn_grid import SlotGrid
     from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
 
     H, NC, c0, log_c = 2, 13, 3, C.bit_length() - 1
-    t0 = c0 * C + 5
-    layout = build_layout([(0, 0, NC * C - 9)], [t0], NC * C - 9, C, 4, DEVICE)
-    heights = layout.heights
+    t0, rows = c0 * C + 5, NC * C - 9
+    layout = build_layout([(0, 0, rows)], [t0], rows, C, 4, DEVICE)
+    grid, heights = SlotGrid(layout, rows, H, H, DEVICE), layout.heights
     rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     u, m, qt = rand(NC, H, K, V), rand(NC, H, K, K) * K**-0.5, rand(NC, H, C, K)
     lam, f0 = rand(NC, H, C, log_c + 1 + heights), rand(1, H, t0.bit_length(), K, V)
-    o_intra = rand(NC, H, C, V)  # what the chunk stage's output brings to the reads' sum
+    o_intra = rand(rows, H, V)  # what the chunk stage's output brings to the reads' sum
     leaves = [x.requires_grad_() for x in (u, m, qt, lam, f0, o_intra)]
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
     nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", torch.float32)
-    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, *nodes, *trans)
+    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
-    theirs = per_chunk(o_intra) + sum(torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c)
-                                      for h in range(heights))
-    assert rel_err(per_chunk(ours), theirs) < 1e-5
+    real = per_chunk((grid.index < rows).view(NC, 1, C, 1))  # the random qt reads at padded positions too
+    theirs = real * (per_chunk(grid.tokens(o_intra)) + sum(
+        torch_chunked.read_tree(tree, per_chunk(qt), per_chunk(lam), c0, h, log_c) for h in range(heights)))
+    assert ours.shape == (rows, H, V) and rel_err(per_chunk(grid.tokens(ours)), theirs) < 1e-5
     rank = {int(s): i for i, s in enumerate(layout.host["by_height"])}
     for slot, h in enumerate(trailing_ones(torch.arange(c0, c0 + NC)).tolist()):
         if h < heights:
             index = torch.tensor([(c0 + slot + 1 >> h) - 1])
             assert rel_err(nodes[h][rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-5, (slot, h)
             assert rel_err(trans[h][rank[slot]], tree.transition(h, index)[0, :, 0]) < 1e-5, (slot, h)
-    d_out = rand(NC, H, C, V)
+    d_out = rand(rows, H, V)
     grads = torch.autograd.grad((ours * d_out).sum(), leaves)
-    expected = torch.autograd.grad((theirs * per_chunk(d_out)).sum(), leaves)
+    expected = torch.autograd.grad((theirs * per_chunk(grid.tokens(d_out))).sum(), leaves)
     for name, a, b in zip(["u", "m", "qt", "lam", "initial_state", "o_intra"], grads, expected):
         assert rel_err(a, b) < 1e-5, name
 
@@ -243,7 +249,7 @@ def test_node_gradients_cover_every_tree_row():
     plan = TreePlan(layout, DEVICE)
     rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     qs, dqs = rand(plan.num_reads, H, C, K), rand(plan.num_reads, H, C, K)
-    d_out, lam = rand(layout.num_slots, H, C, V), rand(layout.num_slots, H, C, log_c + 1 + layout.heights)
+    d_out, lam = rand(600, H, V), rand(layout.num_slots, H, C, log_c + 1 + layout.heights)  # 2 x 300 token rows
     zeroed = torch.zeros(plan.num_nodes, H, K, V, device=DEVICE), torch.zeros(plan.num_nodes, H, K, K, device=DEVICE)
     node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *zeroed, None)
     poisoned = [torch.full_like(x, float("nan")) for x in zeroed]

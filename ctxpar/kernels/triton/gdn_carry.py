@@ -20,6 +20,8 @@ Backward, two kernels:
 - node_grad, per (run of a node's readers, head, tile): dB += Q^T (lambda dO) and dT += Q^T dQ_h+
   over the run (a node's readers are consecutive chunks, layout.node_segments), stored where the
   run is all of them, else added atomically.
+Both read dO from the op's output rows in its dtype, once for each read of the token's chunk:
+bf16 halves that traffic against float32.
 The kept Q and dQ_h+ are [reads, H, C, K] each in the operands' dtype (reads: the set bits of
 every chunk index; 2 x 2.9 GB at 128K tokens, H=16, K=128, bf16). The tree's copies are the
 up-sweep's (gdn_tree.UpSweep), kept for both backwards in place of the float32 tree.
@@ -39,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import node_at, reads_at, slot_info
+from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at, row_tile, slot_info
 
 # Swept on an H200 at 128K tokens (bf16, H=16, K=V=128; the reads' fwd+bwd): chain_grad with one
 # stage 24.7 ms, three 29.7 (two programs per SM where three stages' buffers left one); 8 warps
@@ -99,12 +101,13 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
                  slot_chunk, out, qs, H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr,
                  BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, PREC: tl.constexpr):
     i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    n, c, token_start, t0, length, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
     ck = rk[None, :] < K
     q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0).to(nodes.dtype.element_ty)
-    tile = ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :]
-    acc = tl.load(o + tile, mask=rv[None, :] < V, other=0.0)
+    tile_mask = valid[:, None] & (rv[None, :] < V)
+    acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0)
     for height in range(0, heights):
         if reads_at(c, height, c0, HAS_INIT):
             if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
@@ -116,7 +119,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
             acc += w[:, None] * tl.dot(q, node, input_precision=PREC)
             if carries(c, height, in_slots):
                 q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
-    tl.store(out + tile, acc, mask=rv[None, :] < V)
+    tl.store(row_tile(out, rows, H, h, V, rv), acc.to(out.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -125,7 +128,8 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
                       C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                       PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
-    n, c, _, _, _, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    n, c, token_start, t0, length, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
     rc, rk = tl.arange(0, C), tl.arange(0, KP)
     ck = rk[None, :] < K
     half = nodes.dtype.element_ty
@@ -144,8 +148,7 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
             for v0 in range(0, V, BV):
                 rv = v0 + tl.arange(0, BV)
                 node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
-                do = tl.load(d_out + ((i * H + h).to(tl.int64) * C + rc[:, None]) * V + rv[None, :],
-                             mask=rv[None, :] < V, other=0.0)
+                do = tl.load(row_tile(d_out, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
                 dq_read += tl.dot(do.to(half), tl.trans(node), input_precision=PREC)
             qj = tl.load(rows_of(qs, row, K, rc, rk), mask=ck, other=0.0).to(tl.float32)
             tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(qj * dq_read, 1))
@@ -157,25 +160,27 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
 def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segments, docs, offsets, rank, grads,
                      init_grads, H, K, N, NI, heights, LEVEL0, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                      SEGMENT: tl.constexpr, OF_TRANS: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-    """dB (partner = dO [S, H, C, N], weighed by lambda) or, OF_TRANS, dT (partner = the kept dQ_h+
+    """dB (partner = dO [rows, H, N], weighed by lambda) or, OF_TRANS, dT (partner = the kept dQ_h+
     [reads, H, C, N]) of one run of a node's readers, one [BK, BN] tile."""
     s, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seg = segments + s * 4
     n, height, c_first, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
-    c0, first = tl.load(docs + n * 6 + 3), tl.load(docs + n * 6 + 5)
+    token_start, t0, length, c0, _, first = doc_info(docs, n)
     rc = tl.arange(0, C)
     rk = tile // tl.cdiv(N, BN) * BK + tl.arange(0, BK)
     rn = tile % tl.cdiv(N, BN) * BN + tl.arange(0, BN)
     acc = tl.zeros([BK, BN], dtype=tl.float32)
     for j in range(0, count):
-        i = first + c_first + j - c0
+        c = c_first + j
+        i = first + c - c0
         row = tl.load(read_row + i * heights + height) * H + h
         qj = tl.load(rows_of(qs, row, K, rc, rk), mask=rk[None, :] < K, other=0.0)
         if OF_TRANS:
             b = tl.load(rows_of(partner, row, N, rc, rn), mask=rn[None, :] < N, other=0.0)
         else:
+            rows, valid = chunk_rows(c, token_start, t0, length, C)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
-            do = tl.load(rows_of(partner, i * H + h, N, rc, rn), mask=rn[None, :] < N, other=0.0)
+            do = tl.load(row_tile(partner, rows, H, h, N, rn), mask=valid[:, None] & (rn[None, :] < N), other=0.0)
             b = (w[:, None] * do).to(qj.dtype)
         acc += tl.dot(tl.trans(qj), b, input_precision=PREC)
     in_slots, slot = node_at(c_first, height, c0, first)
@@ -221,19 +226,19 @@ def _tiles(K, V):
 
 
 class CarryReads(torch.autograd.Function):
-    """o [S, H, C, V] (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'], init
-    [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), then its nodes[0..] and
-    trans[0..] -> o plus the reads of every height, in the slot grid. Taking o in spares an add;
-    o's gradient is the output's, made contiguous once here for both this backward and the chunk
-    stage's."""
+    """o [rows, H, V] float32 (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'],
+    init [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), the output's dtype,
+    then the up-sweep's nodes[0..] and trans[0..] -> o plus the reads of every height, [rows, H, V]
+    in that dtype: the op's output, with no gather or cast after. Taking o in spares an add; o's
+    gradient is the output's (autograd casts it to float32 for the chunk stage)."""
 
     @staticmethod
-    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, *tree):
+    def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, dtype, *tree):
         node_ops, trans_ops, init_ops = copies
         S, H, C, K = qt.shape
         V = node_ops.shape[-1]
         KP, BV, _ = _tiles(K, V)
-        out = qt.new_empty(S, H, C, V)
+        out = o.new_empty(o.shape, dtype=dtype)
         keep = any(ctx.needs_input_grad)  # no backward to come (no_grad, inference): nothing to keep
         qs = qt.new_empty(plan.num_reads if keep else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
@@ -264,7 +269,7 @@ class CarryReads(torch.autograd.Function):
         has_init = init is not None
         d_out = d_out.contiguous()
         dqs = torch.empty_like(qs)
-        d_qt, d_lam = d_out.new_empty(S, H, C, K), torch.zeros_like(lam_slots)
+        d_qt, d_lam = torch.empty(S, H, C, K, device=d_out.device), torch.zeros_like(lam_slots)
         chain_grad_kernel[(S, H)](
             d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
@@ -276,5 +281,5 @@ class CarryReads(torch.autograd.Function):
             d_nodes[lo:hi], d_trans[lo:hi] = 0, 0
         d_init = None if init is None else torch.zeros_like(init)
         node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init)
-        return (d_out, d_qt, d_lam, d_init, None, None, None, None, *d_nodes.split(ctx.sizes),
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, None, *d_nodes.split(ctx.sizes),
                 *d_trans.split(ctx.sizes))

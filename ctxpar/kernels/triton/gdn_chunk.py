@@ -11,10 +11,12 @@ rather than each redo it. The second kernel, one program per (slot, head, tile),
 - a K tile: those columns of the chunk transition M = exp(G_C) I - Kt^T W and of the queries
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
-Outputs are float32: Qt and the intra output [S, H, C, *] (padded rows zero) and N [S, H, C, C]
-in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i, the up-sweep's
-height-0 order, so that they are its first nodes and transitions as they are (reordering them
-copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16, on an H200).
+Outputs are float32: the intra output in token rows [rows, H, V], where the reads add to it and
+store the op's output (no gather out of the slot grid); Qt [S, H, C, K] (padded rows zero) and
+N [S, H, C, C] in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i,
+the up-sweep's height-0 order, so that they are its first nodes and transitions as they are
+(reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
+on an H200).
 Products of float32 intermediates run as tf32 for half-precision inputs (10 mantissa bits, more
 than the inputs carry) and as ieee float32 for float32 inputs.
 """
@@ -109,7 +111,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
         pairs = mma(scores, ut, tl.float32, PREC) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L,
                                                                   C, LOG_C)
         o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
-        tl.store(o_out + (head * C + r[:, None]) * V + rv[None, :], o, mask=rv[None, :] < V)
+        tl.store(row_tile(o_out, rows, H, h, V, rv), o, mask=valid[:, None] & (rv[None, :] < V))
     else:
         rc = (tile - nv) * BK + tl.arange(0, BK)
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
@@ -123,12 +125,12 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
 
 def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows):
     """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
-    row of each slot's U and M -> (o_intra [S, H, C, V], Qt [S, H, C, K], U [S, H, K, V],
+    row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
     M [S, H, K, K], N [S, H, C, C]), all float32."""
     S, C = layout.num_slots, layout.chunk
-    H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
-    o, qt = torch.empty(S, H, C, V, **f32), torch.empty(S, H, C, K, **f32)
+    o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, **f32)
     u, m, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32), torch.empty(S, H, C, C, **f32)
     KP = triton.next_power_of_2(K)
     BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))

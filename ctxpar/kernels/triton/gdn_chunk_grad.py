@@ -88,7 +88,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg
     p = dot(s, ut, PREC)
     if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
         rv = t * BV + tl.arange(0, BV)
-        d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
+        d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
@@ -166,7 +166,7 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        d_o = tl.load(do + (head * C + r[:, None]) * V + rv[None, :], mask=rv[None, :] < V, other=0.0)
+        d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         dov += dot(d_o, tl.trans(vt.to(tl.float32)), PREC)
     qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
                                                          C, PREC)
@@ -220,9 +220,9 @@ def finish_warps(q, KP):
 
 
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
-    """Gradients of gdn_chunk.chunk_stage's outputs (float32; dU, dM at rows tree_rows, as U, M;
-    inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L]
-    (levels <= log2 C), all float32."""
+    """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
+    token rows, dU, dM at rows tree_rows; inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V],
+    dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     S, C = layout.num_slots, layout.chunk
     f32 = dict(device=v.device, dtype=torch.float32)

@@ -81,10 +81,10 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     if initial_state is not None and not initial_state.holds_nothing:  # one that does only sets positions
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
-        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c)
+        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c)
     nodes, trans, copies = up_sweep(u, m, init, plan, prec, operand_dtype(fq.dtype))
-    o = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, *nodes, *trans)
-    out = grid.rows(o).reshape(B, T, H, V).to(out_dtype)
+    out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, *nodes, *trans)
+    out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:
         return out, None
     columns = _last_chunk_columns(layout, grid, (fq, fk, fv, fg, fb), log_c)
@@ -101,9 +101,10 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
 
 
-def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c):
+def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c):
     """The initial buckets of bits < log2 C: carried into the first chunk's end state, and read by
-    the first chunk's queries (Qt is already carried to t0) at their token-level levels."""
+    the first chunk's queries (Qt is already carried to t0) at their token-level levels, added to
+    o's token rows of those chunks."""
     layout, C = plan.layout, 1 << log_c
     docs = [n for n in range(layout.num_docs) if layout.starts[n] % C]
     if not docs:
@@ -120,7 +121,9 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, log_c):
             level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
             part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot] @ buckets[n, :, b])
         reads.append(part)
-    return o.index_add(0, slots, torch.stack(reads)), u.index_add(0, tree_rows, carried)
+    rows = grid.index.view(layout.num_slots, C)[slots]
+    real = rows < o.shape[0]  # the others are padded positions
+    return o.index_add(0, rows[real], torch.stack(reads).transpose(1, 2)[real]), u.index_add(0, tree_rows, carried)
 
 
 def _last_chunk_columns(layout, grid, inputs, log_c):
