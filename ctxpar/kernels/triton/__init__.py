@@ -9,7 +9,7 @@ parallelism's reads of an arriving Fenwick state, fused into the output (referen
 ctxpar.kernels.state_reads).
 
 Log-linear Gated DeltaNet (``beta`` given): gdn_chunk (the UT transform and everything else
-inside a chunk) and gdn_chunk_grad (its backward), gdn_grid (token rows <-> the slot grid),
+inside a chunk) and gdn_chunk_grad (its backward), gdn_grid (token rows -> the slot grid),
 gdn_tree (the up-sweep over chunks, one launch per height), gdn_carry (the node reads, each
 chunk's queries carried down its bits) and gdn_function (the op); gdn_function.py says why it is
 split so.

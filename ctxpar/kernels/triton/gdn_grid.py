@@ -1,4 +1,4 @@
-"""Token rows <-> the slot grid [S, H, C, ...] of the GDN stages (differentiable gathers).
+"""Token rows -> the slot grid [S, H, C, ...] of the GDN stages (a differentiable gather).
 
 Slot i of the layout (chunk c of document n) holds absolute positions c C .. c C + C - 1 of n; the
 positions before t0 or past the document's end are zero tokens (g = 0, beta = 0: identity
@@ -27,7 +27,7 @@ class SlotGrid:
         self.heads_of = (torch.arange(heads) // (heads // qk_heads)).to(device)
         # The same maps between [rows * H] and [S * H * C] (one gather each way, no copies of
         # transposed views): the source of every grid position (padded ones read row 0, then are
-        # zeroed), and the grid position of every (row, head).
+        # zeroed), and the grid position of every (row, head), for the gradient.
         head = torch.arange(heads)[None, :, None]
         grid_rows = rows.view(-1, 1, C)
         self.grid_source = torch.where(grid_rows < num_rows, grid_rows * heads + head, 0).flatten().to(device)
@@ -39,16 +39,12 @@ class SlotGrid:
         """[rows, Hx, ...] -> [S, H, C, ...] (or only ``slots``, a list); ``expand`` maps the Hk
         q/k groups to the H heads."""
         if not expand and slots is None:
-            return Regrid.apply(x, self, True)
+            return Regrid.apply(x, self)
         index = self.index if slots is None else self.index.view(self.num_slots, -1)[slots].flatten()
         x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index]
         if expand:
             x = x[:, self.heads_of]
         return x.unflatten(0, (-1, self.chunk)).transpose(1, 2)
-
-    def rows(self, y):
-        """[S, H, C, ...] -> [rows, H, ...]."""
-        return Regrid.apply(y, self, False)
 
     def _slots(self, x):
         flat = x.reshape(-1, *x.shape[2:]).index_select(0, self.grid_source).index_fill_(0, self.grid_pads, 0)
@@ -59,19 +55,18 @@ class SlotGrid:
 
 
 class Regrid(torch.autograd.Function):
-    """SlotGrid.tokens of every slot (to_slots) or SlotGrid.rows. Each token row sits at one slot
-    position, so the two gathers are each other's adjoint and the backward gathers too (autograd's
-    backward of an index scatters with accumulation: a sort on the GPU); padded positions get zero
-    gradients."""
+    """SlotGrid.tokens of every slot. Each token row sits at one slot position, so the gather's
+    adjoint is the gather the other way (autograd's backward of an index scatters with
+    accumulation: a sort on the GPU); padded positions get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, grid, to_slots):
-        ctx.grid, ctx.to_slots = grid, to_slots
-        return grid._slots(x) if to_slots else grid._rows(x)
+    def forward(ctx, x, grid):
+        ctx.grid = grid
+        return grid._slots(x)
 
     @staticmethod
     def backward(ctx, d):
-        return (ctx.grid._rows(d) if ctx.to_slots else ctx.grid._slots(d)), None, None
+        return ctx.grid._rows(d), None
 
 
 def torch_stage(q, k, v, g, beta, lam, grid):
