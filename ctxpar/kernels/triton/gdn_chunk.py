@@ -18,7 +18,9 @@ the up-sweep's height-0 order, so that they are its first nodes and transitions 
 (reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
 on an H200).
 Products of float32 intermediates run as tf32 for half-precision inputs (10 mantissa bits, more
-than the inputs carry) and as ieee float32 for float32 inputs.
+than the inputs carry) and as ieee float32 for float32 inputs; products of the inputs themselves
+(Q K^T, K K^T, and the backward's dO V^T) run in the inputs' dtype, whose products are exact in
+the float32 sums: the same values, at half the operands' bytes.
 """
 
 import torch
@@ -41,7 +43,7 @@ def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
     r = tl.arange(0, C)
     strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
     gam = tl.exp(tl.where(strict, gl[:, None] - gl[None, :], 0.0))
-    a = tl.where(strict, bt[:, None] * mma(kt, tl.trans(kt), tl.float32, PREC) * gam, 0.0)
+    a = tl.where(strict, bt[:, None] * mma(kt, tl.trans(kt), kt.dtype, PREC) * gam, 0.0)
     inv = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     for i in range(1, C):
         a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
@@ -79,7 +81,7 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
     rk = tl.arange(0, KP)
     kt = tl.load(row_tile(k, rows, HK, h // (H // HK), K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
-    inv = unit_inverse(kt.to(tl.float32), local_decay(g, rows, valid, H, h), bt, valid, C, PREC)
+    inv = unit_inverse(kt, local_decay(g, rows, valid, H, h), bt, valid, C, PREC)
     tl.store(square_tile(inv_out, i, h, H, C), inv)
 
 
@@ -96,7 +98,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
-    scores = mma(qt, tl.trans(kt), tl.float32, PREC) * intra_decay(gl, valid, C)
+    scores = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * intra_decay(gl, valid, C)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
     head = (i * H + h).to(tl.int64)

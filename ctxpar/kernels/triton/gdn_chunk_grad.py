@@ -64,7 +64,7 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
     gl = local_decay(g, rows, valid, H, h)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     gam = intra_decay(gl, valid, C)
-    s = dot(qt, tl.trans(kt), PREC) * gam
+    s = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * gam
     n = tl.load(square_tile(inv, i, h, H, C))
     total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
     return qt, kt, gl, total, bt, gam, s, n, n * bt[None, :]
@@ -167,7 +167,7 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
         rv = vb * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        dov += dot(d_o, tl.trans(vt.to(tl.float32)), PREC)
+        dov += mma(d_o, tl.trans(vt), v.dtype.element_ty, PREC)  # dO: the output's gradient, in v's dtype
     qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
                                                          C, PREC)
     p = dot(s, ut, PREC)
@@ -191,7 +191,7 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
     d_a = -dot(dot(tl.trans(nt), d_t * bt[None, :], PREC), tl.trans(nt), PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
     qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
-    kk = dot(kt, tl.trans(kt), PREC)
+    kk = mma(kt, tl.trans(kt), k.dtype.element_ty, PREC)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     d_sg = d_s * gam
