@@ -49,6 +49,11 @@ from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
 # swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
 NUM_STAGES = 1
 TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps (UNSWEPT)
+# finish_grad's warps. With E still in it, 8 (against 4) took the op from 159.4 to 152.8 ms at 128K
+# tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1 to 96.9 at K = V = 128
+# (results/2026-12-01-h200-gdn-session18-configs.json); without E (state_grad) it spills 416 bytes
+# a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128) - UNMEASURED there.
+FINISH_WARPS = 8
 
 
 @triton.jit
@@ -211,14 +216,6 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
 
-def finish_warps(q, KP):
-    """finish_grad's warps: as the other per-chunk stages' (4 for half precision), but 8 where K pads
-    to 256 (K = 192): at 4 it spills 7.0 KB a thread on sm_90 (3.1 at 8), and 8 took the op from 159.4
-    to 152.8 ms at 128K tokens (H=6, K=192, V=384, an H200) where at K = V = 128 it went from 91.1 to
-    96.9 (results/2026-12-01-h200-gdn-session18-configs.json)."""
-    return 8 if KP > 128 else num_warps(q.dtype)
-
-
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
     token rows, dU, dM at rows tree_rows; inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V],
@@ -239,7 +236,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
                                                      k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
-    shape["num_warps"] = finish_warps(q, KP)
+    shape["num_warps"] = FINISH_WARPS
     finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dq, dk, dg, dbeta, dlam, dg_in, d_tt,
                                *tables, H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
     return dq, dk, dv, dg, dbeta, dlam
