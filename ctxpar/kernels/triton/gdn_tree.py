@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import tiles_adjacent
+from ctxpar.kernels.triton.common import register_cap, tiles_adjacent
 
 
 @dataclass
@@ -262,6 +262,14 @@ def _tiles(K, V):
     return min(tile, p2(K)), min(tile, p2(max(K, V))), min(STEP, p2(min(K, V))), warps
 
 
+def _register_cap(dtype, warps):
+    """maxnreg of the up-sweep's kernels: at 8 warps (128 x 128 tiles) ptxas gives them 186-206
+    registers a thread, one program an SM; capped at 128 two fit (sm_90, Triton 3.6, K = V = 128: up
+    spills 264 bytes a thread, up_grad 200) - UNMEASURED. Half-precision inputs only (tf32 products,
+    bf16 copies: the kernels are the same for bf16 and fp16)."""
+    return register_cap(torch.bfloat16, 2, warps) if dtype == torch.bfloat16 and warps == NUM_WARPS else None
+
+
 class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
@@ -288,7 +296,7 @@ class UpSweep(torch.autograd.Function):
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr,
                             node_copies[h + 1], trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
-                            HAS_INIT=has_init, PREC=prec, num_warps=warps)
+                            HAS_INIT=has_init, PREC=prec, num_warps=warps, maxnreg=_register_cap(dtype, warps))
             nodes.append(node)
             trans.append(tr)
         ctx.mark_non_differentiable(node_ops, trans_ops)
@@ -315,7 +323,8 @@ class UpSweep(torch.autograd.Function):
             up_grad_kernel[(up.count * H * 2 * (kv + kk),)](
                 nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
-                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps)
+                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps,
+                maxnreg=_register_cap(node_ops.dtype, warps))
         return d_nodes[0], d_trans[0], d_init, None, None, None
 
 
