@@ -277,11 +277,12 @@ def gdn_stage_times(T):
         return layout, F.SlotGrid(layout, B * T, heads, heads, DEV), F.TreePlan(layout, DEV)
 
     layout, grid, tree_plan = plan()
-    o, qt, u, m, inv = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank)
+    copies = F.tree_copies(tree_plan, heads, k.shape[-1], v.shape[-1], F.operand_dtype(q.dtype), DEV)
+    o, qt, u, m, inv = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies)
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", F.operand_dtype(q.dtype))
+    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2])
     tree = [x.requires_grad_() for x in (*nodes, *trans)]
     qt.requires_grad_()
 
@@ -293,8 +294,9 @@ def gdn_stage_times(T):
     with torch.no_grad():
         times = {
             "layout, grid, tree plan (host)": ms(plan),
-            "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank)),
-            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", F.operand_dtype(q.dtype))),
+            "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank,
+                                                    copies[:2])),
+            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2])),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, *grads, layout,
                                                                    "tf32", tree_plan.rank)),

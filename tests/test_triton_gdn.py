@@ -124,7 +124,11 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     rows = q.shape[0]
     layout = build_layout([(0, 0, rows)], [0], rows, C, 1, DEVICE)
     tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
-    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows)
+    copies = (torch.empty(NC, H, K, V, device=DEVICE, dtype=torch.bfloat16),
+              torch.empty(NC, H, K, K, device=DEVICE, dtype=torch.bfloat16))
+    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows, copies)
+    for copy, x in zip(copies, stage[2:4]):  # the tree's height 0, in the copy's dtype
+        assert torch.equal(copy, x.to(copy.dtype))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
     grid = SlotGrid(layout, rows, H, 1, DEVICE)
     expected = torch_stage(*leaves, grid)
@@ -148,7 +152,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     8 chunks take two runs' atomic adds)."""
     from ctxpar.kernels.triton.gdn_carry import CarryReads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid
-    from ctxpar.kernels.triton.gdn_tree import TreePlan, up_sweep
+    from ctxpar.kernels.triton.gdn_tree import TreePlan, tree_copies, up_sweep
     from ctxpar.kernels.triton.layout import build_layout, trailing_ones
 
     H, NC, c0, log_c = 2, 13, 3, C.bit_length() - 1
@@ -163,7 +167,10 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     init = f0[:, :, log_c:]
     plan = TreePlan(layout, DEVICE)
     order = layout.host["by_height"].to(DEVICE)  # the chunk stage's row order of u, m
-    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", torch.float32)
+    copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
+    for copy, x in zip(copies, (u, m)):  # height 0: the chunk stage's rows
+        copy[:NC] = x[order].detach()
+    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies)
     ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, *nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]

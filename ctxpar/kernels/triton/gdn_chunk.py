@@ -86,9 +86,9 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 
 @triton.jit
-def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, docs, slot_doc, slot_chunk, tree_rows,
-                     H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, PREC: tl.constexpr):
+def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, u_copy, m_copy, docs, slot_doc,
+                     slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
@@ -109,7 +109,9 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
         u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
-        tl.store(u_out + node * K * V + rk[:, None] * V + rv[None, :], u, mask=(rk[:, None] < K) & (rv[None, :] < V))
+        at, mask = node * K * V + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
+        tl.store(u_out + at, u, mask=mask)
+        tl.store(u_copy + at, u.to(u_copy.dtype.element_ty), mask=mask)
         pairs = mma(scores, ut, tl.float32, PREC) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L,
                                                                   C, LOG_C)
         o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
@@ -122,13 +124,16 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, do
         q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
         m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
-        tl.store(m_out + node * K * K + rk[:, None] * K + rc[None, :], m, mask=(rk[:, None] < K) & (rc[None, :] < K))
+        at, mask = node * K * K + rk[:, None] * K + rc[None, :], (rk[:, None] < K) & (rc[None, :] < K)
+        tl.store(m_out + at, m, mask=mask)
+        tl.store(m_copy + at, m.to(m_copy.dtype.element_ty), mask=mask)
 
 
-def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows):
+def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
-    M [S, H, K, K], N [S, H, C, C]), all float32."""
+    M [S, H, K, K], N [S, H, C, C]), all float32. Also stores U and M at the same rows of the
+    tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are."""
     S, C = layout.num_slots, layout.chunk
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
@@ -140,6 +145,7 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows):
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *tables, tree_rows, H, k.shape[1], K, V, L, C=C,
-                           LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *copies, *tables, tree_rows, H, k.shape[1], K, V,
+                           L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
+                           num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv

@@ -32,7 +32,7 @@ from ctxpar.kernels.triton.gdn_carry import CarryReads
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
-from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, operand_dtype, up_sweep
+from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, operand_dtype, tree_copies, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
 DEFAULT_CHUNK = 64
@@ -40,11 +40,12 @@ READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 
 
 class ChunkStage(torch.autograd.Function):
-    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N)."""
+    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N).
+    ``copies`` (the tree's, no gradients) get height 0 stored."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows):
-        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows)
+    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
+        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies)
         ctx.save_for_backward(q, k, v, g, beta, lam, inv, tree_rows)
         ctx.layout, ctx.prec = layout, prec
         return o, qt, u, m
@@ -53,7 +54,7 @@ class ChunkStage(torch.autograd.Function):
     def backward(ctx, d_o, d_qt, d_u, d_m):
         *inputs, inv, tree_rows = ctx.saved_tensors
         grads = chunk_stage_grads(*inputs, inv, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
-        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None)
+        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None)
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
@@ -73,7 +74,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
     prec = dot_precision(fq.dtype)
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank)  # u, m in the tree's order
+    copies = tree_copies(plan, H, k.shape[-1], V, operand_dtype(fq.dtype), v.device)
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank, copies)  # u, m: tree order
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
@@ -81,8 +83,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     if initial_state is not None and not initial_state.holds_nothing:  # one that does only sets positions
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
-        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c)
-    nodes, trans, copies = up_sweep(u, m, init, plan, prec, operand_dtype(fq.dtype))
+        o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, copies[0])
+    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies)
     out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, *nodes, *trans)
     out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:
@@ -101,10 +103,10 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
 
 
-def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c):
-    """The initial buckets of bits < log2 C: carried into the first chunk's end state, and read by
-    the first chunk's queries (Qt is already carried to t0) at their token-level levels, added to
-    o's token rows of those chunks."""
+def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, node_copy):
+    """The initial buckets of bits < log2 C: carried into the first chunk's end state (and into its
+    row of the tree's copy), and read by the first chunk's queries (Qt is already carried to t0) at
+    their token-level levels, added to o's token rows of those chunks."""
     layout, C = plan.layout, 1 << log_c
     docs = [n for n in range(layout.num_docs) if layout.starts[n] % C]
     if not docs:
@@ -123,7 +125,9 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c):
         reads.append(part)
     rows = grid.index.view(layout.num_slots, C)[slots]
     real = rows < o.shape[0]  # the others are padded positions
-    return o.index_add(0, rows[real], torch.stack(reads).transpose(1, 2)[real]), u.index_add(0, tree_rows, carried)
+    u = u.index_add(0, tree_rows, carried)
+    node_copy[tree_rows] = u[tree_rows].to(node_copy.dtype)
+    return o.index_add(0, rows[real], torch.stack(reads).transpose(1, 2)[real]), u
 
 
 def _last_chunk_columns(layout, grid, inputs, log_c):

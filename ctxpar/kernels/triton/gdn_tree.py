@@ -107,14 +107,22 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def up_sweep(u, m, init, plan, prec, dtype):
+def tree_copies(plan, H, K, V, dtype, device):
+    """The copies of the tree the kernels read (no gradients), each joined over the heights: nodes
+    [num_nodes, H, K, V] and transitions [num_nodes, H, K, K] in ``dtype``, unfilled; the chunk
+    stage stores height 0 (its U and M: rows [0, S)), the up-sweep the rest."""
+    return (torch.empty(plan.num_nodes, H, K, V, device=device, dtype=dtype),
+            torch.empty(plan.num_nodes, H, K, K, device=device, dtype=dtype))
+
+
+def up_sweep(u, m, init, plan, prec, copies):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
-    plan.rank[i] for slot i: the chunk stage writes them so) -> (nodes, trans) per height, float32,
-    and the copies the kernels read, in ``dtype`` (no gradients): the nodes and the transitions,
-    each joined over the heights, and the initial nodes (or None).
+    plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
+    height 0 stored -> (nodes, trans) per height, float32, and the copies completed, with the
+    initial nodes' (or None) in their dtype.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    *tree, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, dtype)
-    init_ops = None if init is None else init.detach().to(dtype).contiguous()
+    *tree, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, *copies)
+    init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
     return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :]), (node_ops, trans_ops, init_ops)
 
 
@@ -273,12 +281,12 @@ def _register_cap(dtype, warps):
 class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
-    each. Also returns the tree's copies in ``dtype``, joined over the heights, which the reads take
-    (no gradients). The backward needs only the tree, and reads it from those copies, so nothing
+    each. Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns
+    them too, for the reads (no gradients). The backward needs only the tree, and reads it from those copies, so nothing
     keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the bf16 copies are half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec, dtype):
+    def forward(ctx, u, m, init, plan, prec, node_ops, trans_ops):
         nodes, trans = [u], [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
@@ -286,17 +294,14 @@ class UpSweep(torch.autograd.Function):
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         sizes = [u.shape[0]] + [up.count for up in plan.up]
-        node_ops = u.new_empty(sum(sizes), H, K, V, dtype=dtype)  # the copies, joined over the heights
-        trans_ops = m.new_empty(sum(sizes), H, K, K, dtype=dtype)
         node_copies, trans_copies = node_ops.split(sizes), trans_ops.split(sizes)
-        node_copies[0].copy_(u)  # height 0 is the chunk stage's; the kernels store the rest's copies
-        trans_copies[0].copy_(m)
         for h, up in enumerate(plan.up):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr,
                             node_copies[h + 1], trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
-                            HAS_INIT=has_init, PREC=prec, num_warps=warps, maxnreg=_register_cap(dtype, warps))
+                            HAS_INIT=has_init, PREC=prec, num_warps=warps,
+                            maxnreg=_register_cap(node_ops.dtype, warps))
             nodes.append(node)
             trans.append(tr)
         ctx.mark_non_differentiable(node_ops, trans_ops)
@@ -325,7 +330,7 @@ class UpSweep(torch.autograd.Function):
                 d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
                 BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps,
                 maxnreg=_register_cap(node_ops.dtype, warps))
-        return d_nodes[0], d_trans[0], d_init, None, None, None
+        return d_nodes[0], d_trans[0], d_init, None, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
