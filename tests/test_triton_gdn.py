@@ -126,12 +126,16 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
     stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
-    expected = torch_stage(*leaves, SlotGrid(layout, rows, H, 1, DEVICE))
+    grid = SlotGrid(layout, rows, H, 1, DEVICE)
+    expected = torch_stage(*leaves, grid)
     for name, a, b in zip(["o_intra", "Qt", "U", "M"], stage, expected):
         assert rel_err(a if name in ("o_intra", "Qt") else a[tree_rows], b) < 1e-5, name
+    per_chunk = [grid.tokens(x, i < 2).transpose(0, 1)[None] for i, x in enumerate((q, k, v, g, beta))]
+    pairs = torch_chunked.chunk_stage(*per_chunk)["P"][0].transpose(0, 1)  # kept for the backward
+    assert rel_err(stage[5], pairs) < 1e-5
     d_outputs = [torch.randn_like(x) for x in expected]
     d_rows = [d if i < 2 else torch.empty_like(d).index_copy_(0, tree_rows, d) for i, d in enumerate(d_outputs)]
-    grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_rows, layout, "ieee", tree_rows)
+    grads = chunk_stage_grads(q, k, v, g, beta, lam, *stage[4:], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
 
