@@ -278,7 +278,7 @@ def gdn_stage_times(T):
 
     layout, grid, tree_plan = plan()
     copies = F.tree_copies(tree_plan, heads, k.shape[-1], v.shape[-1], F.operand_dtype(q.dtype), DEV)
-    o, qt, u, m, inv = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies)
+    o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies)
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
@@ -298,7 +298,7 @@ def gdn_stage_times(T):
                                                     copies[:2])),
             "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2])),
             "reads": ms(reads),
-            "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, *grads, layout,
+            "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, *grads, layout,
                                                                    "tf32", tree_plan.rank)),
         }
     times["reads fwd+bwd"] = ms(lambda: torch.autograd.grad(reads(), [qt, *tree], d_reads))

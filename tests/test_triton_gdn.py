@@ -135,10 +135,13 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     ours = (grid.tokens(stage[0]), stage[1], stage[2][tree_rows], stage[3][tree_rows])  # all in the slot grid
     for name, a, b in zip(["o_intra", "Qt", "U", "M"], ours, expected):
         assert rel_err(a, b) < 1e-5, name
+    per_chunk = [grid.tokens(x, i < 2).transpose(0, 1)[None] for i, x in enumerate((q, k, v, g, beta))]
+    pairs = torch_chunked.chunk_stage(*per_chunk)["P"][0].transpose(0, 1)  # kept for the backward
+    assert rel_err(stage[5], pairs) < 1e-5
     d_o = torch.randn_like(stage[0])  # in token rows, as the kernels take it; zero at the reference's padding
     d_outputs = [grid.tokens(d_o), *(torch.randn_like(x) for x in expected[1:])]
     d_rows = [d_o, d_outputs[1], *(torch.empty_like(d).index_copy_(0, tree_rows, d) for d in d_outputs[2:])]
-    grads = chunk_stage_grads(q, k, v, g, beta, lam, stage[4], *d_rows, layout, "ieee", tree_rows)
+    grads = chunk_stage_grads(q, k, v, g, beta, lam, *stage[4:], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
 

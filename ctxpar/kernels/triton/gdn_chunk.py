@@ -12,8 +12,9 @@ rather than each redo it. The second kernel, one program per (slot, head, tile),
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
 Outputs are float32: the intra output in token rows [rows, H, V], where the reads add to it and
-store the op's output (no gather out of the slot grid); Qt [S, H, C, K] (padded rows zero) and
-N [S, H, C, C] in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i,
+store the op's output (no gather out of the slot grid); Qt [S, H, C, K] (padded rows zero), N and
+the pair weights P = (Q K^T * Gam) T [S, H, C, C] (kept for the backward, whose programs would each
+recompute it) in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i,
 the up-sweep's height-0 order, so that they are its first nodes and transitions as they are
 (reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
 on an H200).
@@ -86,9 +87,9 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 
 @triton.jit
-def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, u_copy, m_copy, docs, slot_doc,
-                     slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
+                     slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
@@ -112,8 +113,10 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, u_
         at, mask = node * K * V + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
         tl.store(u_out + at, u, mask=mask)
         tl.store(u_copy + at, u.to(u_copy.dtype.element_ty), mask=mask)
-        pairs = mma(scores, ut, tl.float32, PREC) * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L,
-                                                                  C, LOG_C)
+        pairs = mma(scores, ut, tl.float32, PREC)
+        if tile == 0:
+            tl.store(square_tile(p_out, i, h, H, C), pairs)
+        pairs *= intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
         o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
         tl.store(row_tile(o_out, rows, H, h, V, rv), o, mask=valid[:, None] & (rv[None, :] < V))
     else:
@@ -132,20 +135,21 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, u_
 def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
-    M [S, H, K, K], N [S, H, C, C]), all float32. Also stores U and M at the same rows of the
-    tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are."""
+    M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), all float32. Also stores U and M at the same
+    rows of the tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are."""
     S, C = layout.num_slots, layout.chunk
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, **f32)
     u, m, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32), torch.empty(S, H, C, C, **f32)
+    pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, *copies, *tables, tree_rows, H, k.shape[1], K, V,
-                           L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, H,
+                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
                            num_warps=num_warps(q.dtype))
-    return o, qt, u, m, inv
+    return o, qt, u, m, inv, pairs

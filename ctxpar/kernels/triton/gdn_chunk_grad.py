@@ -1,7 +1,7 @@
 """GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
 
 From the gradients of the chunk's outputs (intra output dO, Qt, U, M; the tree's autograd
-produced the last three) and the forward's N, the chain rule backwards through:
+produced the last three) and the forward's N (and P, for tile_grad), the chain rule backwards through:
 
     o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
     U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
@@ -76,8 +76,8 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
 
 
 @triton.jit
-def tile_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg_in, docs, slot_doc, slot_chunk,
-                     tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, dq, dk, dv, dg_in, docs, slot_doc,
+                     slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
@@ -87,10 +87,13 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, du, dm, dq, dk, dv, dg
     r, rk = tl.arange(0, C), tl.arange(0, KP)
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
-    qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
-                                                         C, PREC)
-    k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
-    p = dot(s, ut, PREC)
+    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+    gl = local_decay(g, rows, valid, H, h)
+    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
+    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
+    k_out = kt.to(tl.float32) * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
+    p = tl.load(square_tile(pairs, i, h, H, C))
     if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
         rv = t * BV + tl.arange(0, BV)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
@@ -216,10 +219,10 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
     tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
 
 
-def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
+def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
-    token rows, dU, dM at rows tree_rows; inv its N) -> dq, dk [rows, Hk, K], dv [rows, H, V],
-    dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
+    token rows, dU, dM at rows tree_rows; inv, pairs its N and P) -> dq, dk [rows, Hk, K], dv
+    [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     S, C = layout.num_slots, layout.chunk
     f32 = dict(device=v.device, dtype=torch.float32)
@@ -232,7 +235,7 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, d_o, d_qt, d_u, d_m, layout, p
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
     shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
-        q, k, v, g, beta, lam, inv, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
+        q, k, v, g, beta, lam, inv, pairs, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
                                                      k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)

@@ -40,20 +40,20 @@ READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 
 
 class ChunkStage(torch.autograd.Function):
-    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N).
+    """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N and P).
     ``copies`` (the tree's, no gradients) get height 0 stored."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
-        o, qt, u, m, inv = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies)
-        ctx.save_for_backward(q, k, v, g, beta, lam, inv, tree_rows)
+        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies)
+        ctx.save_for_backward(q, k, v, g, beta, lam, inv, pairs, tree_rows)
         ctx.layout, ctx.prec = layout, prec
         return o, qt, u, m
 
     @staticmethod
     def backward(ctx, d_o, d_qt, d_u, d_m):
-        *inputs, inv, tree_rows = ctx.saved_tensors
-        grads = chunk_stage_grads(*inputs, inv, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
+        *inputs, inv, pairs, tree_rows = ctx.saved_tensors
+        grads = chunk_stage_grads(*inputs, inv, pairs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
         return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None)
 
 
