@@ -52,7 +52,8 @@ TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps
 # finish_grad's warps. With E still in it, 8 (against 4) took the op from 159.4 to 152.8 ms at 128K
 # tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1 to 96.9 at K = V = 128
 # (results/2026-12-01-h200-gdn-session18-configs.json); without E (state_grad) it spills 416 bytes
-# a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128) - UNMEASURED there.
+# a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and 8 took the op from 78.2 to 76.8 ms
+# there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
 FINISH_WARPS = 8
 
 
