@@ -283,8 +283,9 @@ class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
     each. Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns
-    them too, for the reads (no gradients). The backward needs only the tree, and reads it from those copies, so nothing
-    keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the bf16 copies are half that)."""
+    them too, for the reads (no gradients). The backward needs only the tree, and reads it from
+    those copies, so nothing keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the
+    bf16 copies are half that)."""
 
     @staticmethod
     def forward(ctx, u, m, init, plan, prec, node_ops, trans_ops):
