@@ -109,6 +109,13 @@ def doc_info(docs, n):
 
 
 @triton.jit
+def store_tile(ptr, item, R, CN, r, c, x):
+    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype)."""
+    at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
+    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN))
+
+
+@triton.jit
 def slot_info(docs, slot_doc, slot_chunk, i):
     """(document, chunk index, first token row, t0, length, c0, c_last, first slot) of slot i."""
     n = tl.load(slot_doc + i).to(tl.int64)

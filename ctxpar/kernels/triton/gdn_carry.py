@@ -253,7 +253,7 @@ class CarryReads(torch.autograd.Function):
         # carried queries are kept instead of qt: the backward would make them again (at 128K tokens,
         # H=16, K=128: 2.9 GB, which the backward held anyway).
         ctx.save_for_backward(lam_slots, init, node_ops, trans_ops, init_ops, qs)
-        ctx.plan, ctx.log_c, ctx.prec, ctx.sizes = plan, log_c, prec, [x.shape[0] for x in tree[: len(tree) // 2]]
+        ctx.plan, ctx.log_c, ctx.prec = plan, log_c, prec
         ctx.qt_shape = qt.shape
         return out
 
@@ -281,5 +281,5 @@ class CarryReads(torch.autograd.Function):
             d_nodes[lo:hi], d_trans[lo:hi] = 0, 0
         d_init = None if init is None else torch.zeros_like(init)
         node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init)
-        return (d_out, d_qt, d_lam, d_init, None, None, None, None, None, *d_nodes.split(ctx.sizes),
-                *d_trans.split(ctx.sizes))
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, None, *d_nodes.split(plan.sizes),
+                *d_trans.split(plan.sizes))

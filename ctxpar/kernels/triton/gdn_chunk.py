@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info, tiles_adjacent)
+                                          num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
 
 # The substitution's rows are [C] vectors reduced over [C, C] tiles: fewer warps mean cheaper
 # cross-warp sums. Swept on an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took 3.2 / 2.9 /
@@ -77,6 +77,14 @@ def square_tile(ptr, i, h, H, C: tl.constexpr):
 
 
 @triton.jit
+def chunk_decays(g, beta, rows, valid, h, H, C: tl.constexpr):
+    """The chunk's cumulative decays G [C] and G_C, and beta [C], float32."""
+    gl = local_decay(g, rows, valid, H, h)
+    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
+    return gl, total, tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, K, C: tl.constexpr,
                         KP: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -99,11 +107,9 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     group = h // (H // HK)
     r, rk = tl.arange(0, C), tl.arange(0, KP)
     qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    gl = local_decay(g, rows, valid, H, h)
-    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     scores = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * intra_decay(gl, valid, C)
-    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
@@ -113,9 +119,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
         u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
-        at, mask = node * K * V + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
-        tl.store(u_out + at, u, mask=mask)
-        tl.store(u_copy + at, u.to(u_copy.dtype.element_ty), mask=mask)
+        store_tile(u_out, node, K, V, rk, rv, u)
+        store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
         if tile == 0:
             tl.store(square_tile(p_out, i, h, H, C), pairs)
@@ -130,9 +135,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
         m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
-        at, mask = node * K * K + rk[:, None] * K + rc[None, :], (rk[:, None] < K) & (rc[None, :] < K)
-        tl.store(m_out + at, m, mask=mask)
-        tl.store(m_copy + at, m.to(m_copy.dtype.element_ty), mask=mask)
+        store_tile(m_out, node, K, K, rk, rc, m)
+        store_tile(m_copy, node, K, K, rk, rc, m)
 
 
 def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           num_warps, row_tile, slot_info, tiles_adjacent)
-from ctxpar.kernels.triton.gdn_chunk import qk_columns, square_tile
+from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
 
 # No multi-buffered loads in state_grad's and finish_grad's tile loops, which run a few steps only
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
@@ -67,12 +67,10 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
     """The forward's per-chunk terms, float32: q, k rows [C, K], decays G (and G_C), beta,
     Gam, S = Q K^T * Gam, N and T = N diag(beta) [C, C]."""
     qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    gl = local_decay(g, rows, valid, H, h)
-    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     gam = intra_decay(gl, valid, C)
     s = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * gam
     n = tl.load(square_tile(inv, i, h, H, C))
-    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
     return qt, kt, gl, total, bt, gam, s, n, n * bt[None, :]
 
 
@@ -89,9 +87,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, dq, dk,
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
     kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-    gl = local_decay(g, rows, valid, H, h)
-    total = tl.sum(tl.where(r == C - 1, gl, 0.0))
-    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     k_out = kt.to(tl.float32) * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
     p = tl.load(square_tile(pairs, i, h, H, C))

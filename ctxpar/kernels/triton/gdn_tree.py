@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import register_cap, tiles_adjacent
+from ctxpar.kernels.triton.common import register_cap, store_tile, tiles_adjacent
 
 
 @dataclass
@@ -66,7 +66,8 @@ class TreePlan:
         # The reads' tables (gdn_carry.py): the joined tree's first row of each height, and
         # each (slot, height) read's row among all reads (-1: no read), at every set bit of the
         # chunk (reads of initial nodes included, read or not).
-        sizes = torch.tensor([layout.at_least[h] for h in range(len(self.up) + 1)])
+        self.sizes = [layout.at_least[h] for h in range(len(self.up) + 1)]  # nodes of each height
+        sizes = torch.tensor(self.sizes)
         self.num_nodes, self.device = int(sizes.sum()), device
         self.offsets_host = torch.cumsum(sizes, 0) - sizes
         self.node_offsets = self.offsets_host.to(device)
@@ -153,13 +154,6 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
             start = ((doc * H + h) * NI + height).to(tl.int64)
             x += tile_of(init, start, K, V, r, c, TRANS, (left < 0) & (height < NI))
     return x
-
-
-@triton.jit
-def store_tile(ptr, item, R, CN, r, c, x):
-    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype)."""
-    at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
-    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN))
 
 
 @triton.jit
@@ -276,7 +270,7 @@ def _register_cap(dtype, warps):
     spills 264 bytes a thread, up_grad 200); the op at 128K tokens on an H200 78.2 -> 76.6 ms
     (bf16, H=16; 2026-12-01-h200-gdn-session19-ab2.json). Half-precision inputs only (tf32 products,
     bf16 copies: the kernels are the same for bf16 and fp16)."""
-    return register_cap(torch.bfloat16, 2, warps) if dtype == torch.bfloat16 and warps == NUM_WARPS else None
+    return register_cap(dtype, 2, warps) if warps == NUM_WARPS else None
 
 
 class UpSweep(torch.autograd.Function):
@@ -295,8 +289,7 @@ class UpSweep(torch.autograd.Function):
         NI = 1 if init is None else init.shape[2]
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
-        sizes = [u.shape[0]] + [up.count for up in plan.up]
-        node_copies, trans_copies = node_ops.split(sizes), trans_ops.split(sizes)
+        node_copies, trans_copies = node_ops.split(plan.sizes), trans_ops.split(plan.sizes)
         for h, up in enumerate(plan.up):
             node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
@@ -309,14 +302,14 @@ class UpSweep(torch.autograd.Function):
         ctx.mark_non_differentiable(node_ops, trans_ops)
         ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
         ctx.save_for_backward(init, node_ops, trans_ops)
-        ctx.plan, ctx.prec, ctx.sizes = plan, prec, sizes
+        ctx.plan, ctx.prec = plan, prec
         return (*nodes, *trans, node_ops, trans_ops)
 
     @staticmethod
     def backward(ctx, *grads):
         init, node_ops, trans_ops = ctx.saved_tensors
-        plan, prec, half = ctx.plan, ctx.prec, len(ctx.sizes)
-        nodes, trans = node_ops.split(ctx.sizes), trans_ops.split(ctx.sizes)
+        plan, prec, half = ctx.plan, ctx.prec, len(ctx.plan.sizes)
+        nodes, trans = node_ops.split(plan.sizes), trans_ops.split(plan.sizes)
         H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
