@@ -15,17 +15,23 @@ tokens: they contribute nothing and their gradients are not stored.
 dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
 dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
 
-Three kernels. The one program per (slot, head) before ran about a hundred small dependent
-products in a row, two programs per SM, 255 registers and 2.7 KB of spills a thread on sm_90
-(35 ms at 128K tokens, H=16, K=V=128 on an H200; most likely bound by that chain's latency):
-- tile_grad, one program per (slot, head, tile), tiles adjacent: a V tile's dv (all of it:
-  dv = (P * lam)^T dO + T^T Kt dU) or a K tile's dKd = -(P^T dQt + T^T Kt dM) and its e^G shares
-  of dq, dk and dG (the rest of dq, dk come from state_grad and finish_grad);
+Four kernels, in this order. The one program per (slot, head) before ran about a hundred small
+dependent products in a row, two programs per SM, 255 registers and 2.7 KB of spills a thread on
+sm_90 (35 ms at 128K tokens, H=16, K=V=128 on an H200; most likely bound by that chain's latency):
 - state_grad, one per (slot, head, K tile): that tile's rows of E = dU V^T - dM Kd^T, the
   chunk-end states' share, and from them its columns of dKt = T E^T (into dk and dG) and its
   part of Kt E (into a [S, H, C, C] buffer of dT's);
-- finish_grad, one per (slot, head): the sums over all V and K columns, one product a tile, into
-  D = dO V^T * lam - dQt Kd^T; then dS = D T^T, dT = S^T D + Kt E and the rest as below.
+- pairs_grad, one per (slot, head): the sums over all V and K columns, one product a tile, into
+  D = dO V^T * lam - dQt Kd^T; then dS = D T^T, dT = S^T D + Kt E, through the inverse to dA,
+  dbeta, dlambda and the pairs' dG; it stores dSg = dS * Gam and dKK + dKK^T (dKK = diag(beta)
+  dA * Gam) [C, C] for the next kernel's products with q and k;
+- tile_grad, one program per (slot, head, tile), tiles adjacent: a V tile's dv (all of it:
+  dv = (P * lam)^T dO + T^T Kt dU) or a K tile's dKd = -(P^T dQt + T^T Kt dM), its e^G shares
+  of dq, dk and dG, and its columns of the pairs' dq = dSg K and dk = (dKK + dKK^T) K + dSg^T Q;
+- decay_grad, one per (slot, head): dg, the reverse cumsum of dG over the chunk.
+pairs_grad is what was finish_grad, which also took the pairs' dq, dk over all K columns (three
+[C, C] x [C, K] products, q and k loaded again, and two [C, K] atomic adds a program) after
+tile_grad, so tile_grad's K tiles could not take them - this order is UNMEASURED on a GPU.
 finish_grad's sums are those of a one-kernel restructure measured and not kept, with dv and dKd
 still in its loops: 49.4 ms against the one kernel's 36.4 at H=16, K=V=128 on an H200
 (benchmarks/results/2026-12-01-h200-gdn-session17-ab.json). tile_grad and finish_grad with E
@@ -44,17 +50,17 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
                                           num_warps, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
 
-# No multi-buffered loads in state_grad's and finish_grad's tile loops, which run a few steps only
+# No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
 # swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
 NUM_STAGES = 1
 TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps (UNSWEPT)
-# finish_grad's warps. With E still in it, 8 (against 4) took the op from 159.4 to 152.8 ms at 128K
-# tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1 to 96.9 at K = V = 128
-# (results/2026-12-01-h200-gdn-session18-configs.json); without E (state_grad) it spills 416 bytes
-# a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and 8 took the op from 78.2 to 76.8 ms
-# there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
-FINISH_WARPS = 8
+# pairs_grad's warps (measured as finish_grad's). With E still in it, 8 (against 4) took the op from
+# 159.4 to 152.8 ms at 128K tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1
+# to 96.9 at K = V = 128 (results/2026-12-01-h200-gdn-session18-configs.json); without E
+# (state_grad) it spills 416 bytes a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and
+# 8 took the op from 78.2 to 76.8 ms there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
+PAIRS_WARPS = 8
 
 
 @triton.jit
@@ -75,9 +81,9 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
 
 
 @triton.jit
-def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, dq, dk, dv, dg_in, docs, slot_doc,
-                     slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dv, dg_in, docs,
+                     slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -99,7 +105,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, dq, dk,
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
         d_v = dot(tl.trans(scaled), d_o, PREC) + dot(tl.trans(ut), dot(k_out, d_u, PREC), PREC)
         tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=valid[:, None] & (rv[None, :] < V))
-    else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K
+    else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K; the pairs' dq, dk columns
         rc = (t - nv) * BK + tl.arange(0, BK)
         col_mask = valid[:, None] & (rc[None, :] < K)
         e_in = tl.where(valid, tl.exp(gl), 0.0)
@@ -109,8 +115,11 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, dq, dk,
                        other=0.0)
         d_kd = -dot(tl.trans(p), d_qc, PREC) - dot(tl.trans(ut), dot(k_out, d_mc, PREC), PREC)
         tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
-        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_qc * e_in[:, None], mask=col_mask, sem="relaxed")
-        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_kd * e_in[:, None], mask=col_mask, sem="relaxed")
+        sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
+        d_q = d_qc * e_in[:, None] + dot(sg, kc, PREC)
+        d_k = d_kd * e_in[:, None] + dot(kk2, kc, PREC) + dot(tl.trans(sg), qc, PREC)
+        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_q, mask=col_mask, sem="relaxed")
+        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_k, mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -155,9 +164,9 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
 
 
 @triton.jit
-def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbeta, dlam, dg_in, d_tt, docs, slot_doc,
-                       slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                       KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
+                      slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
@@ -195,25 +204,33 @@ def finish_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dq, dk, dg, dbet
     d_beta = tl.sum(nt * d_t, 0)
     d_a = -dot(dot(tl.trans(nt), d_t * bt[None, :], PREC), tl.trans(nt), PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
+    _, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
     kk = mma(kt, tl.trans(kt), k.dtype.element_ty, PREC)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
-    d_sg = d_s * gam
-    d_q = dot(d_sg, kt, PREC)
-    d_k = dot(d_kk + tl.trans(d_kk), kt, PREC) + dot(tl.trans(d_sg), qt, PREC)
+    # The pairs' gradients dq = dSg K, dk = (dKK + dKK^T) K + dSg^T Q, taken per K tile by tile_grad:
+    # dSg replaces the tile's dT share (read above), dKK + dKK^T goes to d_kk2.
+    tl.store(square_tile(d_tt, i, h, H, C), d_s * gam)
+    tl.store(square_tile(d_kk2, i, h, H, C), d_kk + tl.trans(d_kk))
 
-    # Decays: pairs (row sum - column sum of dGam * Gam), the in/out scalings (from tile_grad and
-    # state_grad), and G_C's trace of dM (M = e^G_C I - ...).
+    # Decays: pairs (row sum - column sum of dGam * Gam) and G_C's trace of dM (M = e^G_C I - ...),
+    # into dg_in beside tile_grad's and state_grad's in/out scalings.
     d_trace = tl.sum(tl.load(dm + node * K * K + rk * (K + 1), mask=rk < K, other=0.0))
     z = bt[:, None] * d_a * kk * gam + d_s * s
-    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.load(dg_in + head * C + r)
-    d_gl += tl.where(r == C - 1, tl.exp(total) * d_trace, 0.0)
-    tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
+    d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.where(r == C - 1, tl.exp(total) * d_trace, 0.0)
+    tl.atomic_add(dg_in + head * C + r, d_gl, sem="relaxed")
     tl.store(dbeta + rows * H + h, d_beta, mask=valid)
-    qk_mask = valid[:, None] & (rk[None, :] < K)
-    tl.atomic_add(row_tile(dq, rows, HK, group, K, rk), d_q, mask=qk_mask, sem="relaxed")
-    tl.atomic_add(row_tile(dk, rows, HK, group, K, rk), d_k, mask=qk_mask, sem="relaxed")
+
+
+@triton.jit
+def decay_grad_kernel(dg_in, dg, docs, slot_doc, slot_chunk, H, C: tl.constexpr):
+    """dg of the chunk's tokens: the reverse cumsum of dG inside the chunk (dg_r = sum over t >= r
+    of dG_t), once every stage has added its share."""
+    i, h = tl.program_id(0), tl.program_id(1)
+    n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
+    rows, valid = chunk_rows(c, token_start, t0, length, C)
+    d_gl = tl.load(dg_in + (i * H + h).to(tl.int64) * C + tl.arange(0, C))
+    tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
 
 
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
@@ -226,17 +243,20 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
     dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
     dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
     dlam, dg_in, d_tt = torch.zeros(R, H, L, **f32), torch.zeros(S, H, C, **f32), torch.zeros(S, H, C, C, **f32)
+    d_kk2 = torch.empty_like(d_tt)
     d_o, d_qt, d_u, d_m = grads = [x.contiguous() for x in (d_o, d_qt, d_u, d_m)]
     KP = triton.next_power_of_2(K)
     BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
     shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
-    tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
-        q, k, v, g, beta, lam, inv, pairs, *grads, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L, **shape)
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
                                                      k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
-    shape["num_warps"] = FINISH_WARPS
-    finish_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dq, dk, dg, dbeta, dlam, dg_in, d_tt,
-                               *tables, H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **shape)
+    pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2, *tables,
+                              H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
+    d_sg = d_tt  # pairs_grad replaced each tile
+    tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
+        q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L,
+        **shape)
+    decay_grad_kernel[(S, H)](dg_in, dg, *tables[:3], H, C=C)
     return dq, dk, dv, dg, dbeta, dlam
