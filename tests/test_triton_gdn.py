@@ -248,8 +248,9 @@ def test_slot_grid_gather_and_its_gradient():
 def test_node_gradients_cover_every_tree_row():
     """node_grads stores where it is a node's only writer, so the reads' backward zeroes only
     plan.zero_ranges of the joined tree: NaN-filled buffers with those rows zeroed must end like
-    zeroed ones, NaN-free (packed documents; runs of 2 readers, so nodes from height 2 up take
-    atomic adds)."""
+    zeroed ones, NaN-free, but for the right children's rows, which it must leave alone (the
+    up-sweep's backward stores them) (packed documents; runs of 2 readers, so nodes from height
+    2 up take atomic adds)."""
     from ctxpar.kernels.triton.gdn_carry import node_grads
     from ctxpar.kernels.triton.gdn_tree import TreePlan
     from ctxpar.kernels.triton.layout import build_layout
@@ -267,7 +268,42 @@ def test_node_gradients_cover_every_tree_row():
         poisoned[0][lo:hi], poisoned[1][lo:hi] = 0, 0
     node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *poisoned, None)
     assert 0 < sum(hi - lo for lo, hi in plan.zero_ranges) < plan.num_nodes
+    right = torch.zeros(plan.num_nodes, dtype=torch.bool, device=DEVICE)
+    for lo, hi in plan.right_children:
+        right[lo:hi] = True
+    assert right.any()
     for a, b in zip(poisoned, zeroed):
+        assert torch.isnan(a[right]).all() and not b[right].any()
+        assert not torch.isnan(a[~right]).any() and torch.equal(a[~right], b[~right])
+
+
+def test_up_sweep_backward_stores_the_right_children():
+    """Nothing but its parent reads a right child, so the up-sweep's backward stores the right
+    children's gradients over their incoming rows (which the reads' backward leaves unset): the
+    same gradients with those rows NaN as with them zero, and NaN-free (packed documents; the
+    gradients themselves are checked against torch_chunked in test_tree_matches_torch_chunked)."""
+    from ctxpar.kernels.triton.gdn_tree import TreePlan, tree_copies, up_sweep
+    from ctxpar.kernels.triton.layout import build_layout
+
+    H, K, V = 2, 16, 24
+    layout = build_layout([(0, 0, 200), (0, 200, 300)], [0, 0], 300, C, 2, DEVICE)
+    plan, S = TreePlan(layout, DEVICE), layout.num_slots
+    u, m = torch.randn(S, H, K, V, device=DEVICE), torch.randn(S, H, K, K, device=DEVICE) * K**-0.5
+    leaves = [x.requires_grad_() for x in (u, m)]
+    copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
+    copies[0][:S], copies[1][:S] = u.detach(), m.detach()
+    nodes, trans, _ = up_sweep(u, m, None, plan, "ieee", copies)
+    outputs = [*nodes, *trans]
+    incoming = [torch.randn_like(x) for x in outputs]
+    for h, (lo, hi) in enumerate(plan.right_children):
+        for g in (incoming[h], incoming[len(nodes) + h]):  # height h's first hi - lo rows
+            g[: hi - lo] = 0
+    poisoned = [g.clone() for g in incoming]  # before the backward, which adds into its incoming buffers
+    expected = torch.autograd.grad(outputs, leaves, incoming, retain_graph=True)
+    for h, (lo, hi) in enumerate(plan.right_children):
+        for g in (poisoned[h], poisoned[len(nodes) + h]):
+            g[: hi - lo] = float("nan")
+    for a, b in zip(torch.autograd.grad(outputs, leaves, poisoned), expected):
         assert not torch.isnan(a).any() and torch.equal(a, b)
 
 

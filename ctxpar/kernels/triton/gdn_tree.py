@@ -75,17 +75,27 @@ class TreePlan:
         self.read_row = torch.where(bits == 1, torch.cumsum(bits.flatten(), 0).view_as(bits) - 1, -1).to(device)
         self.num_reads = int(bits.sum())
 
+    @property
+    def right_children(self) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of the joined tree holding right children (rows [0, at_least[h + 1])
+        of height h): no chunk and no final state reads one (both read nodes ending where a set bit
+        of a chunk index is cleared, which have exactly h ones), so a right child's gradient is its
+        parent's alone, and the up-sweep's backward stores it (UpSweep) over whatever the rows hold."""
+        return [(int(self.offsets_host[h]), int(self.offsets_host[h]) + up.count) for h, up in enumerate(self.up)]
+
     @cached_property
     def zero_ranges(self) -> list[tuple[int, int]]:
-        """Row ranges [lo, hi) of the joined tree without a single node_grad writer (gdn_carry.py):
-        nodes no chunk reads (the right children, rows [0, at_least[h + 1]) of height h, and nodes
-        at a document's end) and nodes read by several runs (atomic adds). Only these need zeros
-        before it runs; every other row's one writer stores. Ranges, not rows, because one fill of
-        a contiguous range runs at bandwidth where index_fill_ over the same rows took longer than
-        filling the whole buffer (H200). Built on first use, by a backward."""
+        """Row ranges [lo, hi) of the joined tree that need zeros before node_grad (gdn_carry.py):
+        those without a single node_grad writer - nodes no chunk reads (at a document's end) and
+        nodes read by several runs (atomic adds) - but for the right children, which the
+        up-sweep's backward stores. Every other row's one writer stores. Ranges, not rows, because
+        one fill of a contiguous range runs at bandwidth where index_fill_ over the same rows took
+        longer than filling the whole buffer (H200). Built on first use, by a backward."""
         height, slot = self.layout.sole_writers
         single = torch.zeros(self.num_nodes + 1, dtype=torch.bool)
         single[self.offsets_host[height] + self.rank_host[slot]] = True
+        for lo, hi in self.right_children:
+            single[lo:hi] = True
         single[-1] = True  # closes a last range
         edges = torch.nonzero(single[1:] != single[:-1])[:, 0] + 1
         bounds = ([0] if not single[0] else []) + edges.tolist()
@@ -202,9 +212,10 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, 
                    NI, height, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
                    PREC: tl.constexpr):
     """The gradients of parent p's children, one [BM, BN] tile per program, by kind: the right
-    node dN_r += dP; the right transition dT_r += dP X^T + dPm T_l^T; the left node (or initial
-    node) T_r^T dP; the left transition T_r^T dPm. Rows written once per launch: a left child has
-    one parent, and no right child is a left one."""
+    node dN_r = dP; the right transition dT_r = dP X^T + dPm T_l^T (stored: nothing else reads a
+    right child, TreePlan.right_children); the left node (or initial node) += T_r^T dP; the left
+    transition += T_r^T dPm. Rows written once per launch: a left child has one parent, and no
+    right child is a left one."""
     kv = tl.cdiv(K, BM) * tl.cdiv(V, BN)
     kk = tl.cdiv(K, BM) * tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, 2 * (kv + kk))
@@ -214,7 +225,7 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, 
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if t < kv:  # right node
         rm, rn = t // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
-        add_tile(d_nodes, right, K, V, rm, rn, tile_of(d_parent, right, K, V, rm, rn, False), True)
+        store_tile(d_nodes, right, K, V, rm, rn, tile_of(d_parent, right, K, V, rm, rn, False))
     elif t < kv + kk:  # right transition
         t2 = t - kv
         rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
@@ -226,7 +237,7 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, 
             rk = k0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, True, HAS_INIT)
             acc = tl.dot(tile_of(d_parent_m, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
-        add_tile(d_trans, right, K, K, rm, rn, acc, True)
+        store_tile(d_trans, right, K, K, rm, rn, acc)
     elif t < 2 * kv + kk:  # left node, or the initial node
         t2 = t - kv - kk
         rm, rn = t2 // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
@@ -313,7 +324,8 @@ class UpSweep(torch.autograd.Function):
         H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
-        # The incoming gradients are this node's own buffers: accumulated into in place.
+        # The incoming gradients are this node's own buffers: accumulated into in place, but for
+        # the right children's rows, which nothing else writes (TreePlan.right_children): stored.
         d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half : 2 * half]]
         d_init = None if init is None else torch.zeros_like(init)
         has_init = init is not None and NI > 0
