@@ -282,8 +282,8 @@ def gdn_stage_times(T):
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2])
-    tree = [x.requires_grad_() for x in (*nodes, *trans)]
+    nodes, trans, copies = F.up_sweep(u.clone(), m, None, tree_plan, "tf32", copies[:2])  # it overwrites u
+    tree = [x.requires_grad_() for x in (nodes, *trans)]
     qt.requires_grad_()
 
     def reads():
@@ -296,7 +296,8 @@ def gdn_stage_times(T):
             "layout, grid, tree plan (host)": ms(plan),
             "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank,
                                                     copies[:2])),
-            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2])),
+            "up-sweep (and a clone of u, which it overwrites)": ms(lambda: F.up_sweep(u.clone(), m, None, tree_plan,
+                                                                                          "tf32", copies[:2])),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, *grads, layout,
                                                                    "tf32", tree_plan.rank)),

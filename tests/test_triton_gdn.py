@@ -149,8 +149,8 @@ def test_chunk_stage_matches_torch_chunked(K, V):
 @pytest.mark.parametrize("K, V", [(16, 16), (128, 160)])  # 160: two V tiles of the reads, chain_grad's V steps
 def test_tree_matches_torch_chunked(K, V):                  # and node_grad's tiles, masked
     """From random chunk states, transitions, carried queries and an initial state: after the
-    up-sweep the Fenwick slot c holds build_tree's node (state and transition) of height ones(c)
-    ending at chunk c, and CarryReads (o and output in token rows) equals read_tree summed over
+    up-sweep the Fenwick slot c holds build_tree's node (state, by slot, and transition) of height
+    ones(c) ending at chunk c, and CarryReads (o and output in token rows) equals read_tree summed over
     heights at the real positions, gradients included (runs of at most 4 readers: nodes read by
     8 chunks take two runs' atomic adds)."""
     from ctxpar.kernels.triton.gdn_carry import CarryReads
@@ -174,7 +174,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     for copy, x in zip(copies, (u, m)):  # height 0: the chunk stage's rows
         copy[:NC] = x[order].detach()
     nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies)
-    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, *nodes, *trans)
+    ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
     tree = torch_chunked.build_tree(per_chunk(u), per_chunk(m), c0, heights, f0, log_c)
@@ -186,7 +186,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     for slot, h in enumerate(trailing_ones(torch.arange(c0, c0 + NC)).tolist()):
         if h < heights:
             index = torch.tensor([(c0 + slot + 1 >> h) - 1])
-            assert rel_err(nodes[h][rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-5, (slot, h)
+            assert rel_err(nodes[rank[slot]], tree.node(h, index)[0, :, 0]) < 1e-5, (slot, h)
             assert rel_err(trans[h][rank[slot]], tree.transition(h, index)[0, :, 0]) < 1e-5, (slot, h)
     d_out = rand(rows, H, V)
     grads = torch.autograd.grad((ours * d_out).sum(), leaves)
@@ -199,7 +199,7 @@ def test_backward_keeps_the_trees_copies_not_its_float32_heights():
     """bf16 inputs: the graph keeps the tree for the backward as the bf16 copies, joined over the
     heights (one [nodes, H, K, V] and one [nodes, H, K, K]), and no float32 tensor shaped like a
     tree height ([rows, H, K, V] or [rows, H, K, K]); the float32 tree, twice the copies' bytes,
-    lives only through the forward."""
+    lives only through the forward. The nodes' copy is by slot, one top node each."""
     from ctxpar.kernels.triton.gdn_tree import TreePlan
     from ctxpar.kernels.triton.layout import build_layout
 
@@ -209,11 +209,11 @@ def test_backward_keeps_the_trees_copies_not_its_float32_heights():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         o, _ = chunked(q, k, v, g.requires_grad_(), beta, lam, [(0, 0, T)], chunk_size=C)
-    nodes = TreePlan(build_layout([(0, 0, T)], [0], T, C, 1, DEVICE), DEVICE).num_nodes
+    plan = TreePlan(build_layout([(0, 0, T)], [0], T, C, 1, DEVICE), DEVICE)
     tree_shaped = [x for x in saved if x.dim() == 4 and tuple(x.shape[1:]) in ((H, K, V), (H, K, K))]
     assert not [x.shape for x in tree_shaped if x.dtype == torch.float32]
-    assert {(tuple(x.shape), x.dtype) for x in tree_shaped} == {((nodes, H, K, V), torch.bfloat16),
-                                                               ((nodes, H, K, K), torch.bfloat16)}
+    assert {(tuple(x.shape), x.dtype) for x in tree_shaped} == {((plan.layout.num_slots, H, K, V), torch.bfloat16),
+                                                               ((plan.num_nodes, H, K, K), torch.bfloat16)}
     o.sum().backward()  # the kept copies are enough for it
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v, g, beta, lam))
 
@@ -247,10 +247,10 @@ def test_slot_grid_gather_and_its_gradient():
 
 def test_node_gradients_cover_every_tree_row():
     """node_grads stores where it is a node's only writer, so the reads' backward zeroes only
-    plan.zero_ranges of the joined tree: NaN-filled buffers with those rows zeroed must end like
-    zeroed ones, NaN-free, but for the right children's rows, which it must leave alone (the
-    up-sweep's backward stores them) (packed documents; runs of 2 readers, so nodes from height
-    2 up take atomic adds)."""
+    plan.zero_ranges of the nodes' gradients (by slot) and the joined transitions': NaN-filled
+    buffers with those rows zeroed must end like zeroed ones, NaN-free, but for the right
+    children's transitions, which it must leave alone (the up-sweep's backward stores them)
+    (packed documents; runs of 2 readers, so nodes from height 2 up take atomic adds)."""
     from ctxpar.kernels.triton.gdn_carry import node_grads
     from ctxpar.kernels.triton.gdn_tree import TreePlan
     from ctxpar.kernels.triton.layout import build_layout
@@ -261,27 +261,29 @@ def test_node_gradients_cover_every_tree_row():
     rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     qs, dqs = rand(plan.num_reads, H, C, K), rand(plan.num_reads, H, C, K)
     d_out, lam = rand(600, H, V), rand(layout.num_slots, H, C, log_c + 1 + layout.heights)  # 2 x 300 token rows
-    zeroed = torch.zeros(plan.num_nodes, H, K, V, device=DEVICE), torch.zeros(plan.num_nodes, H, K, K, device=DEVICE)
+    zeroed = torch.zeros(layout.num_slots, H, K, V, device=DEVICE), torch.zeros(plan.num_nodes, H, K, K, device=DEVICE)
     node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *zeroed, None)
     poisoned = [torch.full_like(x, float("nan")) for x in zeroed]
-    for lo, hi in plan.zero_ranges:
-        poisoned[0][lo:hi], poisoned[1][lo:hi] = 0, 0
+    for grads, ranges in zip(poisoned, plan.zero_ranges):
+        assert 0 < sum(hi - lo for lo, hi in ranges) < grads.shape[0]
+        for lo, hi in ranges:
+            grads[lo:hi] = 0
     node_grads(qs, dqs, d_out, lam, plan, log_c, "ieee", *poisoned, None)
-    assert 0 < sum(hi - lo for lo, hi in plan.zero_ranges) < plan.num_nodes
+    assert not torch.isnan(poisoned[0]).any() and torch.equal(poisoned[0], zeroed[0])
     right = torch.zeros(plan.num_nodes, dtype=torch.bool, device=DEVICE)
     for lo, hi in plan.right_children:
         right[lo:hi] = True
     assert right.any()
-    for a, b in zip(poisoned, zeroed):
-        assert torch.isnan(a[right]).all() and not b[right].any()
-        assert not torch.isnan(a[~right]).any() and torch.equal(a[~right], b[~right])
+    assert torch.isnan(poisoned[1][right]).all() and not zeroed[1][right].any()
+    assert not torch.isnan(poisoned[1][~right]).any() and torch.equal(poisoned[1][~right], zeroed[1][~right])
 
 
 def test_up_sweep_backward_stores_the_right_children():
     """Nothing but its parent reads a right child, so the up-sweep's backward stores the right
-    children's gradients over their incoming rows (which the reads' backward leaves unset): the
-    same gradients with those rows NaN as with them zero, and NaN-free (packed documents; the
-    gradients themselves are checked against torch_chunked in test_tree_matches_torch_chunked)."""
+    children's transition gradients over their incoming rows (which the reads' backward leaves
+    unset): the same gradients with those rows NaN as with them zero, and NaN-free (packed
+    documents; the gradients themselves are checked against torch_chunked in
+    test_tree_matches_torch_chunked)."""
     from ctxpar.kernels.triton.gdn_tree import TreePlan, tree_copies, up_sweep
     from ctxpar.kernels.triton.layout import build_layout
 
@@ -292,17 +294,15 @@ def test_up_sweep_backward_stores_the_right_children():
     leaves = [x.requires_grad_() for x in (u, m)]
     copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
     copies[0][:S], copies[1][:S] = u.detach(), m.detach()
-    nodes, trans, _ = up_sweep(u, m, None, plan, "ieee", copies)
-    outputs = [*nodes, *trans]
+    nodes, trans, _ = up_sweep(u.clone(), m, None, plan, "ieee", copies)  # the nodes overwrite theirs
+    outputs = [nodes, *trans]
     incoming = [torch.randn_like(x) for x in outputs]
     for h, (lo, hi) in enumerate(plan.right_children):
-        for g in (incoming[h], incoming[len(nodes) + h]):  # height h's first hi - lo rows
-            g[: hi - lo] = 0
+        incoming[1 + h][: hi - lo] = 0  # height h's first hi - lo rows
     poisoned = [g.clone() for g in incoming]  # before the backward, which adds into its incoming buffers
     expected = torch.autograd.grad(outputs, leaves, incoming, retain_graph=True)
     for h, (lo, hi) in enumerate(plan.right_children):
-        for g in (poisoned[h], poisoned[len(nodes) + h]):
-            g[: hi - lo] = float("nan")
+        poisoned[1 + h][: hi - lo] = float("nan")
     for a, b in zip(torch.autograd.grad(outputs, leaves, poisoned), expected):
         assert not torch.isnan(a).any() and torch.equal(a, b)
 

@@ -9,7 +9,8 @@ carried node is ever written (the node-side carry, K K V a read gathered into pe
 took 29 of a 187 ms step forward at 128K tokens, H=16, K=V=128, and 77 backward). Initial-state
 nodes are carried to t0 already: their transition is the identity.
 
-The operands are one copy of the tree joined over heights (``TreePlan.node_offsets``), in bf16 for
+The operands are one copy of the tree - its nodes by slot (every node a chunk reads is its slot's
+top one, gdn_tree.py), its transitions joined over heights (``TreePlan.node_offsets``) - in bf16 for
 half-precision inputs (the products run on bf16 tensor cores, float32 accumulation; Q is rounded
 before each product as the tree is) and float32 otherwise.
 
@@ -60,10 +61,11 @@ def carry_warps(K: int) -> int:
 
 
 @triton.jit
-def tree_item(offsets, rank, height, slot, in_slots, H, h):
-    """Row of the joined tree (nodes of ``height``, slot's rank among them) times H plus the head;
-    0 for an initial node (heights past the tree's own are only those)."""
-    return (tl.load(offsets + height, mask=in_slots, other=0) + tl.load(rank + slot, mask=in_slots, other=0)) * H + h
+def tree_items(offsets, rank, height, slot, in_slots, H, h):
+    """(row of the nodes by slot, row of the joined transitions) of slot's node of ``height``,
+    times H plus the head; 0 for an initial node (heights past the tree's own are only those)."""
+    row = tl.load(rank + slot, mask=in_slots, other=0)
+    return row * H + h, (tl.load(offsets + height, mask=in_slots, other=0) + row) * H + h
 
 
 @triton.jit
@@ -113,12 +115,12 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
             if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
                 tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
             in_slots, slot = node_at(c, height, c0, first)
-            item = tree_item(offsets, rank, height, slot, in_slots, H, h)
+            item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
             node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
             acc += w[:, None] * tl.dot(q, node, input_precision=PREC)
             if carries(c, height, in_slots):
-                q = tl.dot(q, square(trans, item, K, rk), input_precision=PREC).to(q.dtype)
+                q = tl.dot(q, square(trans, trans_item, K, rk), input_precision=PREC).to(q.dtype)
     tl.store(row_tile(out, rows, H, h, V, rv), acc.to(out.dtype.element_ty), mask=tile_mask)
 
 
@@ -140,9 +142,9 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
             row = tl.load(read_row + i * heights + height) * H + h
             tl.store(rows_of(dqs, row, K, rc, rk), dq.to(half), mask=ck)
             in_slots, slot = node_at(c, height, c0, first)
-            item = tree_item(offsets, rank, height, slot, in_slots, H, h)
+            item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
             if carries(c, height, in_slots):
-                dq = tl.dot(dq.to(half), tl.trans(square(trans, item, K, rk)), input_precision=PREC)
+                dq = tl.dot(dq.to(half), tl.trans(square(trans, trans_item, K, rk)), input_precision=PREC)
             # dO B^T over V tiles: dQ's share and, against the kept Q, lambda's gradient
             dq_read = tl.zeros([C, KP], dtype=tl.float32)
             for v0 in range(0, V, BV):
@@ -160,8 +162,9 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
 def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segments, docs, offsets, rank, grads,
                      init_grads, H, K, N, NI, heights, LEVEL0, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                      SEGMENT: tl.constexpr, OF_TRANS: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-    """dB (partner = dO [rows, H, N], weighed by lambda) or, OF_TRANS, dT (partner = the kept dQ_h+
-    [reads, H, C, N]) of one run of a node's readers, one [BK, BN] tile."""
+    """dB (partner = dO [rows, H, N], weighed by lambda; into the nodes' gradients by slot) or,
+    OF_TRANS, dT (partner = the kept dQ_h+ [reads, H, C, N]; into the joined transitions') of one
+    run of a node's readers, one [BK, BN] tile."""
     s, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seg = segments + s * 4
     n, height, c_first, count = tl.load(seg), tl.load(seg + 1), tl.load(seg + 2), tl.load(seg + 3)
@@ -185,7 +188,8 @@ def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segment
         acc += tl.dot(tl.trans(qj), b, input_precision=PREC)
     in_slots, slot = node_at(c_first, height, c0, first)
     tile_off = rk[:, None] * N + rn[None, :]
-    item = tree_item(offsets, rank, height, slot, in_slots, H, h).to(tl.int64)
+    node_item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
+    item = (trans_item if OF_TRANS else node_item).to(tl.int64)
     o_init = ((n * H + h) * NI + height).to(tl.int64) * K * N
     out = tl.where(in_slots, grads + item * K * N + tile_off, init_grads + o_init + tile_off)
     mask = (rk[:, None] < K) & (rn[None, :] < N) & (in_slots | HAS_INIT)
@@ -196,12 +200,12 @@ def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segment
 
 
 def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init):
-    """dB into d_nodes and dT into d_trans (the joined tree's rows; initial nodes' dB into d_init,
-    zeroed, or None): stored where one program is a node's only writer, so only plan.zero_ranges
-    need zeros before (not the right children either, about half the rows, which no chunk reads
-    and the up-sweep's backward stores). At 128K tokens, H=16, K=V=128 on an H200 the step's fills
-    went from 2.6 to 1.5 ms when only the rows with one writer were left out (8.6 GB filled before,
-    both buffers whole)."""
+    """dB into d_nodes (by slot) and dT into d_trans (the joined transitions; initial nodes' dB into
+    d_init, zeroed, or None): stored where one program is a node's only writer, so only
+    plan.zero_ranges need zeros before (not the right children's transitions either, about half
+    the rows, which no chunk reads and the up-sweep's backward stores). At 128K tokens, H=16,
+    K=V=128 on an H200 the step's fills went from 2.6 to 1.5 ms when only the rows with one writer
+    were left out (8.6 GB filled before, both buffers whole, every height's nodes)."""
     layout, (_, H, C, K) = plan.layout, qs.shape
     has_init = d_init is not None
     NI = 1 if d_init is None else d_init.shape[2]
@@ -229,9 +233,9 @@ def _tiles(K, V):
 class CarryReads(torch.autograd.Function):
     """o [rows, H, V] float32 (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'],
     init [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), the output's dtype,
-    then the up-sweep's nodes[0..] and trans[0..] -> o plus the reads of every height, [rows, H, V]
-    in that dtype: the op's output, with no gather or cast after. Taking o in spares an add; o's
-    gradient is the output's (autograd casts it to float32 for the chunk stage)."""
+    then the up-sweep's nodes (by slot) and trans[0..] -> o plus the reads of every height,
+    [rows, H, V] in that dtype: the op's output, with no gather or cast after. Taking o in spares
+    an add; o's gradient is the output's (autograd casts it to float32 for the chunk stage)."""
 
     @staticmethod
     def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, dtype, *tree):
@@ -278,9 +282,9 @@ class CarryReads(torch.autograd.Function):
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K),
             num_stages=CHAIN_STAGES)
         d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
-        for lo, hi in plan.zero_ranges:
-            d_nodes[lo:hi], d_trans[lo:hi] = 0, 0
+        for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):
+            for lo, hi in ranges:
+                grads[lo:hi] = 0
         d_init = None if init is None else torch.zeros_like(init)
         node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d_init)
-        return (d_out, d_qt, d_lam, d_init, None, None, None, None, None, *d_nodes.split(plan.sizes),
-                *d_trans.split(plan.sizes))
+        return (d_out, d_qt, d_lam, d_init, None, None, None, None, None, d_nodes, *d_trans.split(plan.sizes))

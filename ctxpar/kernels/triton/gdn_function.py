@@ -85,7 +85,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, copies[0])
     nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies)
-    out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, *nodes, *trans)
+    out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, nodes, *trans)
     out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:
         return out, None
@@ -163,6 +163,6 @@ def _final_buckets(n, nodes, trans, init, plan, m, columns, buckets, log_c):
             lo0, hi0 = (x - ce * C for x in bucket_range(t0, b0))
             if lo <= lo0 and hi0 <= hi:  # (only when t0 and t_end share the chunk)
                 state[b] = state[b] + m_last @ buckets[n, :, b0]
-    zero = m.new_zeros(m.shape[1], m.shape[2], nodes[0].shape[-1])
+    zero = m.new_zeros(m.shape[1], m.shape[2], nodes.shape[-1])
     stacked = torch.stack([state.get(b, zero) for b in range(t_end.bit_length())], dim=1)
     return FenwickState(stacked[None], (t_end,))

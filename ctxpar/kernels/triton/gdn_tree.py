@@ -12,11 +12,17 @@ products' (22.6 against 22.7 ms), the gain is the copies and adds they spare
 (benchmarks/results/2026-12-01-h200-gdn-session17-ab.json).
 
 Nodes use the layout's Fenwick numbering (layout.py): the node of height h ending at chunk c is
-slot c's once ones(c) >= h. ``nodes[h]`` / ``trans[h]`` hold the states / transitions at height h
-of the slots with ones >= h, in ``by_height`` order (a prefix of it), so that the parents of a
-height are the first entries of its children's array and nothing is updated in place. A left
-child before the document's first chunk is the initial state's node of that height, with
-identity transition (its content is already carried to t0).
+slot c's once ones(c) >= h. ``trans[h]`` holds the transitions at height h of the slots with
+ones >= h, in ``by_height`` order (a prefix of it), so that the parents of a height are the first
+entries of its children's array. The states are kept by slot instead, one row each, in the same
+order: a parent overwrites its right child (its own slot's node one height down), which leaves
+every slot its top node, of height ones(c). Nothing needs a lower one: a node below its slot's
+top is a right child, which no chunk and no final state reads (both read nodes ending where a set
+bit of a chunk index is cleared, which have exactly h ones), so its only reader is its parent,
+and its gradient is its parent's - every node of a slot has the same gradient, one row of it a
+slot (as Mamba-2's tree, whose slot holds one node). A left child before the document's first
+chunk is the initial state's node of that height, with identity transition (its content is
+already carried to t0).
 
 Chunk c reads, at each set bit h, the node ending at a - 1 (a = c with its low h bits cleared),
 carried to c's start through the nodes it reads below h (gdn_carry.py).
@@ -36,9 +42,10 @@ from ctxpar.kernels.triton.common import register_cap, store_tile, tiles_adjacen
 
 @dataclass
 class Up:
-    """Height h -> h + 1 of the up-sweep: the parents are the first ``count`` entries of nodes[h]
-    (their right children); parent p's left child is nodes[h][left[p]], or where left[p] < 0 the
-    initial node of document doc[p] (carried to t0 already: identity transition)."""
+    """Height h -> h + 1 of the up-sweep: the parents are the first ``count`` entries of trans[h]
+    (their right children; the same rows of the nodes by slot); parent p's left child is row
+    left[p], or where left[p] < 0 the initial node of document doc[p] (carried to t0 already:
+    identity transition)."""
 
     count: int
     left: torch.Tensor
@@ -77,33 +84,41 @@ class TreePlan:
 
     @property
     def right_children(self) -> list[tuple[int, int]]:
-        """Row ranges [lo, hi) of the joined tree holding right children (rows [0, at_least[h + 1])
-        of height h): no chunk and no final state reads one (both read nodes ending where a set bit
-        of a chunk index is cleared, which have exactly h ones), so a right child's gradient is its
-        parent's alone, and the up-sweep's backward stores it (UpSweep) over whatever the rows hold."""
+        """Row ranges [lo, hi) of the joined transitions holding right children (rows
+        [0, at_least[h + 1]) of height h): a right child's only reader is its parent (see the module
+        docstring), so the up-sweep's backward stores their gradients (UpSweep) over whatever the
+        rows hold."""
         return [(int(self.offsets_host[h]), int(self.offsets_host[h]) + up.count) for h, up in enumerate(self.up)]
 
     @cached_property
-    def zero_ranges(self) -> list[tuple[int, int]]:
-        """Row ranges [lo, hi) of the joined tree that need zeros before node_grad (gdn_carry.py):
-        those without a single node_grad writer - nodes no chunk reads (at a document's end) and
-        nodes read by several runs (atomic adds) - but for the right children, which the
-        up-sweep's backward stores. Every other row's one writer stores. Ranges, not rows, because
-        one fill of a contiguous range runs at bandwidth where index_fill_ over the same rows took
-        longer than filling the whole buffer (H200). Built on first use, by a backward."""
+    def zero_ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Row ranges [lo, hi) that need zeros before node_grad (gdn_carry.py), of the node
+        gradients (by slot) and of the joined transitions': those without a single node_grad
+        writer - nodes no chunk reads (at a document's end) and nodes read by several runs (atomic
+        adds) - but for the right children's transitions, which the up-sweep's backward stores.
+        Every other row's one writer stores. Ranges, not rows, because one fill of a contiguous
+        range runs at bandwidth where index_fill_ over the same rows took longer than filling the
+        whole buffer (H200). Built on first use, by a backward."""
         height, slot = self.layout.sole_writers
-        single = torch.zeros(self.num_nodes + 1, dtype=torch.bool)
-        single[self.offsets_host[height] + self.rank_host[slot]] = True
+        by_slot = torch.zeros(self.layout.num_slots, dtype=torch.bool)
+        by_slot[self.rank_host[slot]] = True
+        joined = torch.zeros(self.num_nodes, dtype=torch.bool)
+        joined[self.offsets_host[height] + self.rank_host[slot]] = True
         for lo, hi in self.right_children:
-            single[lo:hi] = True
-        single[-1] = True  # closes a last range
-        edges = torch.nonzero(single[1:] != single[:-1])[:, 0] + 1
-        bounds = ([0] if not single[0] else []) + edges.tolist()
-        return list(zip(bounds[::2], bounds[1::2]))
+            joined[lo:hi] = True
+        return _unset_ranges(by_slot), _unset_ranges(joined)
 
     def slot_rank(self, n, chunk):
         """Position of document n's chunk in the by_height order (host int)."""
         return int(self.rank_host[self.layout.first_slot[n] + chunk - self.layout.c0[n]])
+
+
+def _unset_ranges(single: torch.Tensor) -> list[tuple[int, int]]:
+    """The ranges [lo, hi) of False rows of a host bool vector."""
+    single = torch.cat([single, torch.ones(1, dtype=torch.bool)])  # closes a last range
+    edges = torch.nonzero(single[1:] != single[:-1])[:, 0] + 1
+    bounds = ([0] if not single[0] else []) + edges.tolist()
+    return list(zip(bounds[::2], bounds[1::2]))
 
 
 def initial_node(init, h, like, num_docs):
@@ -119,22 +134,23 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tree_copies(plan, H, K, V, dtype, device):
-    """The copies of the tree the kernels read (no gradients), each joined over the heights: nodes
-    [num_nodes, H, K, V] and transitions [num_nodes, H, K, K] in ``dtype``, unfilled; the chunk
-    stage stores height 0 (its U and M: rows [0, S)), the up-sweep the rest."""
-    return (torch.empty(plan.num_nodes, H, K, V, device=device, dtype=dtype),
+    """The copies of the tree the kernels read (no gradients), in ``dtype``, unfilled: nodes by slot
+    [S, H, K, V] (each slot's top node) and transitions joined over the heights [num_nodes, H, K, K];
+    the chunk stage stores height 0 (its U and M: rows [0, S)), the up-sweep the rest."""
+    return (torch.empty(plan.layout.num_slots, H, K, V, device=device, dtype=dtype),
             torch.empty(plan.num_nodes, H, K, K, device=device, dtype=dtype))
 
 
 def up_sweep(u, m, init, plan, prec, copies):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
-    height 0 stored -> (nodes, trans) per height, float32, and the copies completed, with the
-    initial nodes' (or None) in their dtype.
+    height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
+    overwritten), the transitions per height, float32, and the copies completed, with the initial
+    nodes' (or None) in their dtype.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    *tree, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, *copies)
+    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
-    return list(tree[: len(tree) // 2]), list(tree[len(tree) // 2 :]), (node_ops, trans_ops, init_ops)
+    return nodes, trans, (node_ops, trans_ops, init_ops)
 
 
 @triton.jit
@@ -167,11 +183,13 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 
 @triton.jit
-def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, node_copy, trans_copy, H, K, V, NI, height,
+def up_kernel(nodes, trans, init, left_idx, doc_idx, trans_out, node_copy, trans_copy, H, K, V, NI, height,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
     columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
-    program per (parent, head, tile), tiles adjacent."""
+    program per (parent, head, tile), tiles adjacent. The node goes over its right child N_r, the
+    same slot's row of ``nodes`` (by slot), which only this program reads; no parent of the
+    launch is a left child of it (those have exactly ``height`` ones)."""
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, tl.cdiv(K, BM) * cols)
@@ -187,7 +205,7 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, node_out, trans_out, node_c
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
             acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
-        store_tile(node_out, right, K, V, rm, rn, acc)
+        store_tile(nodes, right, K, V, rm, rn, acc)
         store_tile(node_copy, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
@@ -208,48 +226,45 @@ def add_tile(ptr, item, R, CN, r, c, x, on):
 
 
 @triton.jit
-def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_parent, d_parent_m, d_nodes, d_trans, d_init, H, K, V,
-                   NI, height, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
-                   PREC: tl.constexpr):
+def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d_trans, d_init, H, K, V, NI, height,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """The gradients of parent p's children, one [BM, BN] tile per program, by kind: the right
-    node dN_r = dP; the right transition dT_r = dP X^T + dPm T_l^T (stored: nothing else reads a
-    right child, TreePlan.right_children); the left node (or initial node) += T_r^T dP; the left
-    transition += T_r^T dPm. Rows written once per launch: a left child has one parent, and no
-    right child is a left one."""
+    transition dT_r = dP X^T + dPm T_l^T (stored: nothing else reads a right child,
+    TreePlan.right_children); the left node (or initial node) += T_r^T dP; the left transition
+    += T_r^T dPm. The node gradients are by slot (d_nodes): the parent's dP is its slot's row,
+    which is its right child's too, and the left child's row has exactly ``height`` ones, so no
+    program of the launch reads it. Rows written once per launch: a left child has one parent, and
+    no right child is a left one."""
     kv = tl.cdiv(K, BM) * tl.cdiv(V, BN)
     kk = tl.cdiv(K, BM) * tl.cdiv(K, BN)
-    p, h, t = tiles_adjacent(H, 2 * (kv + kk))
+    p, h, t = tiles_adjacent(H, kv + 2 * kk)
     left, doc = tl.load(left_idx + p), tl.load(doc_idx + p)
     right = (p * H + h).to(tl.int64)
     lrow = (tl.maximum(left, 0) * H + h).to(tl.int64)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if t < kv:  # right node
-        rm, rn = t // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
-        store_tile(d_nodes, right, K, V, rm, rn, tile_of(d_parent, right, K, V, rm, rn, False))
-    elif t < kv + kk:  # right transition
-        t2 = t - kv
-        rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
+    if t < kk:  # right transition
+        rm, rn = t // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
         for v0 in range(0, V, BK):
             rv = v0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rv, rn, False, True, HAS_INIT)
-            acc = tl.dot(tile_of(d_parent, right, K, V, rm, rv, False), x, acc, input_precision=PREC)
+            acc = tl.dot(tile_of(d_nodes, right, K, V, rm, rv, False), x, acc, input_precision=PREC)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, True, HAS_INIT)
             acc = tl.dot(tile_of(d_parent_m, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
         store_tile(d_trans, right, K, K, rm, rn, acc)
-    elif t < 2 * kv + kk:  # left node, or the initial node
-        t2 = t - kv - kk
+    elif t < kv + kk:  # left node, or the initial node
+        t2 = t - kk
         rm, rn = t2 // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_parent, right, K, V, rk, rn, False), acc,
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_nodes, right, K, V, rk, rn, False), acc,
                          input_precision=PREC)
         add_tile(d_nodes, lrow, K, V, rm, rn, acc, left >= 0)
         if HAS_INIT:
             add_tile(d_init, ((doc * H + h) * NI + height), K, V, rm, rn, acc, (left < 0) & (height < NI))
     else:  # left transition
-        t2 = t - 2 * kv - kk
+        t2 = t - kv - kk
         rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
@@ -287,64 +302,66 @@ def _register_cap(dtype, warps):
 class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
-    each. Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns
-    them too, for the reads (no gradients). The backward needs only the tree, and reads it from
-    those copies, so nothing keeps the float32 heights (34 GB at 512K tokens, H=16, K=V=128; the
-    bf16 copies are half that)."""
+    each. The nodes are by slot: u is overwritten, height by height, with each slot's top node
+    (marked dirty), and its gradient is every node of the slot's (see the module docstring).
+    Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns them
+    too, for the reads (no gradients). The backward needs only the tree, and reads it from those
+    copies, so nothing keeps the float32 tree (34 GB at 512K tokens, H=16, K=V=128, when every
+    height's nodes were kept; the bf16 copies are half that)."""
 
     @staticmethod
     def forward(ctx, u, m, init, plan, prec, node_ops, trans_ops):
-        nodes, trans = [u], [m]
+        trans = [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         init = None if init is None else init.contiguous()  # the kernels index it as [N, H, NI, K, V]
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
-        node_copies, trans_copies = node_ops.split(plan.sizes), trans_ops.split(plan.sizes)
+        trans_copies = trans_ops.split(plan.sizes)
         for h, up in enumerate(plan.up):
-            node, tr = u.new_empty(up.count, H, K, V), m.new_empty(up.count, H, K, K)
+            tr = m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](nodes[h], trans[h], u if init is None else init, up.left, up.doc, node, tr,
-                            node_copies[h + 1], trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
-                            HAS_INIT=has_init, PREC=prec, num_warps=warps,
-                            maxnreg=_register_cap(node_ops.dtype, warps))
-            nodes.append(node)
+            up_kernel[grid](u, trans[h], u if init is None else init, up.left, up.doc, tr, node_ops,
+                            trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec,
+                            num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
+        ctx.mark_dirty(u)
         ctx.mark_non_differentiable(node_ops, trans_ops)
         ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
         ctx.save_for_backward(init, node_ops, trans_ops)
         ctx.plan, ctx.prec = plan, prec
-        return (*nodes, *trans, node_ops, trans_ops)
+        return (u, *trans, node_ops, trans_ops)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, d_nodes, *grads):
         init, node_ops, trans_ops = ctx.saved_tensors
-        plan, prec, half = ctx.plan, ctx.prec, len(ctx.plan.sizes)
-        nodes, trans = node_ops.split(plan.sizes), trans_ops.split(plan.sizes)
-        H, K, V = nodes[0].shape[1], nodes[0].shape[2], nodes[0].shape[3]
+        plan, prec = ctx.plan, ctx.prec
+        trans = trans_ops.split(plan.sizes)
+        H, K, V = node_ops.shape[1], node_ops.shape[2], node_ops.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
         # The incoming gradients are this node's own buffers: accumulated into in place, but for
-        # the right children's rows, which nothing else writes (TreePlan.right_children): stored.
-        d_nodes, d_trans = [g.contiguous() for g in grads[:half]], [g.contiguous() for g in grads[half : 2 * half]]
+        # the right children's transitions, which nothing else writes (TreePlan.right_children):
+        # stored. The nodes' need nothing stored: a slot's row is all its nodes' gradient.
+        d_nodes, d_trans = d_nodes.contiguous(), [g.contiguous() for g in grads[: len(plan.sizes)]]
         d_init = None if init is None else torch.zeros_like(init)
         has_init = init is not None and NI > 0
         kv, kk = triton.cdiv(K, BM) * triton.cdiv(V, BN), triton.cdiv(K, BM) * triton.cdiv(K, BN)
         for h in reversed(range(len(plan.up))):
             up = plan.up[h]
-            up_grad_kernel[(up.count * H * 2 * (kv + kk),)](
-                nodes[h], trans[h], nodes[0] if init is None else init, up.left, up.doc, d_nodes[h + 1],
-                d_trans[h + 1], d_nodes[h], d_trans[h], nodes[0] if d_init is None else d_init, H, K, V, NI, h,
-                BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec, num_warps=warps,
-                maxnreg=_register_cap(node_ops.dtype, warps))
-        return d_nodes[0], d_trans[0], d_init, None, None, None, None
+            up_grad_kernel[(up.count * H * (kv + 2 * kk),)](
+                node_ops, trans[h], node_ops if init is None else init, up.left, up.doc, d_nodes, d_trans[h + 1],
+                d_trans[h], node_ops if d_init is None else d_init, H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
+                HAS_INIT=has_init, PREC=prec, num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
+        return d_nodes, d_trans[0], d_init, None, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
-    """[H, K, V]: document n's node ((ce >> h) - 1, h) carried to the start of chunk ce."""
+    """[H, K, V]: document n's node ((ce >> h) - 1, h) carried to the start of chunk ce (nodes by
+    slot: it is its slot's top node, as every node a chunk reads)."""
     a = (ce >> h) << h
     c0 = plan.layout.c0[n]
-    x = nodes[h][plan.slot_rank(n, a - 1)] if a - 1 >= c0 else initial_node(init, h, nodes[0], plan.num_docs)[n]
+    x = nodes[plan.slot_rank(n, a - 1)] if a - 1 >= c0 else initial_node(init, h, nodes, plan.num_docs)[n]
     for low in reversed(range(h)):
         end = ((ce >> low) << low) - 1
         if (ce >> low) & 1 and end >= c0:
