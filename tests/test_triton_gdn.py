@@ -146,6 +146,39 @@ def test_chunk_stage_matches_torch_chunked(K, V):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("chunk", [16, 32, 64])  # one, two and four blocks of 16 rows
+def test_unit_inverse_against_float64(chunk):
+    """The chunk stage's stored N = (I + A)^-1, A = diag(beta) strict(K K^T * Gam), equals the
+    float64 triangular solve of I + A built from the same inputs in every slot and head, zero
+    above the diagonal; packed documents start and end inside chunks, whose padded positions must
+    hold identity rows and columns exactly. Keys share a direction, so that A is far from zero
+    (entries to ~0.6) and every term of N's blocks below the diagonal counts. Float32 inputs run
+    N in float32 ('ieee'): N - I comes within ~2e-7 (relative); the bound leaves room for rounding
+    (C steps of 2^-24), not for a misplaced or missing block."""
+    from ctxpar.kernels.triton.gdn_chunk import chunk_stage
+    from ctxpar.kernels.triton.gdn_grid import SlotGrid
+    from ctxpar.kernels.triton.layout import build_layout
+
+    H, HK, K, V, T = 4, 2, 48, 16, 150  # K = 48: two 32-column slices of k, the second half masked
+    q, k, v, g, beta, lam = (x[0] for x in make_inputs(1, T, H, HK, K, V, 9, dtype=torch.float32))
+    k = torch.nn.functional.normalize(k + k[:1], dim=-1)
+    layout = build_layout([(0, 0, 37), (0, 37, 41), (0, 41, T)], [0, 10, 70], T, chunk, 1, DEVICE)
+    S = layout.num_slots
+    copies = (torch.empty(S, H, K, V, device=DEVICE), torch.empty(S, H, K, K, device=DEVICE))
+    inv = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", torch.arange(S, device=DEVICE), copies)[4]
+    grid = SlotGrid(layout, T, H, HK, DEVICE)
+    kc, gc, bc = grid.tokens(k.double(), True), grid.tokens(g.double()), grid.tokens(beta.double())  # 0 if padded
+    G = gc.cumsum(-1)
+    a = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * (G[..., :, None] - G[..., None, :]).exp()).tril(-1)
+    eye = torch.eye(chunk, dtype=torch.float64, device=DEVICE).expand_as(a)
+    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+    assert rel_err(inv.double() - eye, expected - eye) < 1e-5 and not inv.triu(1).any()
+    padded = (grid.index == T).view(S, 1, chunk)
+    assert padded.any()
+    for at in (padded[..., :, None].expand_as(inv), padded[..., None, :].expand_as(inv)):  # rows, columns
+        assert torch.equal(inv[at].double(), eye[at])
+
+
 @pytest.mark.parametrize("K, V", [(16, 16), (128, 160)])  # 160: two V tiles of the reads, chain_grad's V steps
 def test_tree_matches_torch_chunked(K, V):                  # and node_grad's tiles, masked
     """From random chunk states, transitions, carried queries and an initial state: after the
