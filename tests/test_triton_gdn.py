@@ -94,10 +94,11 @@ def test_lambda_one_is_the_gated_delta_rule():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
+@pytest.mark.parametrize("hk", [1, 2])  # 2: a q/k head per head, whose dq, dk the backward stores in the dtype
+def test_half_precision_inputs(dtype, hk):
     """Half-precision q, k, v, beta, lambda (g float32): outputs and gradients come back in the
     input dtypes and match the float64 oracle on the rounded inputs to the inputs' precision."""
-    check_half_precision(chunked, make_inputs(1, 80, 2, 1, 16, 32, 8), [(0, 0, 80)], None, False, dtype, 1e-2, 2e-2,
+    check_half_precision(chunked, make_inputs(1, 80, 2, hk, 16, 32, 8), [(0, 0, 80)], None, False, dtype, 1e-2, 2e-2,
                          chunk_size=C)
 
 
@@ -144,6 +145,39 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     grads = chunk_stage_grads(q, k, v, g, beta, lam, *stage[4:], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])  # one, two and four blocks of 16 rows
+def test_unit_inverse_against_float64(chunk):
+    """The chunk stage's stored N = (I + A)^-1, A = diag(beta) strict(K K^T * Gam), equals the
+    float64 triangular solve of I + A built from the same inputs in every slot and head, zero
+    above the diagonal; packed documents start and end inside chunks, whose padded positions must
+    hold identity rows and columns exactly. Keys share a direction, so that A is far from zero
+    (entries to ~0.6) and every term of N's blocks below the diagonal counts. Float32 inputs run
+    N in float32 ('ieee'): N - I comes within ~2e-7 (relative); the bound leaves room for rounding
+    (C steps of 2^-24), not for a misplaced or missing block."""
+    from ctxpar.kernels.triton.gdn_chunk import chunk_stage
+    from ctxpar.kernels.triton.gdn_grid import SlotGrid
+    from ctxpar.kernels.triton.layout import build_layout
+
+    H, HK, K, V, T = 4, 2, 48, 16, 150  # K = 48: two 32-column slices of k, the second half masked
+    q, k, v, g, beta, lam = (x[0] for x in make_inputs(1, T, H, HK, K, V, 9, dtype=torch.float32))
+    k = torch.nn.functional.normalize(k + k[:1], dim=-1)
+    layout = build_layout([(0, 0, 37), (0, 37, 41), (0, 41, T)], [0, 10, 70], T, chunk, 1, DEVICE)
+    S = layout.num_slots
+    copies = (torch.empty(S, H, K, V, device=DEVICE), torch.empty(S, H, K, K, device=DEVICE))
+    inv = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", torch.arange(S, device=DEVICE), copies)[4]
+    grid = SlotGrid(layout, T, H, HK, DEVICE)
+    kc, gc, bc = grid.tokens(k.double(), True), grid.tokens(g.double()), grid.tokens(beta.double())  # 0 if padded
+    G = gc.cumsum(-1)
+    a = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * (G[..., :, None] - G[..., None, :]).exp()).tril(-1)
+    eye = torch.eye(chunk, dtype=torch.float64, device=DEVICE).expand_as(a)
+    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+    assert rel_err(inv.double() - eye, expected - eye) < 1e-5 and not inv.triu(1).any()
+    padded = (grid.index == T).view(S, 1, chunk)
+    assert padded.any()
+    for at in (padded[..., :, None].expand_as(inv), padded[..., None, :].expand_as(inv)):  # rows, columns
+        assert torch.equal(inv[at].double(), eye[at])
 
 
 @pytest.mark.parametrize("K, V", [(16, 16), (128, 160)])  # 160: two V tiles of the reads, chain_grad's V steps

@@ -37,8 +37,8 @@ def tile_of_v(SHARED: tl.constexpr):
 
 @triton.jit
 def put(ptr, x, mask, SHARED: tl.constexpr):
-    """Store x into a zeroed buffer, or add it atomically where the V tiles of a split (v_tile)
-    each bring a share."""
+    """Store x, or add it atomically into a zeroed buffer where several programs each bring a share
+    (the V tiles of a split, v_tile; the heads of a q/k group, GDN's chunk-stage backward)."""
     if SHARED:
         tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
     else:

@@ -1,10 +1,14 @@
 """GDN stage 1 (counterpart: ``torch_chunked.chunk_stage`` + ``intra_output``): the UT transform.
 
 Everything a chunk contributes on its own. With Gam[t,s] = exp(G_t - G_s) inside the chunk, a
-first kernel (one program per slot and head) inverts N = (I + diag(beta) strict(K K^T * Gam))^-1
-by a C-step forward substitution and stores it: the UT matrix is T = N diag(beta), and the
-substitution is serial enough that the programs of the second kernel and the backward load N
-rather than each redo it. The second kernel, one program per (slot, head, tile), computes
+first kernel (one program per slot and head) inverts N = (I + A)^-1, A = diag(beta) strict(K K^T *
+Gam), in blocks of 16 rows as flash-linear-attention's solve_tril does: the diagonal blocks by
+forward substitution (15 steps on 16 x 16 tiles), the blocks below them by products of blocks, and
+stores it: the UT matrix is T = N diag(beta), and the inversion is serial enough that the programs
+of the second kernel and the backward load N rather than each redo it. The C-step substitution
+over [C, C] tiles it replaced took 2.9 ms of a 79.9 ms fwd+bwd step at 128K tokens (H=16,
+K=V=128, bf16, on an H200: the profile in 2026-12-01-h200-gdn-session19-ab.json); the blocks'
+time is UNMEASURED on a GPU. The second kernel, one program per (slot, head, tile), computes
 
 - a V tile (tile < cdiv(V, BV)): those columns of the chunk's end state U = Kt^T (T V),
   Kt = exp(G_C - G) K, and of the intra-chunk output ((Q K^T * Gam) T * lambda) V;
@@ -19,7 +23,8 @@ the up-sweep's height-0 order, so that they are its first nodes and transitions 
 (reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
 on an H200).
 Products of float32 intermediates run as tf32 for half-precision inputs (10 mantissa bits, more
-than the inputs carry) and as ieee float32 for float32 inputs; products of the inputs themselves
+than the inputs carry) and as ieee float32 for float32 inputs, but for the inverse's block
+products, always ieee (N feeds everything after it); products of the inputs themselves
 (Q K^T, K K^T, and the backward's dO V^T) run in the inputs' dtype, whose products are exact in
 the float32 sums: the same values, at half the operands' bytes (H200, bf16, 128K tokens, fwd+bwd:
 78.2 -> 77.6 ms at H=16, K=V=128; 112.4 -> 100.5 at H=6, K=192, V=384). Keeping P spared
@@ -34,25 +39,125 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
 
-# The substitution's rows are [C] vectors reduced over [C, C] tiles: fewer warps mean cheaper
-# cross-warp sums. Swept on an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took 3.2 / 2.9 /
-# 8.3 / 7.8 ms at H=16, K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
-INVERSE_WARPS = 2
+# Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
+# and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
+# the substitution's loop is about 245 SASS instructions a step on each of 1, 2 or 4 warps).
+# Compiled for sm_90 (Triton 3.6, bf16, K = 128), 1 / 2 / 4 warps issue about 9.2K / 15.3K /
+# 26.5K instructions a program (loops at their trip counts) at 255 / 222 / 190 registers a thread
+# (1 warp spills 8 bytes): one warp issues the fewest and keeps 8 programs an SM resident to 4
+# and 2. Not swept on a GPU. The C-step substitution over [C, C] tiles this replaced was swept on
+# an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took 3.2 / 2.9 / 8.3 / 7.8 ms at H=16,
+# K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
+INVERSE_WARPS = 1
+BLOCK = tl.constexpr(16)  # rows of the inverse's diagonal blocks: the smallest tile tl.dot takes
 
 
 @triton.jit
-def unit_inverse(kt, gl, bt, valid, C: tl.constexpr, PREC: tl.constexpr):
-    """[C, C] (I + A)^-1, A = diag(beta) strict(K K^T * Gam), so that T = it diag(beta); row i of
-    the inverse is e_i - A[i, :] @ inverse, and rows before i are final when row i is built."""
-    r = tl.arange(0, C)
-    strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
-    gam = tl.exp(tl.where(strict, gl[:, None] - gl[None, :], 0.0))
-    a = tl.where(strict, bt[:, None] * mma(kt, tl.trans(kt), kt.dtype, PREC) * gam, 0.0)
-    inv = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    for i in range(1, C):
-        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
-        row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inv, 0)
-        inv = tl.where(r[:, None] == i, row[None, :], inv)
+def last(x, N: tl.constexpr):
+    """x[N - 1] of a [N] vector."""
+    return tl.sum(tl.where(tl.arange(0, N) == N - 1, x, 0.0))
+
+
+@triton.jit
+def chunk_blocks(g, beta, c, token_start, t0, length, h, H, C: tl.constexpr):
+    """The chunk's blocks of BLOCK rows, each (token rows, valid, G from the chunk start, beta),
+    all [BLOCK]; block b is chunk c * NB + b of BLOCK rows."""
+    NB: tl.constexpr = C // BLOCK
+    blocks = ()
+    end = 0.0  # G at the end of the blocks before
+    for b in tl.static_range(NB):
+        rows, valid = chunk_rows(c * NB + b, token_start, t0, length, BLOCK)
+        gl = end + local_decay(g, rows, valid, H, h)
+        end = last(gl, BLOCK)
+        blocks += ((rows, valid, gl, tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)),)
+    return blocks
+
+
+@triton.jit
+def block_k(k, block, HK, group, K, cols):
+    """Columns cols of a chunk_blocks entry's k rows, in k's dtype; padded rows and columns zero."""
+    rows, valid, _, _ = block
+    return tl.load(row_tile(k, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
+
+
+@triton.jit
+def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+    """A = diag(beta) strict(K K^T * Gam) on and below the diagonal, as block rows of [BLOCK, BLOCK]
+    float32 blocks (entry i: A_i0 .. A_ii); zero at padded positions. The k k^T products run in
+    k's dtype over slices of BK columns: whole [BLOCK, KP] rows, the products' operands, stayed
+    live across all of them (sm_90, one warp: 936 bytes of spills a thread at K = 192 and 24 at
+    128; 8 with slices of 32)."""
+    BK: tl.constexpr = min(32, KP)
+    kk = ()
+    for i in tl.static_range(NB):
+        kk += ((tl.zeros([BLOCK, BLOCK], dtype=tl.float32),) * (i + 1),)
+    for k0 in range(0, KP, BK):
+        cols = k0 + tl.arange(0, BK)
+        ks = ()
+        for i in tl.static_range(NB):
+            ks += (block_k(k, blocks[i], HK, group, K, cols),)
+        step = ()
+        for i in tl.static_range(NB):
+            row = ()
+            for j in tl.static_range(i + 1):
+                row += (kk[i][j] + mma(ks[i], tl.trans(ks[j]), k.dtype.element_ty, PREC),)
+            step += (row,)
+        kk = step
+    r = tl.arange(0, BLOCK)
+    a = ()
+    for i in tl.static_range(NB):
+        _, valid_i, g_i, beta_i = blocks[i]
+        row = ()
+        for j in tl.static_range(i + 1):
+            _, valid_j, g_j, _ = blocks[j]
+            keep = valid_i[:, None] & valid_j[None, :]
+            if i == j:
+                keep = keep & (r[:, None] > r[None, :])
+            gam = tl.exp(tl.where(keep, g_i[:, None] - g_j[None, :], 0.0))
+            row += (tl.where(keep, beta_i[:, None] * kk[i][j] * gam, 0.0),)
+        a += (row,)
+    return a
+
+
+@triton.jit
+def diagonal_inverses(a, NB: tl.constexpr):
+    """(I + A_ii)^-1 of the diagonal blocks of A's block rows a (lower_blocks), by substitution:
+    row t of an inverse is e_t - A_ii[t, :] @ inverse, and rows before t are final when row t is
+    built. One loop for all the blocks: their steps are independent. Row t of A_ii is read down
+    column t of its transpose, a vector along the inverse's rows as the product takes it: no
+    layout change inside the loop (sm_90, 1 warp: 348 -> 245 SASS instructions a step)."""
+    r = tl.arange(0, BLOCK)
+    at = ()
+    inv = ()
+    for i in tl.static_range(NB):
+        at += (tl.trans(a[i][i]),)
+        inv += (tl.where(r[:, None] == r[None, :], 1.0, 0.0),)
+    for t in range(1, BLOCK):
+        step = ()
+        for i in tl.static_range(NB):
+            a_t = tl.sum(tl.where(r[None, :] == t, at[i], 0.0), 1)
+            row = tl.where(r == t, 1.0, 0.0) - tl.sum(a_t[:, None] * inv[i], 0)
+            step += (tl.where(r[:, None] == t, row[None, :], inv[i]),)
+        inv = step
+    return inv
+
+
+@triton.jit
+def unit_inverse(a, NB: tl.constexpr):
+    """N = (I + A)^-1 from A's block rows (lower_blocks), so that T = N diag(beta), as block rows
+    (entry i: N_i0 .. N_ii): the diagonal blocks by substitution, the blocks below them from block
+    row i of (I + A) N = I, N_ij = -N_ii sum_{m=j}^{i-1} A_im N_mj. These products are of float32
+    values and run as exact float32 ('ieee'): N feeds everything after it, and they are small."""
+    diag = diagonal_inverses(a, NB)
+    inv = ()
+    for i in tl.static_range(NB):
+        row = ()
+        for j in tl.static_range(i):
+            acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+            for m in tl.static_range(j, i):
+                acc = tl.dot(a[i][m], inv[m][j], acc, input_precision="ieee")
+            row += (-tl.dot(diag[i], acc, input_precision="ieee"),)
+        inv += (row + (diag[i],),)
     return inv
 
 
@@ -70,31 +175,43 @@ def qk_columns(q, k, rows, valid, HK, group, K, cols, AGAIN: tl.constexpr = Fals
 
 
 @triton.jit
+def square_block(ptr, i, h, H, C: tl.constexpr, N: tl.constexpr):
+    """Pointers to the top-left [N, N] block of the [C, C] tile of slot i, head h of a [S, H, C, C]
+    tensor."""
+    r = tl.arange(0, N)
+    return ptr + ((i * H + h).to(tl.int64) * C + r[:, None]) * C + r[None, :]
+
+
+@triton.jit
 def square_tile(ptr, i, h, H, C: tl.constexpr):
     """Pointers to the [C, C] tile of slot i, head h of a [S, H, C, C] tensor."""
-    r = tl.arange(0, C)
-    return ptr + ((i * H + h).to(tl.int64) * C + r[:, None]) * C + r[None, :]
+    return square_block(ptr, i, h, H, C, C)
 
 
 @triton.jit
 def chunk_decays(g, beta, rows, valid, h, H, C: tl.constexpr):
     """The chunk's cumulative decays G [C] and G_C, and beta [C], float32."""
     gl = local_decay(g, rows, valid, H, h)
-    total = tl.sum(tl.where(tl.arange(0, C) == C - 1, gl, 0.0))
-    return gl, total, tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    return gl, last(gl, C), tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, K, C: tl.constexpr,
                         KP: tl.constexpr, PREC: tl.constexpr):
+    """N of slot i, head h, stored whole (zeros above the diagonal). Sized for C = 64, 4 blocks: at
+    C = 128 the 36 blocks of A live at once spill 6 KB a thread (sm_90, one warp)."""
     i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
-    rows, valid = chunk_rows(c, token_start, t0, length, C)
-    rk = tl.arange(0, KP)
-    kt = tl.load(row_tile(k, rows, HK, h // (H // HK), K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
-    bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
-    inv = unit_inverse(kt, local_decay(g, rows, valid, H, h), bt, valid, C, PREC)
-    tl.store(square_tile(inv_out, i, h, H, C), inv)
+    NB: tl.constexpr = C // BLOCK
+    blocks = chunk_blocks(g, beta, c, token_start, t0, length, h, H, C)
+    inv = unit_inverse(lower_blocks(k, blocks, HK, h // (H // HK), K, NB, KP, PREC), NB)
+    corner = square_block(inv_out, i, h, H, C, BLOCK)
+    for bi in tl.static_range(NB):
+        for bj in tl.static_range(NB):
+            x = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # above the diagonal
+            if bj <= bi:
+                x = inv[bi][bj]
+            tl.store(corner + (bi * C + bj) * BLOCK, x)
 
 
 @triton.jit
@@ -145,6 +262,8 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), all float32. Also stores U and M at the same
     rows of the tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are."""
     S, C = layout.num_slots, layout.chunk
+    if C % BLOCK.value:
+        raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, **f32)

@@ -12,7 +12,10 @@ chunk: dg_r = sum over t >= r of dG_t); pairs inside Gam give row sum minus colu
 dGam * Gam, and G_C (the last position) collects the chunk-end terms. Padded positions are zero
 tokens: they contribute nothing and their gradients are not stored.
 
-dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py).
+dq, dk: the heads of a q/k group add into one float32 buffer with atomics (as query_grad.py). With
+a q/k head per head (Hk = H) each element has one writer: tile_grad stores dq, and dk with
+state_grad's share (stored by it in float32) added, straight in the inputs' dtype, as it does dv -
+no zero fills of dq and dk, no atomics and no casts after (UNMEASURED on a GPU).
 dlambda: the levels <= log2 C of this chunk's pairs; the tree's levels come from autograd.
 
 Four kernels, in this order. The one program per (slot, head) before ran about a hundred small
@@ -47,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info, tiles_adjacent)
+                                          num_warps, put, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
@@ -81,9 +84,10 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
 
 
 @triton.jit
-def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dv, dg_in, docs,
-                     slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in,
+                     docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
+                     PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -104,7 +108,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
                       other=0.0)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
         d_v = dot(tl.trans(scaled), d_o, PREC) + dot(tl.trans(ut), dot(k_out, d_u, PREC), PREC)
-        tl.store(row_tile(dv, rows, H, h, V, rv), d_v, mask=valid[:, None] & (rv[None, :] < V))
+        tl.store(row_tile(dv, rows, H, h, V, rv), d_v.to(dv.dtype.element_ty), mask=valid[:, None] & (rv[None, :] < V))
     else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K; the pairs' dq, dk columns
         rc = (t - nv) * BK + tl.arange(0, BK)
         col_mask = valid[:, None] & (rc[None, :] < K)
@@ -118,16 +122,20 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
         d_q = d_qc * e_in[:, None] + dot(sg, kc, PREC)
         d_k = d_kd * e_in[:, None] + dot(kk2, kc, PREC) + dot(tl.trans(sg), qc, PREC)
-        tl.atomic_add(row_tile(dq, rows, HK, group, K, rc), d_q, mask=col_mask, sem="relaxed")
-        tl.atomic_add(row_tile(dk, rows, HK, group, K, rc), d_k, mask=col_mask, sem="relaxed")
+        if not SHARED:  # these columns' one writer: state_grad's share in, the inputs' dtype out
+            d_k += tl.load(row_tile(dk_state, rows, HK, group, K, rc), mask=col_mask, other=0.0)
+        put(row_tile(dq, rows, HK, group, K, rc), d_q.to(dq.dtype.element_ty), col_mask, SHARED)
+        put(row_tile(dk, rows, HK, group, K, rc), d_k.to(dk.dtype.element_ty), col_mask, SHARED)
 
 
 @triton.jit
 def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
+                      PREC: tl.constexpr):
     """Rows rb of E = dU V^T - dM Kd^T (one program per slot, head and K tile, tiles adjacent) and
-    what they give: columns rb of dKt = T E^T (into dk, and G's out-scaling share into dg_in), and
-    their part of Kt E, the chunk-end states' share of dT (into d_tt)."""
+    what they give: columns rb of dKt = T E^T (into dk: added, or stored where the head has its own
+    k, SHARED False; and G's out-scaling share into dg_in), and their part of Kt E, the chunk-end
+    states' share of dT (into d_tt)."""
     i, h, t = tiles_adjacent(H, tl.cdiv(K, BK))
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
@@ -160,7 +168,7 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
     # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
     share = e_out * tl.sum(kc * d_kout, 1)
     tl.atomic_add(dg_in + head * C + r, tl.where(r == C - 1, tl.sum(share), 0.0) - share, sem="relaxed")
-    tl.atomic_add(row_tile(dk, rows, HK, group, K, rb), d_kout * e_out[:, None], mask=mask, sem="relaxed")
+    put(row_tile(dk, rows, HK, group, K, rb), d_kout * e_out[:, None], mask, SHARED)
 
 
 @triton.jit
@@ -235,13 +243,20 @@ def decay_grad_kernel(dg_in, dg, docs, slot_doc, slot_chunk, H, C: tl.constexpr)
 
 def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
-    token rows, dU, dM at rows tree_rows; inv, pairs its N and P) -> dq, dk [rows, Hk, K], dv
-    [rows, H, V], dg, dbeta [rows, H], dlam [rows, H, L] (levels <= log2 C), all float32."""
-    R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    token rows, dU, dM at rows tree_rows; inv, pairs its N and P) -> dq, dk [rows, Hk, K] (float32
+    where Hk < H, else in q's dtype), dv [rows, H, V] in v's dtype, dg, dbeta [rows, H], dlam
+    [rows, H, L] (levels <= log2 C), float32."""
+    R, H, Hk, K, V, L = v.shape[0], v.shape[1], k.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     S, C = layout.num_slots, layout.chunk
     f32 = dict(device=v.device, dtype=torch.float32)
-    dq, dk = torch.zeros(R, k.shape[1], K, **f32), torch.zeros(R, k.shape[1], K, **f32)
-    dv, dg, dbeta = torch.empty(R, H, V, **f32), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
+    shared = Hk < H  # a q/k group's heads add into its dq, dk
+    if shared:
+        dq, dk = torch.zeros(R, Hk, K, **f32), torch.zeros(R, Hk, K, **f32)
+        dk_state = dk
+    else:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dk_state = torch.empty(R, H, K, **f32)  # state_grad's share, which tile_grad adds to its own
+    dv, dg, dbeta = torch.empty_like(v), torch.empty(R, H, **f32), torch.empty(R, H, **f32)
     dlam, dg_in, d_tt = torch.zeros(R, H, L, **f32), torch.zeros(S, H, C, **f32), torch.zeros(S, H, C, C, **f32)
     d_kk2 = torch.empty_like(d_tt)
     d_o, d_qt, d_u, d_m = grads = [x.contiguous() for x in (d_o, d_qt, d_u, d_m)]
@@ -249,14 +264,14 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
     BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
     shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
-    state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk, dg_in, d_tt, *tables, H,
-                                                     k.shape[1], K, V, C=C, BK=BK, BV=BV, PREC=prec,
+    state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk_state, dg_in, d_tt, *tables, H,
+                                                     Hk, K, V, C=C, BK=BK, BV=BV, SHARED=shared, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2, *tables,
-                              H, k.shape[1], K, V, L, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
+                              H, Hk, K, V, L, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
-        q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dv, dg_in, *tables, H, k.shape[1], K, V, L,
-        **shape)
+        q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, H, Hk, K, V, L,
+        SHARED=shared, **shape)
     decay_grad_kernel[(S, H)](dg_in, dg, *tables[:3], H, C=C)
     return dq, dk, dv, dg, dbeta, dlam
