@@ -47,7 +47,9 @@ from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at
 # Swept on an H200 at 128K tokens (bf16, H=16, K=V=128; the reads' fwd+bwd): chain_grad with one
 # stage 24.7 ms, three 29.7 (two programs per SM where three stages' buffers left one); 8 warps
 # 29.0, registers capped at 168 28.2; node_grad's 128-wide tiles 21.8 (64: 24.6, 32: 39.2; 8 warps
-# 23.1) (results/2026-12-01-h200-sweep-gdn-carry.json).
+# 23.1) (results/2026-12-01-h200-sweep-gdn-carry.json). The reads and node_grad capped for three
+# programs an SM (maxnreg 168; 250-254 registers, two, uncapped) took the op at 128K tokens from
+# 61.4 to 62.7 ms (results/2026-12-02-h200-gdn-session20.json).
 CHAIN_STAGES = 1
 NODE_TILE = 128
 

@@ -7,8 +7,9 @@ forward substitution (15 steps on 16 x 16 tiles), the blocks below them by produ
 stores it: the UT matrix is T = N diag(beta), and the inversion is serial enough that the programs
 of the second kernel and the backward load N rather than each redo it. The C-step substitution
 over [C, C] tiles it replaced took 2.9 ms of a 79.9 ms fwd+bwd step at 128K tokens (H=16,
-K=V=128, bf16, on an H200: the profile in 2026-12-01-h200-gdn-session19-ab.json); the blocks'
-time is UNMEASURED on a GPU. The second kernel, one program per (slot, head, tile), computes
+K=V=128, bf16, on an H200: the profile in 2026-12-01-h200-gdn-session19-ab.json); the blocks
+take 0.76 ms of 56.8, and the op went 61.4 -> 59.4 ms (H=6, K=192, V=384: 91.6 -> 90.9;
+results/2026-12-02-h200-gdn-session20.json). The second kernel, one program per (slot, head, tile), computes
 
 - a V tile (tile < cdiv(V, BV)): those columns of the chunk's end state U = Kt^T (T V),
   Kt = exp(G_C - G) K, and of the intra-chunk output ((Q K^T * Gam) T * lambda) V;
@@ -45,9 +46,9 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
 # Compiled for sm_90 (Triton 3.6, bf16, K = 128), 1 / 2 / 4 warps issue about 9.2K / 15.3K /
 # 26.5K instructions a program (loops at their trip counts) at 255 / 222 / 190 registers a thread
 # (1 warp spills 8 bytes): one warp issues the fewest and keeps 8 programs an SM resident to 4
-# and 2. Not swept on a GPU. The C-step substitution over [C, C] tiles this replaced was swept on
-# an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took 3.2 / 2.9 / 8.3 / 7.8 ms at H=16,
-# K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
+# and 2. Measured at 1 only (the module docstring), not swept. The C-step substitution over
+# [C, C] tiles this replaced was swept on an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took
+# 3.2 / 2.9 / 8.3 / 7.8 ms at H=16, K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
 INVERSE_WARPS = 1
 BLOCK = tl.constexpr(16)  # rows of the inverse's diagonal blocks: the smallest tile tl.dot takes
 
@@ -274,6 +275,9 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
+    # Uncapped: at 255 registers a thread two programs share an SM; capped for three (maxnreg 168,
+    # 360 bytes of spills at K = V = 128) the op at 128K tokens went 61.4 -> 61.8 ms (H=16, bf16,
+    # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, H,
                            k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
