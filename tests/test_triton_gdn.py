@@ -180,6 +180,14 @@ def test_unit_inverse_against_float64(chunk):
         assert torch.equal(inv[at].double(), eye[at])
 
 
+def test_chunk_not_a_multiple_of_the_inverse_blocks_is_refused():
+    """A chunk of 8 (a power of two, which the layout takes) would leave the inverse's 16-row blocks
+    half outside the chunk: a clear error before any kernel runs, not a wrong N."""
+    q, k, v, g, beta, lam = make_inputs(1, 40, 2, 2, 16, 16, 7, dtype=torch.float32)
+    with pytest.raises(ValueError, match="blocks of 16 rows: chunk 8 is not a multiple"):
+        chunked(q, k, v, g, beta, lam, [(0, 0, 40)], chunk_size=8)
+
+
 @pytest.mark.parametrize("K, V", [(16, 16), (128, 160)])  # 160: two V tiles of the reads, chain_grad's V steps
 def test_tree_matches_torch_chunked(K, V):                  # and node_grad's tiles, masked
     """From random chunk states, transitions, carried queries and an initial state: after the
