@@ -5,7 +5,8 @@ bounds are asserted by test_triton_gdn.py (CPU) and test_triton_gpu.py (-m gpu).
 
     PYTHONPATH=. python tests/precision_gdn.py --out errors.json   # from the checkout to measure
 
-(a checkout without this file runs main's copy by its path, from that checkout).
+(from a branch's checkout that lacks it, run main's copy by its path; the branch needs
+oracle_check.half_precision_errors).
 
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 with bf16 as on the GPU
 (tests/interpreter.py).
