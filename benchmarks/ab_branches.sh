@@ -2,7 +2,8 @@
 # Same-run A/B of git branches (or any commits) on one device lease: each one's ctxpar and
 # bench_ops.py, snapshotted here with git archive, run one after another on the same GPU, so the
 # rows differ only by the code. Snapshots compile their own kernels; Triton's cache serves the
-# ones a snapshot shares with an earlier one.
+# ones a snapshot shares with an earlier one. A snapshot holds the branch's tests too, for its GPU
+# tests in the same lease: (cd .snap_all/<name> && python3 -m pytest -q -m gpu tests/test_triton_gpu.py).
 #
 #   bash benchmarks/ab_branches.sh prepare main gdn-state-grad gdn-next   # here: .snap_all/<name>/
 #   # then on the device (run tool, carry [".whl", ".snap_all"]):
@@ -18,7 +19,7 @@ SNAP=.snap_all
 prepare() {
     for name in "$@"; do
         rm -rf "$SNAP/$name" && mkdir -p "$SNAP/$name"
-        git archive "$name" ctxpar benchmarks/bench_ops.py | tar -x -C "$SNAP/$name" || exit 1
+        git archive "$name" ctxpar benchmarks/bench_ops.py tests pyproject.toml | tar -x -C "$SNAP/$name" || exit 1
         echo "$SNAP/$name: $(git rev-parse --short "$name")"
     done
 }
@@ -53,5 +54,5 @@ EOF
 case ${1:-} in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
