@@ -92,7 +92,7 @@ def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PR
     kk = ()
     for i in tl.static_range(NB):
         kk += ((tl.zeros([BLOCK, BLOCK], dtype=tl.float32),) * (i + 1),)
-    for k0 in range(0, KP, BK):
+    for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         ks = ()
         for i in tl.static_range(NB):
