@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, put, row_tile, slot_info, tiles_adjacent)
+                                          mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
@@ -66,11 +66,6 @@ TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps
 # (state_grad) it spills 416 bytes a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and
 # 8 took the op from 78.2 to 76.8 ms there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
 PAIRS_WARPS = 8
-
-
-@triton.jit
-def dot(a, b, PREC: tl.constexpr):
-    return mma(a, b, tl.float32, PREC)
 
 
 @triton.jit
@@ -92,6 +87,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
                      PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -109,7 +105,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
-        d_v = dot(tl.trans(scaled), d_o, PREC) + dot(tl.trans(ut), dot(k_out, d_u, PREC), PREC)
+        d_v = mma_f32(tl.trans(scaled), d_o, DT, PREC) + mma_f32(tl.trans(ut), mma_f32(k_out, d_u, DT, PREC), DT, PREC)
         tl.store(row_tile(dv, rows, H, h, V, rv), d_v.to(dv.dtype.element_ty), mask=valid[:, None] & (rv[None, :] < V))
     else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K; the pairs' dq, dk columns
         rc = (t - nv) * BK + tl.arange(0, BK)
@@ -119,11 +115,11 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
         d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
                        other=0.0)
-        d_kd = -dot(tl.trans(p), d_qc, PREC) - dot(tl.trans(ut), dot(k_out, d_mc, PREC), PREC)
+        d_kd = -mma_f32(tl.trans(p), d_qc, DT, PREC) - mma_f32(tl.trans(ut), mma_f32(k_out, d_mc, DT, PREC), DT, PREC)
         tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
         sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
-        d_q = d_qc * e_in[:, None] + dot(sg, kc, PREC)
-        d_k = d_kd * e_in[:, None] + dot(kk2, kc, PREC) + dot(tl.trans(sg), qc, PREC)
+        d_q = d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)
+        d_k = d_kd * e_in[:, None] + mma_f32(kk2, kc, DT, PREC) + mma_f32(tl.trans(sg), qc, DT, PREC)
         if not SHARED:  # these columns' one writer: state_grad's share in, the inputs' dtype out
             d_k += tl.load(row_tile(dk_state, rows, HK, group, K, rc), mask=col_mask, other=0.0)
         put(row_tile(dq, rows, HK, group, K, rc), d_q.to(dq.dtype.element_ty), col_mask, SHARED)
@@ -139,6 +135,7 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
     k, SHARED False; and G's out-scaling share into dg_in), and their part of Kt E, the chunk-end
     states' share of dT (into d_tt)."""
     i, h, t = tiles_adjacent(H, tl.cdiv(K, BK))
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -154,19 +151,19 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_u = tl.load(du + node * K * V + rb[:, None] * V + rv[None, :], mask=(rb[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
-        e += dot(d_u, tl.trans(vt.to(tl.float32)), PREC)
+        e += mma_f32(d_u, tl.trans(vt.to(tl.float32)), DT, PREC)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
         kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
         d_m = tl.load(dm + node * K * K + rb[:, None] * K + rc[None, :], mask=(rb[:, None] < K) & (rc[None, :] < K),
                       other=0.0)
-        e -= dot(d_m, tl.trans(kd.to(tl.float32) * e_in[:, None]), PREC)
+        e -= mma_f32(d_m, tl.trans(kd.to(tl.float32) * e_in[:, None]), DT, PREC)
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     mask = valid[:, None] & (rb[None, :] < K)
     kc = tl.load(row_tile(k, rows, HK, group, K, rb), mask=mask, other=0.0).to(tl.float32)
-    d_kout = dot(ut, tl.trans(e), PREC)
-    tl.atomic_add(square_tile(d_tt, i, h, H, C), dot(kc * e_out[:, None], e, PREC), sem="relaxed")
+    d_kout = mma_f32(ut, tl.trans(e), DT, PREC)
+    tl.atomic_add(square_tile(d_tt, i, h, H, C), mma_f32(kc * e_out[:, None], e, DT, PREC), sem="relaxed")
     # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
     share = e_out * tl.sum(kc * d_kout, 1)
     tl.atomic_add(dg_in + head * C + r, tl.where(r == C - 1, tl.sum(share), 0.0) - share, sem="relaxed")
@@ -178,6 +175,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
                       slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -194,7 +192,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
         dov += mma(d_o, tl.trans(vt), v.dtype.element_ty, PREC)  # dO: the output's gradient, in v's dtype
     qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
                                                          C, PREC)
-    p = dot(s, ut, PREC)
+    p = mma_f32(s, ut, DT, PREC)
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
         tl.store(dlam + (rows * H + h) * L + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1),
@@ -206,13 +204,13 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
         kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
         kd = kd.to(tl.float32) * e_in[:, None]
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_acc -= dot(d_qc, tl.trans(kd), PREC)
-    d_t = dot(tl.trans(s), d_acc, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
-    d_s = dot(d_acc, tl.trans(ut), PREC)
+        d_acc -= mma_f32(d_qc, tl.trans(kd), DT, PREC)
+    d_t = mma_f32(tl.trans(s), d_acc, DT, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
+    d_s = mma_f32(d_acc, tl.trans(ut), DT, PREC)
 
     # Through the inverse: T = N diag(beta), N = (I + A)^-1.
     d_beta = tl.sum(nt * d_t, 0)
-    d_a = -dot(dot(tl.trans(nt), d_t * bt[None, :], PREC), tl.trans(nt), PREC)
+    d_a = -mma_f32(mma_f32(tl.trans(nt), d_t * bt[None, :], DT, PREC), tl.trans(nt), DT, PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
     _, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
     kk = mma(kt, tl.trans(kt), k.dtype.element_ty, PREC)
