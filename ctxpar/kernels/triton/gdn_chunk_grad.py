@@ -81,9 +81,25 @@ def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: t
 
 
 @triton.jit
+def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.constexpr, BK: tl.constexpr,
+             BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Kt X[:, cols] [C, BN] for X = node's [K, N] rows of src (dU or dM), Kt = e^(G_C - G) K: K X
+    over slices of BK of K, the decays after. Whole [C, K] rows of Kt stayed live beside the tile's
+    products (sm_90, Triton 3.6, bf16: 255 registers and 768 bytes of spills a thread at K = 192)."""
+    acc = tl.zeros([C, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+        x = tl.load(src + node * K * N + rk[:, None] * N + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < N),
+                    other=0.0)
+        acc += mma_f32(kt, x, DT, PREC)
+    return acc * e_out[:, None]
+
+
+@triton.jit
 def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in,
                      docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
                      PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
@@ -91,21 +107,19 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
-    r, rk = tl.arange(0, C), tl.arange(0, KP)
+    r = tl.arange(0, C)
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
-    k_out = kt.to(tl.float32) * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
+    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
     p = tl.load(square_tile(pairs, i, h, H, C))
     if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
         rv = t * BV + tl.arange(0, BV)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
-                      other=0.0)
+        kt_du = kt_times(k, du, rows, valid, e_out, node, HK, group, K, V, rv, C, BK, BV, DT, PREC)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
-        d_v = mma_f32(tl.trans(scaled), d_o, DT, PREC) + mma_f32(tl.trans(ut), mma_f32(k_out, d_u, DT, PREC), DT, PREC)
+        d_v = mma_f32(tl.trans(scaled), d_o, DT, PREC) + mma_f32(tl.trans(ut), kt_du, DT, PREC)
         tl.store(row_tile(dv, rows, H, h, V, rv), d_v.to(dv.dtype.element_ty), mask=valid[:, None] & (rv[None, :] < V))
     else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K; the pairs' dq, dk columns
         rc = (t - nv) * BK + tl.arange(0, BK)
@@ -113,9 +127,8 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         e_in = tl.where(valid, tl.exp(gl), 0.0)
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
-                       other=0.0)
-        d_kd = -mma_f32(tl.trans(p), d_qc, DT, PREC) - mma_f32(tl.trans(ut), mma_f32(k_out, d_mc, DT, PREC), DT, PREC)
+        kt_dm = kt_times(k, dm, rows, valid, e_out, node, HK, group, K, K, rc, C, BK, BK, DT, PREC)
+        d_kd = -mma_f32(tl.trans(p), d_qc, DT, PREC) - mma_f32(tl.trans(ut), kt_dm, DT, PREC)
         tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
         sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
         d_q = d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)
@@ -263,12 +276,12 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
     KP = triton.next_power_of_2(K)
     BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
-    shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
+    shape = dict(C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk_state, dg_in, d_tt, *tables, H,
                                                      Hk, K, V, C=C, BK=BK, BV=BV, SHARED=shared, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2, *tables,
-                              H, Hk, K, V, L, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
+                              H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, H, Hk, K, V, L,
