@@ -23,9 +23,12 @@ recompute it) in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_ro
 the up-sweep's height-0 order, so that they are its first nodes and transitions as they are
 (reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
 on an H200).
-Products of float32 intermediates run as tf32 for half-precision inputs (10 mantissa bits, more
-than the inputs carry) and as ieee float32 for float32 inputs, but for the inverse's block
-products, always ieee (N feeds everything after it); products of the inputs themselves
+Products of float32 intermediates run as ieee float32 for float32 inputs; for half-precision
+inputs those of U, M and Qt take mma_f32's operands (bf16 for bf16 inputs, as
+flash-linear-attention's chunk kernels), those of the intra output tf32 (10 mantissa bits: in bf16,
+P and (P * lam) V took o's error against float64 from 1.8e-3 to 3.1e-3, on the interpreter at
+T = 256, chunk 64; U, M and Qt's took it to 1.85e-3), and the inverse's block products are always
+ieee (N feeds everything after it); products of the inputs themselves
 (Q K^T, K K^T, and the backward's dO V^T) run in the inputs' dtype, whose products are exact in
 the float32 sums: the same values, at half the operands' bytes (H200, bf16, 128K tokens, fwd+bwd:
 78.2 -> 77.6 ms at H=16, K=V=128; 112.4 -> 100.5 at H=6, K=192, V=384). Keeping P spared
@@ -38,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
+                                          mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -220,6 +223,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
                      slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
                      KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
+    DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -235,8 +239,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
-        u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
+        pseudo = mma_f32(ut, vt, DT, PREC)
+        u = mma_f32(tl.trans(k_out), pseudo, DT, PREC)
         store_tile(u_out, node, K, V, rk, rv, u)
         store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
@@ -249,10 +253,10 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         rc = (tile - nv) * BK + tl.arange(0, BK)
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
-        w = mma(ut, kc * decay_in, tl.float32, PREC)
-        q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
+        w = mma_f32(ut, kc * decay_in, DT, PREC)
+        q_start = qc * decay_in - mma_f32(scores, w, DT, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
-        m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
+        m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma_f32(tl.trans(k_out), w, DT, PREC)
         store_tile(m_out, node, K, K, rk, rc, m)
         store_tile(m_copy, node, K, K, rk, rc, m)
 
