@@ -78,9 +78,9 @@ def chunk_blocks(g, beta, c, token_start, t0, length, h, H, C: tl.constexpr):
 
 
 @triton.jit
-def chunk_k(k, rows, valid, HK, group, K, cols):
-    """Columns cols of k at token rows (group's head), in k's dtype; padded rows and columns zero."""
-    return tl.load(row_tile(k, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
+def chunk_columns(x, rows, valid, HK, group, K, cols):
+    """Columns cols of q or k at token rows (group's head), in their dtype; padded rows and columns zero."""
+    return tl.load(row_tile(x, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PR
         cols = k0 + tl.arange(0, BK)
         ks = ()
         for i in tl.static_range(NB):
-            ks += (chunk_k(k, blocks[i][0], blocks[i][1], HK, group, K, cols),)
+            ks += (chunk_columns(k, blocks[i][0], blocks[i][1], HK, group, K, cols),)
         step = ()
         for i in tl.static_range(NB):
             row = ()
@@ -165,16 +165,10 @@ def unit_inverse(a, NB: tl.constexpr):
 
 
 @triton.jit
-def qk_columns(q, k, rows, valid, HK, group, K, cols, AGAIN: tl.constexpr = False):
-    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero.
-    AGAIN: loads the compiler must not merge with identical earlier ones (a distinct cache hint):
-    merged, the first load's value stays live, and so do the shared-memory copies the products
-    take of it (gdn_chunk_grad.py's finish_grad went past an H200's 227 KiB so)."""
-    mask = valid[:, None] & (cols[None, :] < K)
-    hint: tl.constexpr = ".cg" if AGAIN else ""
-    x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint),
-         tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint))
-    return x[0].to(tl.float32), x[1].to(tl.float32)
+def qk_columns(q, k, rows, valid, HK, group, K, cols):
+    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero."""
+    return (chunk_columns(q, rows, valid, HK, group, K, cols).to(tl.float32),
+            chunk_columns(k, rows, valid, HK, group, K, cols).to(tl.float32))
 
 
 @triton.jit
@@ -256,7 +250,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         pseudo = mma_f32(ut, vt, DT, PREC) * e_out
         for k0 in range(0, K, BK):  # U = Kt^T (T V), BK rows at a time
             rk = k0 + tl.arange(0, BK)
-            u = mma_f32(tl.trans(chunk_k(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
+            u = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
             store_tile(u_out, node, K, V, rk, rv, u)
             store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
@@ -275,7 +269,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         w *= e_out
         for k0 in range(0, K, BK):  # M = e^G_C I - Kt^T W, BK rows at a time
             rk = k0 + tl.arange(0, BK)
-            m = mma_f32(tl.trans(chunk_k(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
+            m = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
             m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - m
             store_tile(m_out, node, K, K, rk, rc, m)
             store_tile(m_copy, node, K, K, rk, rc, m)

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent)
-from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
+from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, chunk_columns, qk_columns, square_tile
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
@@ -69,18 +69,6 @@ PAIRS_WARPS = 8
 
 
 @triton.jit
-def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: tl.constexpr, PREC: tl.constexpr):
-    """The forward's per-chunk terms, float32: q, k rows [C, K], decays G (and G_C), beta,
-    Gam, S = Q K^T * Gam, N and T = N diag(beta) [C, C]."""
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
-    gam = intra_decay(gl, valid, C)
-    s = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * gam
-    n = tl.load(square_tile(inv, i, h, H, C))
-    return qt, kt, gl, total, bt, gam, s, n, n * bt[None, :]
-
-
-@triton.jit
 def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.constexpr, BK: tl.constexpr,
              BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Kt X[:, cols] [C, BN] for X = node's [K, N] rows of src (dU or dM), Kt = e^(G_C - G) K: K X
@@ -89,7 +77,7 @@ def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.cons
     acc = tl.zeros([C, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+        kt = chunk_columns(k, rows, valid, HK, group, K, rk)
         x = tl.load(src + node * K * N + rk[:, None] * N + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < N),
                     other=0.0)
         acc += mma_f32(kt, x, DT, PREC)
@@ -164,19 +152,18 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_u = tl.load(du + node * K * V + rb[:, None] * V + rv[None, :], mask=(rb[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
-        e += mma_f32(d_u, tl.trans(vt.to(tl.float32)), DT, PREC)
+        e += mma_f32(d_u, tl.trans(vt), DT, PREC)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
         d_m = tl.load(dm + node * K * K + rb[:, None] * K + rc[None, :], mask=(rb[:, None] < K) & (rc[None, :] < K),
                       other=0.0)
-        e -= mma_f32(d_m, tl.trans(kd.to(tl.float32) * e_in[:, None]), DT, PREC)
+        e -= mma_f32(d_m, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     mask = valid[:, None] & (rb[None, :] < K)
-    kc = tl.load(row_tile(k, rows, HK, group, K, rb), mask=mask, other=0.0).to(tl.float32)
+    kc = chunk_columns(k, rows, valid, HK, group, K, rb).to(tl.float32)
     d_kout = mma_f32(ut, tl.trans(e), DT, PREC)
-    tl.atomic_add(square_tile(d_tt, i, h, H, C), mma_f32(kc * e_out[:, None], e, DT, PREC), sem="relaxed")
+    tl.atomic_add(square_tile(d_tt, i, h, H, C), mma_f32(kc, e, DT, PREC) * e_out[:, None], sem="relaxed")
     # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
     share = e_out * tl.sum(kc * d_kout, 1)
     tl.atomic_add(dg_in + head * C + r, tl.where(r == C - 1, tl.sum(share), 0.0) - share, sem="relaxed")
@@ -203,8 +190,12 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         dov += mma(d_o, tl.trans(vt), v.dtype.element_ty, PREC)  # dO: the output's gradient, in v's dtype
-    qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
-                                                         C, PREC)
+    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
+    gam = intra_decay(gl, valid, C)
+    qk, kk = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, True)
+    s = qk * gam
+    nt = tl.load(square_tile(inv, i, h, H, C))
+    ut = nt * bt[None, :]
     p = mma_f32(s, ut, DT, PREC)
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
@@ -214,10 +205,8 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
     e_in = tl.where(valid, tl.exp(gl), 0.0)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
-        kd = kd.to(tl.float32) * e_in[:, None]
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_acc -= mma_f32(d_qc, tl.trans(kd), DT, PREC)
+        d_acc -= mma_f32(d_qc, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     d_t = mma_f32(tl.trans(s), d_acc, DT, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
     d_s = mma_f32(d_acc, tl.trans(ut), DT, PREC)
 
@@ -225,8 +214,6 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
     d_beta = tl.sum(nt * d_t, 0)
     d_a = -mma_f32(mma_f32(tl.trans(nt), d_t * bt[None, :], DT, PREC), tl.trans(nt), DT, PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
-    _, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
-    kk = mma(kt, tl.trans(kt), k.dtype.element_ty, PREC)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     # The pairs' gradients dq = dSg K, dk = (dKK + dKK^T) K + dSg^T Q, taken per K tile by tile_grad:
