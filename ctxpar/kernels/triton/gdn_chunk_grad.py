@@ -1,7 +1,7 @@
 """GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
 
 From the gradients of the chunk's outputs (intra output dO, Qt, U, M; the tree's autograd
-produced the last three) and the forward's N (and P, for tile_grad), the chain rule backwards through:
+produced the last three) and the forward's N and P, the chain rule backwards through:
 
     o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
     U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
@@ -171,7 +171,7 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
 
 
 @triton.jit
-def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
+def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
                       slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
@@ -196,7 +196,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
     s = qk * gam
     nt = tl.load(square_tile(inv, i, h, H, C))
     ut = nt * bt[None, :]
-    p = mma_f32(s, ut, DT, PREC)
+    p = tl.load(square_tile(pairs, i, h, H, C))  # the forward's P, as its output took it
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
         tl.store(dlam + (rows * H + h) * L + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1),
@@ -267,8 +267,9 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk_state, dg_in, d_tt, *tables, H,
                                                      Hk, K, V, C=C, BK=BK, BV=BV, SHARED=shared, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
-    pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2, *tables,
-                              H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
+    pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2,
+                              *tables, H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES,
+                              **{**shape, "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, H, Hk, K, V, L,
