@@ -31,9 +31,9 @@ from tests.factories import attention_inputs  # noqa: E402
 from tests.oracle_check import half_precision_errors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = {  # name: (T, H, Hk, K, V)
-    "hk2_k64_v64": (256, 2, 2, 64, 64),
-    "hk1_k32_v64": (256, 2, 1, 32, 64),
+SHAPES = {  # name: (H, Hk, K, V)
+    "hk2_k64_v64": (2, 2, 64, 64),
+    "hk1_k32_v64": (2, 1, 32, 64),
 }
 
 
@@ -48,17 +48,19 @@ def errors(seed, T, H, HK, K, V, chunk):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=64, help="smaller chunks: a deeper tree at the same T")
     parser.add_argument("--out", help="write the table as JSON here")
     args = parser.parse_args()
     table = {}
     for name, shape in SHAPES.items():
-        draws = [errors(seed, *shape, args.chunk) for seed in range(args.draws)]
+        draws = [errors(seed, args.tokens, *shape, args.chunk) for seed in range(args.draws)]
         table[name] = {key: max(d[key] for d in draws) for key in draws[0]}
         print(f"{name:14s}", " ".join(f"{key}={err:.2e}" for key, err in table[name].items()), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": DEVICE, "chunk": args.chunk, "draws": args.draws, "errors": table}, f, indent=1)
+            json.dump({"device": DEVICE, "tokens": args.tokens, "chunk": args.chunk, "draws": args.draws,
+                       "errors": table}, f, indent=1)
 
 
 if __name__ == "__main__":
