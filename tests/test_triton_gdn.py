@@ -33,8 +33,8 @@ CASES = {
     "initial_state_chunk_and_sub_chunk_bits": (1, 90, 2, 2, 16, 16, 9, [(0, 0, 90)], [91], True, C),
     "packed_with_states": (1, 100, 2, 1, 16, 16, 9, [(0, 0, 40), (0, 40, 47), (0, 47, 100)], [75, 32, 5], True, C),
     "chunk_64": (1, 200, 2, 1, 32, 32, 10, [(0, 0, 200)], [70], True, 64),
-    # The paper's head sizes: K padded to 256 with masked columns, many dU / dM tiles, and the chunk-stage
-    # backward's q, k loaded again after its tile loops (what keeps it within an H200's shared memory).
+    # The paper's head sizes: K padded to 256 with masked columns where whole rows load, three K slices of 64
+    # where the chunk stage takes them, many dU / dM tiles.
     "paper_heads_k192_v384": (1, 100, 2, 2, 192, 384, 9, [(0, 0, 100)], [37], True, 64),
 }
 

@@ -23,9 +23,12 @@ recompute it) in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_ro
 the up-sweep's height-0 order, so that they are its first nodes and transitions as they are
 (reordering them copied both forward and backward: ~7 ms of a 198 ms step at 128K tokens, H = 16,
 on an H200).
-Products of float32 intermediates run as tf32 for half-precision inputs (10 mantissa bits, more
-than the inputs carry) and as ieee float32 for float32 inputs, but for the inverse's block
-products, always ieee (N feeds everything after it); products of the inputs themselves
+Products of float32 intermediates run as ieee float32 for float32 inputs; for half-precision
+inputs those of U, M and Qt take mma_f32's operands (bf16 for bf16 inputs, as
+flash-linear-attention's chunk kernels), those of the intra output tf32 (10 mantissa bits: in bf16,
+P and (P * lam) V took o's error against float64 from 1.8e-3 to 3.1e-3, on the interpreter at
+T = 256, chunk 64; U, M and Qt's took it to 1.85e-3), and the inverse's block products are always
+ieee (N feeds everything after it); products of the inputs themselves
 (Q K^T, K K^T, and the backward's dO V^T) run in the inputs' dtype, whose products are exact in
 the float32 sums: the same values, at half the operands' bytes (H200, bf16, 128K tokens, fwd+bwd:
 78.2 -> 77.6 ms at H=16, K=V=128; 112.4 -> 100.5 at H=6, K=192, V=384). Keeping P spared
@@ -38,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
+                                          mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -75,10 +78,9 @@ def chunk_blocks(g, beta, c, token_start, t0, length, h, H, C: tl.constexpr):
 
 
 @triton.jit
-def block_k(k, block, HK, group, K, cols):
-    """Columns cols of a chunk_blocks entry's k rows, in k's dtype; padded rows and columns zero."""
-    rows, valid, _, _ = block
-    return tl.load(row_tile(k, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
+def chunk_columns(x, rows, valid, HK, group, K, cols):
+    """Columns cols of q or k at token rows (group's head), in their dtype; padded rows and columns zero."""
+    return tl.load(row_tile(x, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PR
         cols = k0 + tl.arange(0, BK)
         ks = ()
         for i in tl.static_range(NB):
-            ks += (block_k(k, blocks[i], HK, group, K, cols),)
+            ks += (chunk_columns(k, blocks[i][0], blocks[i][1], HK, group, K, cols),)
         step = ()
         for i in tl.static_range(NB):
             row = ()
@@ -163,16 +165,26 @@ def unit_inverse(a, NB: tl.constexpr):
 
 
 @triton.jit
-def qk_columns(q, k, rows, valid, HK, group, K, cols, AGAIN: tl.constexpr = False):
-    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero.
-    AGAIN: loads the compiler must not merge with identical earlier ones (a distinct cache hint):
-    merged, the first load's value stays live, and so do the shared-memory copies the products
-    take of it (gdn_chunk_grad.py's finish_grad went past an H200's 227 KiB so)."""
-    mask = valid[:, None] & (cols[None, :] < K)
-    hint: tl.constexpr = ".cg" if AGAIN else ""
-    x = (tl.load(row_tile(q, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint),
-         tl.load(row_tile(k, rows, HK, group, K, cols), mask=mask, other=0.0, cache_modifier=hint))
-    return x[0].to(tl.float32), x[1].to(tl.float32)
+def qk_columns(q, k, rows, valid, HK, group, K, cols):
+    """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero."""
+    return (chunk_columns(q, rows, valid, HK, group, K, cols).to(tl.float32),
+            chunk_columns(k, rows, valid, HK, group, K, cols).to(tl.float32))
+
+
+@triton.jit
+def chunk_grams(q, k, rows, valid, HK, group, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                WITH_KK: tl.constexpr):
+    """Q K^T and, WITH_KK, K K^T (else zeros) [C, C] of the chunk's rows (group's head), float32,
+    over slices of BK of K in the inputs' dtype (exact products): whole [C, K] rows of q and k
+    no longer stay live beside a program's other products (gdn_chunk_kernel at K = 192, sm_90,
+    Triton 3.6, bf16: 296 bytes of spills a thread with them)."""
+    qk, kk = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        qs, ks = qk_columns(q, k, rows, valid, HK, group, K, k0 + tl.arange(0, BK))
+        qk += mma(qs, tl.trans(ks), q.dtype.element_ty, PREC)
+        if WITH_KK:
+            kk += mma(ks, tl.trans(ks), k.dtype.element_ty, PREC)
+    return qk, kk
 
 
 @triton.jit
@@ -218,27 +230,29 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 @triton.jit
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
                      slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
+    DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
-    r, rk = tl.arange(0, C), tl.arange(0, KP)
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
+    r = tl.arange(0, C)
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
-    scores = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * intra_decay(gl, valid, C)
-    k_out = kt * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
+    scores = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, False)[0] * intra_decay(gl, valid, C)
+    e_out = tl.where(valid, tl.exp(total - gl), 0.0)[:, None]  # Kt = e^(G_C - G) K: onto Kt's partners
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
     nv = tl.cdiv(V, BV)
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        pseudo = mma(ut, vt.to(tl.float32), tl.float32, PREC)
-        u = mma(tl.trans(k_out), pseudo, tl.float32, PREC)
-        store_tile(u_out, node, K, V, rk, rv, u)
-        store_tile(u_copy, node, K, V, rk, rv, u)
+        pseudo = mma_f32(ut, vt, DT, PREC) * e_out
+        for k0 in range(0, K, BK):  # U = Kt^T (T V), BK rows at a time
+            rk = k0 + tl.arange(0, BK)
+            u = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
+            store_tile(u_out, node, K, V, rk, rv, u)
+            store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
         if tile == 0:
             tl.store(square_tile(p_out, i, h, H, C), pairs)
@@ -249,12 +263,16 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         rc = (tile - nv) * BK + tl.arange(0, BK)
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
-        w = mma(ut, kc * decay_in, tl.float32, PREC)
-        q_start = qc * decay_in - mma(scores, w, tl.float32, PREC)
+        w = mma_f32(ut, kc * decay_in, DT, PREC)
+        q_start = qc * decay_in - mma_f32(scores, w, DT, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
-        m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - mma(tl.trans(k_out), w, tl.float32, PREC)
-        store_tile(m_out, node, K, K, rk, rc, m)
-        store_tile(m_copy, node, K, K, rk, rc, m)
+        w *= e_out
+        for k0 in range(0, K, BK):  # M = e^G_C I - Kt^T W, BK rows at a time
+            rk = k0 + tl.arange(0, BK)
+            m = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
+            m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - m
+            store_tile(m_out, node, K, K, rk, rc, m)
+            store_tile(m_copy, node, K, K, rk, rc, m)
 
 
 def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
@@ -280,6 +298,6 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, H,
-                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec,
+                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec,
                            num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv, pairs

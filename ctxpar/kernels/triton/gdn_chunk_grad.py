@@ -1,7 +1,7 @@
 """GDN backward of stage 1 (mirror of gdn_chunk.py): the chunk stage's input gradients.
 
 From the gradients of the chunk's outputs (intra output dO, Qt, U, M; the tree's autograd
-produced the last three) and the forward's N (and P, for tile_grad), the chain rule backwards through:
+produced the last three) and the forward's N and P, the chain rule backwards through:
 
     o = (P * lam) V, P = S T, S = Q K^T * Gam     Qt = e^G Q - S W, W = T Kd, Kd = e^G K
     U = Kt^T T V, M = e^G_C I - Kt^T W, Kt = e^(G_C - G) K
@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          num_warps, put, row_tile, slot_info, tiles_adjacent)
-from ctxpar.kernels.triton.gdn_chunk import chunk_decays, qk_columns, square_tile
+                                          mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent)
+from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, chunk_columns, qk_columns, square_tile
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
@@ -69,47 +69,45 @@ PAIRS_WARPS = 8
 
 
 @triton.jit
-def dot(a, b, PREC: tl.constexpr):
-    return mma(a, b, tl.float32, PREC)
-
-
-@triton.jit
-def chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk, C: tl.constexpr, PREC: tl.constexpr):
-    """The forward's per-chunk terms, float32: q, k rows [C, K], decays G (and G_C), beta,
-    Gam, S = Q K^T * Gam, N and T = N diag(beta) [C, C]."""
-    qt, kt = qk_columns(q, k, rows, valid, HK, group, K, rk)
-    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
-    gam = intra_decay(gl, valid, C)
-    s = mma(qt, tl.trans(kt), q.dtype.element_ty, PREC) * gam
-    n = tl.load(square_tile(inv, i, h, H, C))
-    return qt, kt, gl, total, bt, gam, s, n, n * bt[None, :]
+def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.constexpr, BK: tl.constexpr,
+             BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Kt X[:, cols] [C, BN] for X = node's [K, N] rows of src (dU or dM), Kt = e^(G_C - G) K: K X
+    over slices of BK of K, the decays after. Whole [C, K] rows of Kt stayed live beside the tile's
+    products (sm_90, Triton 3.6, bf16: 255 registers and 768 bytes of spills a thread at K = 192)."""
+    acc = tl.zeros([C, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kt = chunk_columns(k, rows, valid, HK, group, K, rk)
+        x = tl.load(src + node * K * N + rk[:, None] * N + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < N),
+                    other=0.0)
+        acc += mma_f32(kt, x, DT, PREC)
+    return acc * e_out[:, None]
 
 
 @triton.jit
 def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in,
                      docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
                      PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
     i, h, t = tiles_adjacent(H, nv + tl.cdiv(K, BK))
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
-    r, rk = tl.arange(0, C), tl.arange(0, KP)
+    r = tl.arange(0, C)
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)  # dU, dM rows: as the forward's U, M
-    kt = tl.load(row_tile(k, rows, HK, group, K, rk), mask=valid[:, None] & (rk[None, :] < K), other=0.0)
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
-    k_out = kt.to(tl.float32) * tl.where(valid, tl.exp(total - gl), 0.0)[:, None]
+    e_out = tl.where(valid, tl.exp(total - gl), 0.0)
     p = tl.load(square_tile(pairs, i, h, H, C))
     if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
         rv = t * BV + tl.arange(0, BV)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        d_u = tl.load(du + node * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
-                      other=0.0)
+        kt_du = kt_times(k, du, rows, valid, e_out, node, HK, group, K, V, rv, C, BK, BV, DT, PREC)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
-        d_v = dot(tl.trans(scaled), d_o, PREC) + dot(tl.trans(ut), dot(k_out, d_u, PREC), PREC)
+        d_v = mma_f32(tl.trans(scaled), d_o, DT, PREC) + mma_f32(tl.trans(ut), kt_du, DT, PREC)
         tl.store(row_tile(dv, rows, H, h, V, rv), d_v.to(dv.dtype.element_ty), mask=valid[:, None] & (rv[None, :] < V))
     else:  # dKd = -(P^T dQt + T^T (Kt dM)); Qt and Kd carry e^G Q and e^G K; the pairs' dq, dk columns
         rc = (t - nv) * BK + tl.arange(0, BK)
@@ -117,13 +115,12 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         e_in = tl.where(valid, tl.exp(gl), 0.0)
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_mc = tl.load(dm + node * K * K + rk[:, None] * K + rc[None, :], mask=(rk[:, None] < K) & (rc[None, :] < K),
-                       other=0.0)
-        d_kd = -dot(tl.trans(p), d_qc, PREC) - dot(tl.trans(ut), dot(k_out, d_mc, PREC), PREC)
+        kt_dm = kt_times(k, dm, rows, valid, e_out, node, HK, group, K, K, rc, C, BK, BK, DT, PREC)
+        d_kd = -mma_f32(tl.trans(p), d_qc, DT, PREC) - mma_f32(tl.trans(ut), kt_dm, DT, PREC)
         tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
         sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
-        d_q = d_qc * e_in[:, None] + dot(sg, kc, PREC)
-        d_k = d_kd * e_in[:, None] + dot(kk2, kc, PREC) + dot(tl.trans(sg), qc, PREC)
+        d_q = d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)
+        d_k = d_kd * e_in[:, None] + mma_f32(kk2, kc, DT, PREC) + mma_f32(tl.trans(sg), qc, DT, PREC)
         if not SHARED:  # these columns' one writer: state_grad's share in, the inputs' dtype out
             d_k += tl.load(row_tile(dk_state, rows, HK, group, K, rc), mask=col_mask, other=0.0)
         put(row_tile(dq, rows, HK, group, K, rc), d_q.to(dq.dtype.element_ty), col_mask, SHARED)
@@ -139,6 +136,7 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
     k, SHARED False; and G's out-scaling share into dg_in), and their part of Kt E, the chunk-end
     states' share of dT (into d_tt)."""
     i, h, t = tiles_adjacent(H, tl.cdiv(K, BK))
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -154,19 +152,18 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_u = tl.load(du + node * K * V + rb[:, None] * V + rv[None, :], mask=(rb[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
-        e += dot(d_u, tl.trans(vt.to(tl.float32)), PREC)
+        e += mma_f32(d_u, tl.trans(vt), DT, PREC)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
         d_m = tl.load(dm + node * K * K + rb[:, None] * K + rc[None, :], mask=(rb[:, None] < K) & (rc[None, :] < K),
                       other=0.0)
-        e -= dot(d_m, tl.trans(kd.to(tl.float32) * e_in[:, None]), PREC)
+        e -= mma_f32(d_m, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     mask = valid[:, None] & (rb[None, :] < K)
-    kc = tl.load(row_tile(k, rows, HK, group, K, rb), mask=mask, other=0.0).to(tl.float32)
-    d_kout = dot(ut, tl.trans(e), PREC)
-    tl.atomic_add(square_tile(d_tt, i, h, H, C), dot(kc * e_out[:, None], e, PREC), sem="relaxed")
+    kc = chunk_columns(k, rows, valid, HK, group, K, rb).to(tl.float32)
+    d_kout = mma_f32(ut, tl.trans(e), DT, PREC)
+    tl.atomic_add(square_tile(d_tt, i, h, H, C), mma_f32(kc, e, DT, PREC) * e_out[:, None], sem="relaxed")
     # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
     share = e_out * tl.sum(kc * d_kout, 1)
     tl.atomic_add(dg_in + head * C + r, tl.where(r == C - 1, tl.sum(share), 0.0) - share, sem="relaxed")
@@ -174,10 +171,11 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
 
 
 @triton.jit
-def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
+def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
                       slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
+    DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     group = h // (H // HK)
@@ -192,9 +190,13 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
         dov += mma(d_o, tl.trans(vt), v.dtype.element_ty, PREC)  # dO: the output's gradient, in v's dtype
-    qt, kt, gl, total, bt, gam, s, nt, ut = chunk_terms(q, k, inv, g, beta, rows, valid, i, h, H, HK, group, K, rk,
-                                                         C, PREC)
-    p = dot(s, ut, PREC)
+    gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
+    gam = intra_decay(gl, valid, C)
+    qk, kk = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, True)
+    s = qk * gam
+    nt = tl.load(square_tile(inv, i, h, H, C))
+    ut = nt * bt[None, :]
+    p = tl.load(square_tile(pairs, i, h, H, C))  # the forward's P, as its output took it
     lev = local_levels(C, LOG_C)
     for level in tl.static_range(LOG_C + 1):
         tl.store(dlam + (rows * H + h) * L + level, tl.sum(tl.where(lev == level, dov * p, 0.0), 1),
@@ -203,19 +205,15 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, do, dqt, dm, dbeta, dlam, dg_i
     e_in = tl.where(valid, tl.exp(gl), 0.0)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        kd = tl.load(row_tile(k, rows, HK, group, K, rc), mask=valid[:, None] & (rc[None, :] < K), other=0.0)
-        kd = kd.to(tl.float32) * e_in[:, None]
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_acc -= dot(d_qc, tl.trans(kd), PREC)
-    d_t = dot(tl.trans(s), d_acc, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
-    d_s = dot(d_acc, tl.trans(ut), PREC)
+        d_acc -= mma_f32(d_qc, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
+    d_t = mma_f32(tl.trans(s), d_acc, DT, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
+    d_s = mma_f32(d_acc, tl.trans(ut), DT, PREC)
 
     # Through the inverse: T = N diag(beta), N = (I + A)^-1.
     d_beta = tl.sum(nt * d_t, 0)
-    d_a = -dot(dot(tl.trans(nt), d_t * bt[None, :], PREC), tl.trans(nt), PREC)
+    d_a = -mma_f32(mma_f32(tl.trans(nt), d_t * bt[None, :], DT, PREC), tl.trans(nt), DT, PREC)
     d_a = tl.where(r[:, None] > r[None, :], d_a, 0.0)
-    _, kt = qk_columns(q, k, rows, valid, HK, group, K, rk, True)
-    kk = mma(kt, tl.trans(kt), k.dtype.element_ty, PREC)
     d_beta += tl.sum(d_a * kk * gam, 1)
     d_kk = bt[:, None] * d_a * gam
     # The pairs' gradients dq = dSg K, dk = (dKK + dKK^T) K + dSg^T Q, taken per K tile by tile_grad:
@@ -265,12 +263,13 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
     KP = triton.next_power_of_2(K)
     BK, BV = min(TILE, KP), min(TILE, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk, tree_rows)
-    shape = dict(C=C, LOG_C=C.bit_length() - 1, KP=KP, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
+    shape = dict(C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec, num_warps=num_warps(q.dtype))
     state_grad_kernel[(S * H * triton.cdiv(K, BK),)](k, v, g, beta, inv, d_u, d_m, dk_state, dg_in, d_tt, *tables, H,
                                                      Hk, K, V, C=C, BK=BK, BV=BV, SHARED=shared, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
-    pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2, *tables,
-                              H, Hk, K, V, L, num_stages=NUM_STAGES, **{**shape, "num_warps": PAIRS_WARPS})
+    pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2,
+                              *tables, H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES,
+                              **{**shape, "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, H, Hk, K, V, L,

@@ -4,7 +4,7 @@ Design. Inside a chunk the delta rule needs the UT transform (a triangular solve
 head) and masked C x C products: that is the chunk stage, a Triton kernel (gdn_chunk.py) that
 writes each chunk's queries carried to its start Qt, end state U, transition M and intra-chunk
 output; its backward (gdn_chunk_grad.py) is the mirror kernel. Across chunks everything is a
-batched K x K product over all nodes of one tree height, one launch per height (tf32 tensor cores
+batched K x K product over all nodes of one tree height, one launch per height (bf16 tensor cores
 for half-precision inputs): the up-sweep (gdn_tree.py, S products);
 the node reads (gdn_carry.py, O(S log S) products, the bulk of the work) carry each chunk's
 queries down its bits in one program per slot and head. Each is an autograd Function with its

@@ -1,7 +1,8 @@
 """GDN stage 2 (counterparts: ``torch_chunked.build_tree`` + ``read_tree``): the tree over chunks.
 
 Across chunks every step is a batched [K, K] @ [K, K or V] product, one launch per tree height
-with every node of that height in the batch (tf32 tensor cores for half-precision inputs): a
+with every node of that height in the batch (bf16 tensor cores on the tree's bf16 copies for
+half-precision inputs; see up_kernel): a
 parent's node and transition from one launch, tiles of both, and in the backward all four of its
 children's gradients from one launch (the gathered products before, two launches per height
 forward and four backward plus a copy, a clone and adds, re-read each operand). The up-sweep is
@@ -187,13 +188,16 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 
 @triton.jit
-def up_kernel(nodes, trans, init, left_idx, doc_idx, trans_out, node_copy, trans_copy, H, K, V, NI, height,
+def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, H, K, V, NI, height,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
     columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
-    program per (parent, head, tile), tiles adjacent. The node goes over its right child N_r, the
+    program per (parent, head, tile), tiles adjacent. The products read the copies (T_r from
+    trans_ops, this height's transitions; X from node_copy, and the initial node), in their
+    dtype, half the bytes of the float32 tree's. The node goes over its right child N_r, the
     same slot's row of ``nodes`` (by slot), which only this program reads; no parent of the
     launch is a left child of it (those have exactly ``height`` ones)."""
+    DT: tl.constexpr = node_copy.dtype.element_ty  # the products' operands: the copies' dtype
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, tl.cdiv(K, BM) * cols)
@@ -206,8 +210,8 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, trans_out, node_copy, trans
         rn = j * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
-            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+            x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
+            acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
         store_tile(nodes, right, K, V, rm, rn, acc)
         store_tile(node_copy, right, K, V, rm, rn, acc)
@@ -215,8 +219,8 @@ def up_kernel(nodes, trans, init, left_idx, doc_idx, trans_out, node_copy, trans
         rn = (j - node_cols) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
-            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+            x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
+            acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
         store_tile(trans_out, right, K, K, rm, rn, acc)
         store_tile(trans_copy, right, K, K, rm, rn, acc)
 
@@ -239,6 +243,7 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d
     which is its right child's too, and the left child's row has exactly ``height`` ones, so no
     program of the launch reads it. Rows written once per launch: a left child has one parent, and
     no right child is a left one."""
+    DT: tl.constexpr = nodes.dtype.element_ty  # the products' operands: the copies' dtype
     kv = tl.cdiv(K, BM) * tl.cdiv(V, BN)
     kk = tl.cdiv(K, BM) * tl.cdiv(K, BN)
     p, h, t = tiles_adjacent(H, kv + 2 * kk)
@@ -251,19 +256,19 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d
         for v0 in range(0, V, BK):
             rv = v0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rv, rn, False, True, HAS_INIT)
-            acc = tl.dot(tile_of(d_nodes, right, K, V, rm, rv, False), x, acc, input_precision=PREC)
+            acc = tl.dot(tile_of(d_nodes, right, K, V, rm, rv, False).to(DT), x.to(DT), acc, input_precision=PREC)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, rk, rn, True, True, HAS_INIT)
-            acc = tl.dot(tile_of(d_parent_m, right, K, K, rm, rk, False), x, acc, input_precision=PREC)
+            acc = tl.dot(tile_of(d_parent_m, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
         store_tile(d_trans, right, K, K, rm, rn, acc)
     elif t < kv + kk:  # left node, or the initial node
         t2 = t - kk
         rm, rn = t2 // tl.cdiv(V, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(V, BN) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_nodes, right, K, V, rk, rn, False), acc,
-                         input_precision=PREC)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True).to(DT),
+                         tile_of(d_nodes, right, K, V, rk, rn, False).to(DT), acc, input_precision=PREC)
         add_tile(d_nodes, lrow, K, V, rm, rn, acc, left >= 0)
         if HAS_INIT:
             add_tile(d_init, ((doc * H + h) * NI + height), K, V, rm, rn, acc, (left < 0) & (height < NI))
@@ -272,8 +277,8 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d
         rm, rn = t2 // tl.cdiv(K, BN) * BM + tl.arange(0, BM), t2 % tl.cdiv(K, BN) * BN + tl.arange(0, BN)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True), tile_of(d_parent_m, right, K, K, rk, rn, False),
-                         acc, input_precision=PREC)
+            acc = tl.dot(tile_of(trans, right, K, K, rm, rk, True).to(DT),
+                         tile_of(d_parent_m, right, K, K, rk, rn, False).to(DT), acc, input_precision=PREC)
         add_tile(d_trans, lrow, K, K, rm, rn, acc, left >= 0)
 
 
@@ -298,13 +303,14 @@ def _register_cap(dtype, warps):
     """maxnreg of the up-sweep's kernels: at 8 warps (128 x 128 tiles) ptxas gives them 186-206
     registers a thread, one program an SM; capped at 128 two fit (sm_90, Triton 3.6, K = V = 128: up
     spills 264 bytes a thread, up_grad 200); the op at 128K tokens on an H200 78.2 -> 76.6 ms
-    (bf16, H=16; 2026-12-01-h200-gdn-session19-ab2.json). Half-precision inputs only (tf32 products,
-    bf16 copies: the kernels are the same for bf16 and fp16)."""
+    (bf16, H=16; 2026-12-01-h200-gdn-session19-ab2.json), with tf32 products then. Half-precision
+    inputs only (bf16 copies: the kernels are the same for bf16 and fp16). With bf16 products the
+    cap spills more (up 296, up_grad 184 bytes; uncapped 218 and 186 registers) (UNMEASURED)."""
     return register_cap(dtype, 2, warps) if warps == NUM_WARPS else None
 
 
 class UpSweep(torch.autograd.Function):
-    """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (tf32
+    """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (bf16
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
     each. The nodes are by slot: u is overwritten, height by height, with each slot's top node
     (marked dirty), and its gradient is every node of the slot's (see the module docstring).
@@ -325,7 +331,7 @@ class UpSweep(torch.autograd.Function):
         for h, up in enumerate(plan.up):
             tr = m.new_empty(up.count, H, K, K)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](u, trans[h], u if init is None else init, up.left, up.doc, tr, node_ops,
+            up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
                             trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec,
                             num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
