@@ -305,7 +305,9 @@ def _register_cap(dtype, warps):
     spills 264 bytes a thread, up_grad 200); the op at 128K tokens on an H200 78.2 -> 76.6 ms
     (bf16, H=16; 2026-12-01-h200-gdn-session19-ab2.json), with tf32 products then. Half-precision
     inputs only (bf16 copies: the kernels are the same for bf16 and fp16). With bf16 products the
-    cap spills more (up 296, up_grad 184 bytes; uncapped 218 and 186 registers) (UNMEASURED)."""
+    cap spills more (up 296, up_grad 184 bytes; uncapped 218 and 186 registers); capped, bf16
+    products took the op 56.08 -> 51.85 ms (2026-12-02-h200-gdn-session22.json); bf16 uncapped is
+    not measured."""
     return register_cap(dtype, 2, warps) if warps == NUM_WARPS else None
 
 
