@@ -278,11 +278,11 @@ def gdn_stage_times(T):
 
     layout, grid, tree_plan = plan()
     copies = F.tree_copies(tree_plan, heads, k.shape[-1], v.shape[-1], F.operand_dtype(q.dtype), DEV)
-    o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies)
+    o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies, False)
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    nodes, trans, copies = F.up_sweep(u.clone(), m, None, tree_plan, "tf32", copies[:2])  # it overwrites u
+    nodes, trans, copies = F.up_sweep(u.clone(), m, None, tree_plan, "tf32", copies[:2], False)  # it overwrites u
     tree = [x.requires_grad_() for x in (nodes, *trans)]
     qt.requires_grad_()
 
@@ -295,9 +295,9 @@ def gdn_stage_times(T):
         times = {
             "layout, grid, tree plan (host)": ms(plan),
             "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank,
-                                                    copies[:2])),
+                                                    copies[:2], False)),
             "up-sweep (and a clone of u, which it overwrites)": ms(lambda: F.up_sweep(u.clone(), m, None, tree_plan,
-                                                                                          "tf32", copies[:2])),
+                                                                                          "tf32", copies[:2], False)),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, *grads, layout,
                                                                    "tf32", tree_plan.rank)),

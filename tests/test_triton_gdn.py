@@ -127,7 +127,7 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
     copies = (torch.empty(NC, H, K, V, device=DEVICE, dtype=torch.bfloat16),
               torch.empty(NC, H, K, K, device=DEVICE, dtype=torch.bfloat16))
-    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows, copies)
+    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows, copies, True)
     for copy, x in zip(copies, stage[2:4]):  # the tree's height 0, in the copy's dtype
         assert torch.equal(copy, x.to(copy.dtype))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
@@ -166,7 +166,7 @@ def test_unit_inverse_against_float64(chunk):
     layout = build_layout([(0, 0, 37), (0, 37, 41), (0, 41, T)], [0, 10, 70], T, chunk, 1, DEVICE)
     S = layout.num_slots
     copies = (torch.empty(S, H, K, V, device=DEVICE), torch.empty(S, H, K, K, device=DEVICE))
-    inv = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", torch.arange(S, device=DEVICE), copies)[4]
+    inv = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", torch.arange(S, device=DEVICE), copies, False)[4]
     grid = SlotGrid(layout, T, H, HK, DEVICE)
     kc, gc, bc = grid.tokens(k.double(), True), grid.tokens(g.double()), grid.tokens(beta.double())  # 0 if padded
     G = gc.cumsum(-1)
@@ -215,7 +215,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
     for copy, x in zip(copies, (u, m)):  # height 0: the chunk stage's rows
         copy[:NC] = x[order].detach()
-    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies)
+    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies, True)
     ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
@@ -336,7 +336,7 @@ def test_up_sweep_backward_stores_the_right_children():
     leaves = [x.requires_grad_() for x in (u, m)]
     copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
     copies[0][:S], copies[1][:S] = u.detach(), m.detach()
-    nodes, trans, _ = up_sweep(u.clone(), m, None, plan, "ieee", copies)  # the nodes overwrite theirs
+    nodes, trans, _ = up_sweep(u.clone(), m, None, plan, "ieee", copies, True)  # the nodes overwrite theirs
     outputs = [nodes, *trans]
     incoming = [torch.randn_like(x) for x in outputs]
     for h, (lo, hi) in enumerate(plan.right_children):

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
+from ctxpar.kernels.triton.gdn_tree import transitions
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -230,7 +231,7 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 @triton.jit
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
                      slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, STORE_M: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -271,22 +272,25 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
             rk = k0 + tl.arange(0, BK)
             m = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
             m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - m
-            store_tile(m_out, node, K, K, rk, rc, m)
+            if STORE_M:
+                store_tile(m_out, node, K, K, rk, rc, m)
             store_tile(m_copy, node, K, K, rk, rc, m)
 
 
-def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
+def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m):
     """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
     M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), all float32. Also stores U and M at the same
-    rows of the tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are."""
+    rows of the tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are.
+    M in float32 is filled only if ``float_m``, else a stand-in (gdn_tree.transitions)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, **f32)
-    u, m, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, K, K, **f32), torch.empty(S, H, C, C, **f32)
+    u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
+    m = transitions(S, H, K, v.device, float_m)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))
@@ -298,6 +302,6 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
     # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, H,
-                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec,
+                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=float_m, PREC=prec,
                            num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv, pairs

@@ -41,11 +41,11 @@ READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 
 class ChunkStage(torch.autograd.Function):
     """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N and P).
-    ``copies`` (the tree's, no gradients) get height 0 stored."""
+    ``copies`` (the tree's, no gradients) get height 0 stored; M in float32 only if ``float_m``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows, copies):
-        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies)
+    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m):
+        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m)
         ctx.save_for_backward(q, k, v, g, beta, lam, inv, pairs, tree_rows)
         ctx.layout, ctx.prec = layout, prec
         return o, qt, u, m
@@ -54,7 +54,7 @@ class ChunkStage(torch.autograd.Function):
     def backward(ctx, d_o, d_qt, d_u, d_m):
         *inputs, inv, pairs, tree_rows = ctx.saved_tensors
         grads = chunk_stage_grads(*inputs, inv, pairs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
-        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None)
+        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None, None)
 
 
 def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
@@ -75,16 +75,19 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     fq, fk, fv, fg, fb, flam = (flat(x) for x in (q, k, v, g.float(), beta, lam))
     prec = dot_precision(fq.dtype)
     copies = tree_copies(plan, H, k.shape[-1], V, operand_dtype(fq.dtype), v.device)
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank, copies)  # u, m: tree order
+    has_init = initial_state is not None and not initial_state.holds_nothing  # one that does only sets positions
+    # The float32 transitions are read only by an initial state's glue and the final state.
+    float_trans = has_init or output_final_state
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank, copies, float_trans)  # tree order
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
     buckets = init = None
-    if initial_state is not None and not initial_state.holds_nothing:  # one that does only sets positions
+    if has_init:
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, copies[0])
-    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies)
+    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies, float_trans)
     out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, nodes, *trans)
     out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:

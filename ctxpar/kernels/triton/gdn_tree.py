@@ -146,14 +146,24 @@ def tree_copies(plan, H, K, V, dtype, device):
             torch.empty(plan.num_nodes, H, K, K, device=device, dtype=dtype))
 
 
-def up_sweep(u, m, init, plan, prec, copies):
+def transitions(count, H, K, device, filled):
+    """[count, H, K, K] float32 transitions of one height. Unless ``filled`` (where an initial or
+    a final state asks for them), a stand-in, one row of NaNs expanded, that no kernel writes: the
+    kernels read the copies, and the float32 transitions then only give their gradients a shape.
+    At 128K tokens, H=16, K=128 the filled ones are 4.3 GB written (UNMEASURED: the time spared)."""
+    if filled:
+        return torch.empty(count, H, K, K, device=device)
+    return torch.full((1, H, K, K), float("nan"), device=device).expand(count, H, K, K)
+
+
+def up_sweep(u, m, init, plan, prec, copies, filled):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
     height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
-    overwritten), the transitions per height, float32, and the copies completed, with the initial
-    nodes' (or None) in their dtype.
+    overwritten), the transitions per height, float32 (``transitions``, as m), and the
+    copies completed, with the initial nodes' (or None) in their dtype.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, *copies)
+    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
     return nodes, trans, (node_ops, trans_ops, init_ops)
 
@@ -189,7 +199,8 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 @triton.jit
 def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, H, K, V, NI, height,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
+              STORE_TRANS: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
     columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
     program per (parent, head, tile), tiles adjacent. The products read the copies (T_r from
@@ -221,7 +232,8 @@ def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, t
             rk = k0 + tl.arange(0, BK)
             x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
             acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
-        store_tile(trans_out, right, K, K, rm, rn, acc)
+        if STORE_TRANS:
+            store_tile(trans_out, right, K, K, rm, rn, acc)
         store_tile(trans_copy, right, K, K, rm, rn, acc)
 
 
@@ -322,7 +334,7 @@ class UpSweep(torch.autograd.Function):
     height's nodes were kept; the bf16 copies are half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec, node_ops, trans_ops):
+    def forward(ctx, u, m, init, plan, prec, filled, node_ops, trans_ops):
         trans = [m]
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
@@ -331,11 +343,12 @@ class UpSweep(torch.autograd.Function):
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         trans_copies = trans_ops.split(plan.sizes)
         for h, up in enumerate(plan.up):
-            tr = m.new_empty(up.count, H, K, K)
+            tr = transitions(up.count, H, K, m.device, filled)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
-                            trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init, PREC=prec,
-                            num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
+                            trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init,
+                            STORE_TRANS=filled, PREC=prec, num_warps=warps,
+                            maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
         ctx.mark_dirty(u)
         ctx.mark_non_differentiable(node_ops, trans_ops)
@@ -365,7 +378,7 @@ class UpSweep(torch.autograd.Function):
                 node_ops, trans[h], node_ops if init is None else init, up.left, up.doc, d_nodes, d_trans[h + 1],
                 d_trans[h], node_ops if d_init is None else d_init, H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
                 HAS_INIT=has_init, PREC=prec, num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
-        return d_nodes, d_trans[0], d_init, None, None, None, None
+        return d_nodes, d_trans[0], d_init, None, None, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
