@@ -134,8 +134,8 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     grid = SlotGrid(layout, rows, H, 1, DEVICE)
     expected = torch_stage(*leaves, grid)
     ours = (grid.tokens(stage[0]), stage[1], stage[2][tree_rows], stage[3][tree_rows])  # all in the slot grid
-    for name, a, b in zip(["o_intra", "Qt", "U", "M"], ours, expected):
-        assert rel_err(a, b) < 1e-5, name
+    for name, a, b in zip(["o_intra", "Qt", "U", "M"], ours, expected):  # Qt in the copies' dtype
+        assert rel_err(a.float(), b) < (1e-5 if a.dtype == torch.float32 else 2**-8), name
     per_chunk = [grid.tokens(x, i < 2).transpose(0, 1)[None] for i, x in enumerate((q, k, v, g, beta))]
     pairs = torch_chunked.chunk_stage(*per_chunk)["P"][0].transpose(0, 1)  # kept for the backward
     assert rel_err(stage[5], pairs) < 1e-5

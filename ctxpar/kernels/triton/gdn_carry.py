@@ -109,7 +109,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
     ck = rk[None, :] < K
-    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0).to(nodes.dtype.element_ty)
+    q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0)  # in the nodes' dtype
     tile_mask = valid[:, None] & (rv[None, :] < V)
     acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0)
     for height in range(0, heights):
@@ -157,7 +157,7 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
             qj = tl.load(rows_of(qs, row, K, rc, rk), mask=ck, other=0.0).to(tl.float32)
             tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(qj * dq_read, 1))
             dq += tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)[:, None] * dq_read
-    tl.store(rows_of(d_qt, i * H + h, K, rc, rk), dq, mask=ck)
+    tl.store(rows_of(d_qt, i * H + h, K, rc, rk), dq.to(half), mask=ck)
 
 
 @triton.jit
@@ -233,7 +233,8 @@ def _tiles(K, V):
 
 
 class CarryReads(torch.autograd.Function):
-    """o [rows, H, V] float32 (the chunk stage's output), qt [S, H, C, K], lam_slots [S, H, C, L'],
+    """o [rows, H, V] float32 (the chunk stage's output), qt [S, H, C, K] (in the copies' dtype, as
+    its gradient), lam_slots [S, H, C, L'],
     init [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), the output's dtype,
     then the up-sweep's nodes (by slot) and trans[0..] -> o plus the reads of every height,
     [rows, H, V] in that dtype: the op's output, with no gather or cast after. Taking o in spares
@@ -276,7 +277,7 @@ class CarryReads(torch.autograd.Function):
         has_init = init is not None
         d_out = d_out.contiguous()
         dqs = torch.empty_like(qs)
-        d_qt, d_lam = torch.empty(S, H, C, K, device=d_out.device), torch.zeros_like(lam_slots)
+        d_qt, d_lam = qs.new_empty(S, H, C, K), torch.zeros_like(lam_slots)
         chain_grad_kernel[(S, H)](
             d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,

@@ -17,7 +17,9 @@ results/2026-12-02-h200-gdn-session20.json). The second kernel, one program per 
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
 Outputs are float32: the intra output in token rows [rows, H, V], where the reads add to it and
-store the op's output (no gather out of the slot grid); Qt [S, H, C, K] (padded rows zero), N and
+store the op's output (no gather out of the slot grid); Qt [S, H, C, K] (padded rows zero; in the
+tree copies' dtype, bf16 for half-precision inputs: the reads round it so, and it is all they take
+of it; UNMEASURED: 1 GB written and read where 2 were at 128K tokens, H=16, K=128), N and
 the pair weights P = (Q K^T * Gam) T [S, H, C, C] (kept for the backward, whose programs would each
 recompute it) in the slot grid; U [S, H, K, V] and M [S, H, K, K] at row tree_rows[i] for slot i,
 the up-sweep's height-0 order, so that they are its first nodes and transitions as they are
@@ -266,7 +268,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         w = mma_f32(ut, kc * decay_in, DT, PREC)
         q_start = qc * decay_in - mma_f32(scores, w, DT, PREC)
-        tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start, mask=rc[None, :] < K)
+        tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start.to(qt_out.dtype.element_ty),
+                 mask=rc[None, :] < K)
         w *= e_out
         for k0 in range(0, K, BK):  # M = e^G_C I - Kt^T W, BK rows at a time
             rk = k0 + tl.arange(0, BK)
@@ -280,15 +283,16 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
 def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m):
     """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
-    M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), all float32. Also stores U and M at the same
-    rows of the tree's copies (gdn_tree.tree_copies, in their dtype), whose height 0 they are.
-    M in float32 is filled only if ``float_m``, else a stand-in (gdn_tree.transitions)."""
+    M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but Qt, in the dtype of the tree's
+    copies (gdn_tree.tree_copies), the reads' operands. Also stores U and M at the same rows of
+    those copies, whose height 0 they are. M in float32 is filled only if ``float_m``, else a
+    stand-in (gdn_tree.transitions)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
     R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
-    o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, **f32)
+    o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
     u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
     m = transitions(S, H, K, v.device, float_m)
     pairs = torch.empty_like(inv)

@@ -124,7 +124,7 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, node_c
         part = 0
         for b in bits:
             level = level_of(layout.c0[n] * C + offsets, bucket_range(layout.starts[n], b)[0])
-            part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot] @ buckets[n, :, b])
+            part = part + lam_slots[slot][:, offsets, level][..., None] * (qt[slot].float() @ buckets[n, :, b])
         reads.append(part)
     rows = grid.index.view(layout.num_slots, C)[slots]
     real = rows < o.shape[0]  # the others are padded positions
