@@ -150,7 +150,9 @@ def transitions(count, H, K, device, filled):
     """[count, H, K, K] float32 transitions of one height. Unless ``filled`` (where an initial or
     a final state asks for them), a stand-in, one row of NaNs expanded, that no kernel writes: the
     kernels read the copies, and the float32 transitions then only give their gradients a shape.
-    At 128K tokens, H=16, K=128 the filled ones are 4.3 GB written (UNMEASURED: the time spared)."""
+    At 128K tokens, H=16, K=128 the filled ones are 4.3 GB written: the op on an H200 went 48.83 ->
+    47.72 ms without them (H=6, K=192, V=384: 60.68 -> 59.98; results/2026-12-02-h200-gdn-session22.json);
+    its peak, in the backward, stayed 16.20 GiB."""
     if filled:
         return torch.empty(count, H, K, K, device=device)
     return torch.full((1, H, K, K), float("nan"), device=device).expand(count, H, K, K)
@@ -317,9 +319,9 @@ def _register_cap(dtype, warps):
     spills 264 bytes a thread, up_grad 200); the op at 128K tokens on an H200 78.2 -> 76.6 ms
     (bf16, H=16; 2026-12-01-h200-gdn-session19-ab2.json), with tf32 products then. Half-precision
     inputs only (bf16 copies: the kernels are the same for bf16 and fp16). With bf16 products the
-    cap spills more (up 296, up_grad 184 bytes; uncapped 218 and 186 registers); capped, bf16
-    products took the op 56.08 -> 51.85 ms (2026-12-02-h200-gdn-session22.json); bf16 uncapped is
-    not measured."""
+    cap spills more (up 296, up_grad 184 bytes; uncapped 210 and 186 registers, none); capped, bf16
+    products took the op 56.08 -> 51.85 ms, and uncapped it went 48.83 -> 49.29 ms (H=6, K=192,
+    V=384: 60.68 -> 60.67; both 2026-12-02-h200-gdn-session22.json)."""
     return register_cap(dtype, 2, warps) if warps == NUM_WARPS else None
 
 
