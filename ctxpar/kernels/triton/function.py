@@ -291,7 +291,7 @@ class _Docs:
     def final_state(self, final_nodes, plan, buckets, log_c):
         states = []
         for n in range(len(self.spans)):
-            t0, t_end = self.starts[n], self.starts[n] + self.length(n)
+            t_end = self.starts[n] + self.length(n)
             g_last = self.log_decay(n, t_end - 1, t_end)[0]
             nb = {}
             for j, (m, h, e) in enumerate(plan.finals):
