@@ -270,6 +270,7 @@ def gdn_stage_times(T):
     B = batch_of(T)
     q, k, v, g, beta, lam = (x.detach().reshape(B * T, *x.shape[2:]) for x in gdn_inputs(*GDN_SHAPES[0], True)(B, T))
     spans, C = [(b, 0, T) for b in range(B)], F.DEFAULT_CHUNK
+    scale = k_dim**-0.5  # the op's default
     ms = median_ms
 
     def plan():
@@ -278,7 +279,7 @@ def gdn_stage_times(T):
 
     layout, grid, tree_plan = plan()
     copies = F.tree_copies(tree_plan, heads, k.shape[-1], v.shape[-1], F.operand_dtype(q.dtype), DEV)
-    o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank, copies, False)
+    o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, scale, layout, "tf32", tree_plan.rank, copies, False)
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
@@ -294,13 +295,13 @@ def gdn_stage_times(T):
     with torch.no_grad():
         times = {
             "layout, grid, tree plan (host)": ms(plan),
-            "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, layout, "tf32", tree_plan.rank,
+            "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, scale, layout, "tf32", tree_plan.rank,
                                                     copies[:2], False)),
             "up-sweep (and a clone of u, which it overwrites)": ms(lambda: F.up_sweep(u.clone(), m, None, tree_plan,
                                                                                           "tf32", copies[:2], False)),
             "reads": ms(reads),
-            "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, *grads, layout,
-                                                                   "tf32", tree_plan.rank)),
+            "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, *grads,
+                                                                   layout, "tf32", tree_plan.rank)),
         }
     times["reads fwd+bwd"] = ms(lambda: torch.autograd.grad(reads(), [qt, *tree], d_reads))
     row = dict(name="ctxpar_gdn_stage_ms", T=T, B=B, H=heads, stages=times)

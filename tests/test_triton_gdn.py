@@ -113,8 +113,9 @@ def test_float32_and_torch_backend_agree():
 
 @pytest.mark.parametrize("K, V", [(16, 32), (80, 80)])  # 80: several K and V tiles (64 wide)
 def test_chunk_stage_matches_torch_chunked(K, V):
-    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded), o_intra in token
-    rows, U and M at the rows asked for, and its backward kernel == autograd through them."""
+    """chunk_stage == torch_chunked's chunk_stage + intra_output (Hk = 1 expanded) on the queries
+    q * scale, o_intra in token rows, U and M at the rows asked for, and its backward kernel ==
+    autograd through them (dq: q's)."""
     from ctxpar.kernels.triton.gdn_chunk import chunk_stage
     from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
     from ctxpar.kernels.triton.gdn_grid import SlotGrid, torch_stage
@@ -127,22 +128,23 @@ def test_chunk_stage_matches_torch_chunked(K, V):
     tree_rows = torch.arange(NC, device=DEVICE).flip(0)  # any order; this one moves every row
     copies = (torch.empty(NC, H, K, V, device=DEVICE, dtype=torch.bfloat16),
               torch.empty(NC, H, K, K, device=DEVICE, dtype=torch.bfloat16))
-    stage = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", tree_rows, copies, True)
+    scale = K**-0.5  # the kernels take it in
+    stage = chunk_stage(q, k, v, g, beta, lam, scale, layout, "ieee", tree_rows, copies, True)
     for copy, x in zip(copies, stage[2:4]):  # the tree's height 0, in the copy's dtype
         assert torch.equal(copy, x.to(copy.dtype))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, lam)]
     grid = SlotGrid(layout, rows, H, 1, DEVICE)
-    expected = torch_stage(*leaves, grid)
+    expected = torch_stage(leaves[0] * scale, *leaves[1:], grid)
     ours = (grid.tokens(stage[0]), stage[1], stage[2][tree_rows], stage[3][tree_rows])  # all in the slot grid
     for name, a, b in zip(["o_intra", "Qt", "U", "M"], ours, expected):  # Qt in the copies' dtype
         assert rel_err(a.float(), b) < (1e-5 if a.dtype == torch.float32 else 2**-8), name
-    per_chunk = [grid.tokens(x, i < 2).transpose(0, 1)[None] for i, x in enumerate((q, k, v, g, beta))]
+    per_chunk = [grid.tokens(x, i < 2).transpose(0, 1)[None] for i, x in enumerate((q * scale, k, v, g, beta))]
     pairs = torch_chunked.chunk_stage(*per_chunk)["P"][0].transpose(0, 1)  # kept for the backward
     assert rel_err(stage[5], pairs) < 1e-5
     d_o = torch.randn_like(stage[0])  # in token rows, as the kernels take it; zero at the reference's padding
     d_outputs = [grid.tokens(d_o), *(torch.randn_like(x) for x in expected[1:])]
     d_rows = [d_o, d_outputs[1], *(torch.empty_like(d).index_copy_(0, tree_rows, d) for d in d_outputs[2:])]
-    grads = chunk_stage_grads(q, k, v, g, beta, lam, *stage[4:], *d_rows, layout, "ieee", tree_rows)
+    grads = chunk_stage_grads(q, k, v, g, beta, lam, scale, *stage[4:], *d_rows, layout, "ieee", tree_rows)
     for name, a, b in zip(GRADS, grads, torch.autograd.grad(expected, leaves, d_outputs)):
         assert rel_err(a, b) < 1e-5, name
 
@@ -166,7 +168,7 @@ def test_unit_inverse_against_float64(chunk):
     layout = build_layout([(0, 0, 37), (0, 37, 41), (0, 41, T)], [0, 10, 70], T, chunk, 1, DEVICE)
     S = layout.num_slots
     copies = (torch.empty(S, H, K, V, device=DEVICE), torch.empty(S, H, K, K, device=DEVICE))
-    inv = chunk_stage(q, k, v, g, beta, lam, layout, "ieee", torch.arange(S, device=DEVICE), copies, False)[4]
+    inv = chunk_stage(q, k, v, g, beta, lam, 1.0, layout, "ieee", torch.arange(S, device=DEVICE), copies, False)[4]
     grid = SlotGrid(layout, T, H, HK, DEVICE)
     kc, gc, bc = grid.tokens(k.double(), True), grid.tokens(g.double()), grid.tokens(beta.double())  # 0 if padded
     G = gc.cumsum(-1)

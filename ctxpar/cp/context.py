@@ -236,7 +236,7 @@ def _state_dtype(c) -> torch.dtype:
 def _inputs(c, piece: Piece):
     """Canonical q, k, v, g, beta of one piece, [R, n, ...]."""
     cut = lambda x: None if x is None else x[:, piece.start : piece.end]  # noqa: E731
-    return cut(c.q), cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
+    return cut(c.q) * c.scale, cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
 
 
 def _user_state(state: FenwickState, piece: Piece, cu_seqlens) -> FenwickState:

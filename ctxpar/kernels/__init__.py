@@ -110,7 +110,7 @@ def _dispatch(args, scale, initial_state, output_final_state, cu_seqlens, cp, ba
                      native=backend == "triton")
     inputs = (c.q, c.k, c.v, c.g, c.beta, c.lam, c.spans)
     if backend == "triton":
-        o, state = triton_kernels.chunked(*inputs, c.initial_state, output_final_state)
+        o, state = triton_kernels.chunked(*inputs, c.initial_state, output_final_state, scale=c.scale)
     elif backend == "torch":
         o, state = torch_chunked.chunked(*inputs, c.initial_state, output_final_state)
     elif c.initial_state is None and not output_final_state:

@@ -1,10 +1,11 @@
 """Validation and canonical form of the public ops' inputs, shared by every backend.
 
-Canonical form: q multiplied by ``scale``; ``spans`` lists the sequences as ``(batch, start, end)``
-- one per batch row, or one per packed document when ``cu_seqlens`` is given. The PyTorch backends
-take q, k expanded to all H heads and a compute dtype of float32 for half-precision inputs
-(float64 stays float64); the Triton kernels take q, k with their Hk heads and every tensor in its
-input dtype (``native=True``), since they index the group and accumulate in float32 themselves.
+Canonical form: the queries are q times ``scale``; ``spans`` lists the sequences as ``(batch,
+start, end)`` - one per batch row, or one per packed document when ``cu_seqlens`` is given. The
+PyTorch backends take q, k expanded to all H heads, q multiplied out (``scale`` 1), and a compute
+dtype of float32 for half-precision inputs (float64 stays float64); the Triton kernels take q, k
+with their Hk heads, every tensor in its input dtype and the scale apart (``native=True``), since
+they index the group, accumulate in float32 and multiply by the scale themselves.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Canonical:
     spans: list[tuple[int, int, int]]
     initial_state: FenwickState | None
     out_dtype: torch.dtype
+    scale: float = 1.0  # the queries are q * scale
 
 
 def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlens, *, default_scale, native=False):
@@ -46,8 +48,7 @@ def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlen
 
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if native:
-        q = q if scale == 1.0 else q * scale
-        return Canonical(q, k, v, g, beta, level_scales, spans, initial_state, v.dtype)
+        return Canonical(q, k, v, g, beta, level_scales, spans, initial_state, v.dtype, scale)
     compute = torch.float64 if v.dtype == torch.float64 else torch.float32
     groups = v.shape[2] // q.shape[2]
     q = (q.to(compute) * scale).repeat_interleave(groups, dim=2)

@@ -33,11 +33,15 @@ def unavailable_reason() -> str | None:
     return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
 
 
-def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, **kwargs):
-    """``torch_chunked.chunked``'s contract; q, k may keep their Hk <= H heads (not expanded)."""
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, scale=1.0, **kwargs):
+    """``torch_chunked.chunked``'s contract for the queries q * scale; q, k may keep their Hk <= H
+    heads (not expanded). The GDN kernels take the scale in (no scaled copy of q, nor a rounding of
+    it); Mamba-2's take q scaled."""
     if beta is not None:
         from ctxpar.kernels.triton.gdn_function import chunked as run
-    else:
-        from ctxpar.kernels.triton.function import chunked as run
 
-    return run(q, k, v, g, beta, lam, spans, initial_state, output_final_state, **kwargs)
+        return run(q, k, v, g, beta, lam, spans, initial_state, output_final_state, scale=scale, **kwargs)
+    from ctxpar.kernels.triton.function import chunked as run
+
+    return run(q if scale == 1.0 else q * scale, k, v, g, beta, lam, spans, initial_state, output_final_state,
+               **kwargs)

@@ -16,6 +16,11 @@ results/2026-12-02-h200-gdn-session20.json). The second kernel, one program per 
 - a K tile: those columns of the chunk transition M = exp(G_C) I - Kt^T W and of the queries
   carried to the chunk start Qt = exp(G) Q - (Q K^T * Gam) W, with W = T (exp(G) K).
 
+The queries are q times the op's scale, taken in here (and in the backward) rather than by a
+scaled copy of q: S = (Q K^T) * scale * Gam with Q K^T exact in float32, and Qt's columns. The
+copy (q * scale in q's dtype, which rounds it in bf16) and its backward's multiply took 0.50 ms of
+48.87 in the profile at 128K tokens, H=16, K=V=128 on an H200 (session 22's; UNMEASURED since).
+
 Outputs are float32 (M only where asked, gdn_tree.transitions): the intra output in token rows
 [rows, H, V], where the reads add to it and store the op's output (no gather out of the slot grid);
 Qt [S, H, C, K] (padded rows zero; in the tree copies' dtype, bf16 for half-precision inputs: the
@@ -234,7 +239,7 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 @triton.jit
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
-                     slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     slot_doc, slot_chunk, tree_rows, scale, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, STORE_M: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
@@ -244,7 +249,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     r = tl.arange(0, C)
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
-    scores = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, False)[0] * intra_decay(gl, valid, C)
+    scores = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, False)[0] * (intra_decay(gl, valid, C) * scale)
     e_out = tl.where(valid, tl.exp(total - gl), 0.0)[:, None]  # Kt = e^(G_C - G) K: onto Kt's partners
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
@@ -269,7 +274,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
         w = mma_f32(ut, kc * decay_in, DT, PREC)
-        q_start = qc * decay_in - mma_f32(scores, w, DT, PREC)
+        q_start = qc * (decay_in * scale) - mma_f32(scores, w, DT, PREC)
         tl.store(qt_out + (head * C + r[:, None]) * K + rc[None, :], q_start.to(qt_out.dtype.element_ty),
                  mask=rc[None, :] < K)
         w *= e_out
@@ -282,8 +287,9 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
             store_tile(m_copy, node, K, K, rk, rc, m)
 
 
-def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m):
-    """q, k [rows, Hk, K]; v [rows, H, V]; g, beta [rows, H]; lam [rows, H, L]; tree_rows [S] the
+def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m):
+    """q, k [rows, Hk, K] (q times ``scale`` is the query); v [rows, H, V]; g, beta [rows, H];
+    lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
     M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but Qt, in the dtype of the tree's
     copies (gdn_tree.tree_copies), the reads' operands. Also stores U and M at the same rows of
@@ -307,7 +313,7 @@ def chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m)
     # 360 bytes of spills at K = V = 128) the op at 128K tokens went 61.4 -> 61.8 ms (H=16, bf16,
     # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, H,
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, scale, H,
                            k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=float_m, PREC=prec,
                            num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv, pairs

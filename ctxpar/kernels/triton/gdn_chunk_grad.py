@@ -86,7 +86,7 @@ def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.cons
 
 @triton.jit
 def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in,
-                     docs, slot_doc, slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     docs, slot_doc, slot_chunk, tree_rows, scale, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr,
                      PREC: tl.constexpr):
     nv = tl.cdiv(V, BV)
@@ -114,12 +114,13 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         col_mask = valid[:, None] & (rc[None, :] < K)
         e_in = tl.where(valid, tl.exp(gl), 0.0)
         qc, kc = qk_columns(q, k, rows, valid, HK, group, K, rc)
+        qc *= scale  # the query's columns
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
         kt_dm = kt_times(k, dm, rows, valid, e_out, node, HK, group, K, K, rc, C, BK, BK, DT, PREC)
         d_kd = -mma_f32(tl.trans(p), d_qc, DT, PREC) - mma_f32(tl.trans(ut), kt_dm, DT, PREC)
         tl.atomic_add(dg_in + head * C + r, e_in * tl.sum(qc * d_qc + kc * d_kd, 1), sem="relaxed")
         sg, kk2 = tl.load(square_tile(d_sg, i, h, H, C)), tl.load(square_tile(d_kk2, i, h, H, C))
-        d_q = d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)
+        d_q = (d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)) * scale  # q's, not the query's
         d_k = d_kd * e_in[:, None] + mma_f32(kk2, kc, DT, PREC) + mma_f32(tl.trans(sg), qc, DT, PREC)
         if not SHARED:  # these columns' one writer: state_grad's share in, the inputs' dtype out
             d_k += tl.load(row_tile(dk_state, rows, HK, group, K, rc), mask=col_mask, other=0.0)
@@ -172,8 +173,8 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
 
 @triton.jit
 def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dlam, dg_in, d_tt, d_kk2, docs, slot_doc,
-                      slot_chunk, tree_rows, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr, KP: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                      slot_chunk, tree_rows, scale, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                      KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     DT: tl.constexpr = k.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -193,7 +194,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dla
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     gam = intra_decay(gl, valid, C)
     qk, kk = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, True)
-    s = qk * gam
+    s = qk * (gam * scale)
     nt = tl.load(square_tile(inv, i, h, H, C))
     ut = nt * bt[None, :]
     p = tl.load(square_tile(pairs, i, h, H, C))  # the forward's P, as its output took it
@@ -241,7 +242,7 @@ def decay_grad_kernel(dg_in, dg, docs, slot_doc, slot_chunk, H, C: tl.constexpr)
     tl.store(dg + rows * H + h, tl.cumsum(d_gl, 0, reverse=True), mask=valid)
 
 
-def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
+def chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
     """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
     token rows, dU, dM at rows tree_rows; inv, pairs its N and P) -> dq, dk [rows, Hk, K] (float32
     where Hk < H, else in q's dtype), dv [rows, H, V] in v's dtype, dg, dbeta [rows, H], dlam
@@ -268,11 +269,12 @@ def chunk_stage_grads(q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_u, d_m, la
                                                      Hk, K, V, C=C, BK=BK, BV=BV, SHARED=shared, PREC=prec,
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2,
-                              *tables, H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES,
+                              *tables, scale, H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES,
                               **{**shape, "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
-        q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, H, Hk, K, V, L,
+        q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, scale, H, Hk, K,
+        V, L,
         SHARED=shared, **shape)
     decay_grad_kernel[(S, H)](dg_in, dg, *tables[:3], H, C=C)
     return dq, dk, dv, dg, dbeta, dlam

@@ -44,23 +44,25 @@ class ChunkStage(torch.autograd.Function):
     ``copies`` (the tree's, no gradients) get height 0 stored; M in float32 only if ``float_m``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m):
-        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, layout, prec, tree_rows, copies, float_m)
+    def forward(ctx, q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m):
+        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m)
         ctx.save_for_backward(q, k, v, g, beta, lam, inv, pairs, tree_rows)
-        ctx.layout, ctx.prec = layout, prec
+        ctx.layout, ctx.prec, ctx.scale = layout, prec, scale
         return o, qt, u, m
 
     @staticmethod
     def backward(ctx, d_o, d_qt, d_u, d_m):
         *inputs, inv, pairs, tree_rows = ctx.saved_tensors
-        grads = chunk_stage_grads(*inputs, inv, pairs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
-        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None, None)
+        grads = chunk_stage_grads(*inputs, ctx.scale, inv, pairs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
+        return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None, None, None)
 
 
-def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK):
-    """``torch_chunked.chunked``'s contract for Gated DeltaNet; q, k may keep Hk < H heads.
+def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state=False, chunk_size=DEFAULT_CHUNK,
+            scale=1.0):
+    """``torch_chunked.chunked``'s contract for Gated DeltaNet, for the queries q * scale (the
+    kernels take the scale in); q, k may keep Hk < H heads.
 
-    q, k: [B, T, Hk, K] (already scaled); v: [B, T, H, V]; g, beta: [B, T, H]; lam: [B, T, H, L];
+    q, k: [B, T, Hk, K]; v: [B, T, H, V]; g, beta: [B, T, H]; lam: [B, T, H, L];
     spans: [(batch, start, end)]. Float64 inputs run in float32. Returns (o [B, T, H, V],
     FenwickState or None).
     """
@@ -76,9 +78,10 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     prec = dot_precision(fq.dtype)
     copies = tree_copies(plan, H, k.shape[-1], V, operand_dtype(fq.dtype), v.device)
     has_init = initial_state is not None and not initial_state.holds_nothing  # one that does only sets positions
-    # The float32 transitions are read only by an initial state's glue and the final state.
+    # The float32 transitions are read only by an initial state's glue and the final state; u and
+    # m come in tree order.
     float_trans = has_init or output_final_state
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, layout, prec, plan.rank, copies, float_trans)  # tree order
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, float_trans)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
