@@ -305,7 +305,10 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     m = transitions(S, H, K, v.device, float_m)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
-    BK, BV = min(64, KP), min(64, triton.next_power_of_2(V))
+    # V tiles of 128 (UNMEASURED, for the next GPU A/B; 64 before): at K = V = 128 three programs a
+    # slot and head where there were four, each loading q, k and N and taking Q K^T again; sm_90,
+    # Triton 3.6: 255 registers, 16 bytes of spills, 88 KiB of shared memory (64: 250, 8, 64 KiB).
+    BK, BV = min(64, KP), min(128, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,
                                 num_warps=INVERSE_WARPS)
