@@ -13,6 +13,10 @@
 # none after LIMIT_S seconds; environment as bench_ops.py's, by default the GDN rows
 # (GDN_TS=8192,131072 TS=4096 ONLY=ctxpar_triton_gdn). Each name's rows: $OUT/<name>-<i>.json and
 # one line each on stdout. Wheels in .whl/ (flash-linear-attention for its rows) are installed first.
+# check: then, in the same lease, one name's bf16 errors (tests/precision_gdn.py, into
+# $OUT/precision-<name>.json) and its GPU tests (pytest -k $TESTS, default gdn; killed after $TESTS_S
+# seconds, default 300):
+#   bash benchmarks/ab_branches.sh run 200 main my-branch; bash benchmarks/ab_branches.sh check my-branch
 set -u
 SNAP=.snap_all
 
@@ -51,8 +55,20 @@ EOF
     done
 }
 
+check() {
+    local code=$PWD/$SNAP/$1
+    cd "$code" || exit 1
+    export PYTHONUNBUFFERED=1 PYTHONPATH="$code:/tmp/site"
+    echo "== $1: precision"
+    timeout 120 python3 tests/precision_gdn.py --out "${OUT:-.}/precision-$1.json" 2>&1 | tail -4
+    echo "== $1: GPU tests"
+    timeout "${TESTS_S:-300}" python3 -m pytest -q -s -m gpu tests/test_triton_gpu.py -k "${TESTS:-gdn}" 2>&1 |
+        grep -v "^$" | tail -12
+}
+
 case ${1:-} in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    check) shift; check "$1" ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

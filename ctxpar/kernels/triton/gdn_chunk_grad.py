@@ -54,6 +54,7 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent)
 from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, chunk_columns, qk_columns, square_tile
+from ctxpar.kernels.triton.gdn_tree import tile_of
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
@@ -78,9 +79,7 @@ def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.cons
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         kt = chunk_columns(k, rows, valid, HK, group, K, rk)
-        x = tl.load(src + node * K * N + rk[:, None] * N + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < N),
-                    other=0.0)
-        acc += mma_f32(kt, x, DT, PREC)
+        acc += mma_f32(kt, tile_of(src, node, K, N, rk, cols, False), DT, PREC)
     return acc * e_out[:, None]
 
 
@@ -151,13 +150,10 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
         vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        d_u = tl.load(du + node * K * V + rb[:, None] * V + rv[None, :], mask=(rb[:, None] < K) & (rv[None, :] < V),
-                      other=0.0)
-        e += mma_f32(d_u, tl.trans(vt), DT, PREC)
+        e += mma_f32(tile_of(du, node, K, V, rb, rv, False), tl.trans(vt), DT, PREC)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
-        d_m = tl.load(dm + node * K * K + rb[:, None] * K + rc[None, :], mask=(rb[:, None] < K) & (rc[None, :] < K),
-                      other=0.0)
+        d_m = tile_of(dm, node, K, K, rb, rc, False)
         e -= mma_f32(d_m, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
