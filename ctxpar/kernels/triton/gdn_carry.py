@@ -83,6 +83,12 @@ def node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HA
 
 
 @triton.jit
+def token_tile(x, rows, valid, H, h, N, cols):
+    """Columns cols of head h of x [rows, H, N] at the chunk's token rows; zeros where padded."""
+    return tl.load(row_tile(x, rows, H, h, N, cols), mask=valid[:, None] & (cols[None, :] < N), other=0.0)
+
+
+@triton.jit
 def carries(c, height, in_slots):
     """The read at ``height`` carries Q on: its block is a slot and a higher bit of c is set."""
     return in_slots & ((c >> (height + 1)) != 0)
@@ -130,7 +136,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
 def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs,
                       slot_doc, slot_chunk, qs, dqs, d_qt, d_lam, dl_s0, dl_s1, dl_s2, H, K, V, NI, heights, LEVEL0,
                       C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, WHOLE_V: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
@@ -138,6 +144,10 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
     ck = rk[None, :] < K
     half = nodes.dtype.element_ty
     dq = tl.zeros([C, KP], dtype=tl.float32)
+    # One V step: dO's rows loaded once for all the reads (UNMEASURED, for the next GPU A/B; each
+    # read loaded them before; sm_90, Triton 3.6, K = V = 128: spills 152 -> 16 bytes a thread).
+    if WHOLE_V:
+        do_rows = token_tile(d_out, rows, valid, H, h, V, tl.arange(0, BV))
     for step in range(0, heights):
         height = heights - 1 - step
         if reads_at(c, height, c0, HAS_INIT):
@@ -152,7 +162,7 @@ def chain_grad_kernel(d_out, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, of
             for v0 in range(0, V, BV):
                 rv = v0 + tl.arange(0, BV)
                 node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
-                do = tl.load(row_tile(d_out, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+                do = do_rows if WHOLE_V else token_tile(d_out, rows, valid, H, h, V, rv)
                 dq_read += tl.dot(do.to(half), tl.trans(node), input_precision=PREC)
             qj = tl.load(rows_of(qs, row, K, rc, rk), mask=ck, other=0.0).to(tl.float32)
             tl.store(d_lam + i * dl_s0 + h * dl_s1 + rc * dl_s2 + LEVEL0 + height, tl.sum(qj * dq_read, 1))
@@ -185,7 +195,7 @@ def node_grad_kernel(qs, partner, lam, lam_s0, lam_s1, lam_s2, read_row, segment
         else:
             rows, valid = chunk_rows(c, token_start, t0, length, C)
             w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
-            do = tl.load(row_tile(partner, rows, H, h, N, rn), mask=valid[:, None] & (rn[None, :] < N), other=0.0)
+            do = token_tile(partner, rows, valid, H, h, N, rn)
             b = (w[:, None] * do).to(qj.dtype)
         acc += tl.dot(tl.trans(qj), b, input_precision=PREC)
     in_slots, slot = node_at(c_first, height, c0, first)
@@ -282,8 +292,8 @@ class CarryReads(torch.autograd.Function):
             d_out, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
-            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K),
-            num_stages=CHAIN_STAGES)
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, WHOLE_V=V <= BV,
+            num_warps=carry_warps(K), num_stages=CHAIN_STAGES)
         d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
         for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):
             for lo, hi in ranges:
