@@ -109,10 +109,10 @@ def doc_info(docs, n):
 
 
 @triton.jit
-def store_tile(ptr, item, R, CN, r, c, x):
-    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype)."""
+def store_tile(ptr, item, R, CN, r, c, x, on=True):
+    """ptr's [items, R, CN] entry ``item`` = x at rows r, columns c (in ptr's dtype), where ``on``."""
     at = ptr + item.to(tl.int64) * R * CN + r[:, None] * CN + c[None, :]
-    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN))
+    tl.store(at, x.to(ptr.dtype.element_ty), mask=(r[:, None] < R) & (c[None, :] < CN) & on)
 
 
 @triton.jit

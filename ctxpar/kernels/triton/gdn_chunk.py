@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
-from ctxpar.kernels.triton.gdn_tree import transitions
+from ctxpar.kernels.triton.gdn_tree import float_rows, transitions
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -239,8 +239,9 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 @triton.jit
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
-                     slot_doc, slot_chunk, tree_rows, scale, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, STORE_M: tl.constexpr, PREC: tl.constexpr):
+                     slot_doc, slot_chunk, tree_rows, float_rows, scale, H, HK, K, V, L, C: tl.constexpr,
+                     LOG_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_M: tl.constexpr,
+                     PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -252,7 +253,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     scores = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, False)[0] * (intra_decay(gl, valid, C) * scale)
     e_out = tl.where(valid, tl.exp(total - gl), 0.0)[:, None]  # Kt = e^(G_C - G) K: onto Kt's partners
     head = (i * H + h).to(tl.int64)
-    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
+    tree_row = tl.load(tree_rows + i)
+    node = (tree_row * H + h).to(tl.int64)
     nv = tl.cdiv(V, BV)
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
@@ -261,7 +263,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         for k0 in range(0, K, BK):  # U = Kt^T (T V), BK rows at a time
             rk = k0 + tl.arange(0, BK)
             u = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
-            store_tile(u_out, node, K, V, rk, rv, u)
+            store_tile(u_out, node, K, V, rk, rv, u, tree_row < float_rows)
             store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
         if tile == 0:
@@ -287,14 +289,14 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
             store_tile(m_copy, node, K, K, rk, rc, m)
 
 
-def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m):
+def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled):
     """q, k [rows, Hk, K] (q times ``scale`` is the query); v [rows, H, V]; g, beta [rows, H];
     lam [rows, H, L]; tree_rows [S] the
     row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
     M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but Qt, in the dtype of the tree's
     copies (gdn_tree.tree_copies), the reads' operands. Also stores U and M at the same rows of
-    those copies, whose height 0 they are. M in float32 is filled only if ``float_m``, else a
-    stand-in (gdn_tree.transitions)."""
+    those copies, whose height 0 they are. Unless ``filled``, M in float32 is a stand-in and U
+    holds only the rows the up-sweep adds to (gdn_tree.transitions, float_rows)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
@@ -302,7 +304,7 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
     u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
-    m = transitions(S, H, K, v.device, float_m)
+    m = transitions(S, H, K, v.device, filled)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     # V tiles of 128 (UNMEASURED, for the next GPU A/B; 64 before): at K = V = 128 three programs a
@@ -316,7 +318,8 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     # 360 bytes of spills at K = V = 128) the op at 128K tokens went 61.4 -> 61.8 ms (H=16, bf16,
     # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
-    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows, scale, H,
-                           k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=float_m, PREC=prec,
+    gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows,
+                           float_rows(layout, 0, filled), scale, H, k.shape[1], K, V, L, C=C,
+                           LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=filled, PREC=prec,
                            num_warps=num_warps(q.dtype))
     return o, qt, u, m, inv, pairs

@@ -41,11 +41,12 @@ READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 
 class ChunkStage(torch.autograd.Function):
     """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N and P).
-    ``copies`` (the tree's, no gradients) get height 0 stored; M in float32 only if ``float_m``."""
+    ``copies`` (the tree's, no gradients) get height 0 stored; U and M in float32 whole only if
+    ``filled`` (chunk_stage)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m):
-        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, float_m)
+    def forward(ctx, q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled):
+        o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled)
         ctx.save_for_backward(q, k, v, g, beta, lam, inv, pairs, tree_rows)
         ctx.layout, ctx.prec, ctx.scale = layout, prec, scale
         return o, qt, u, m
@@ -78,10 +79,10 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     prec = dot_precision(fq.dtype)
     copies = tree_copies(plan, H, k.shape[-1], V, operand_dtype(fq.dtype), v.device)
     has_init = initial_state is not None and not initial_state.holds_nothing  # one that does only sets positions
-    # The float32 transitions are read only by an initial state's glue and the final state; u and
-    # m come in tree order.
-    float_trans = has_init or output_final_state
-    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, float_trans)
+    # The float32 nodes and transitions are read whole only by an initial state's glue and the final
+    # state (else only what the up-sweep needs of them); u and m come in tree order.
+    filled = has_init or output_final_state
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, filled)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
 
@@ -90,7 +91,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, copies[0])
-    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies, float_trans)
+    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies, filled)
     out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, nodes, *trans)
     out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:

@@ -158,12 +158,24 @@ def transitions(count, H, K, device, filled):
     return torch.full((1, H, K, K), float("nan"), device=device).expand(count, H, K, K)
 
 
+def float_rows(layout, h, filled):
+    """How many of height h's nodes (by_height order, a prefix) are stored in float32: all where
+    ``filled`` (an initial or a final state reads them), else only those the up-sweep adds into a
+    parent, the right children of height h + 1, rows [0, at_least[h + 1]): the kernels read the
+    copies, and every other node's float32 row is left unwritten (UNMEASURED, for the next GPU
+    A/B: at 128K tokens, H=16, K=V=128, about half of the float32 U and nodes, 2.1 of 4.3 GB
+    written)."""
+    return layout.at_least[h] if filled else layout.at_least[h + 1]
+
+
 def up_sweep(u, m, init, plan, prec, copies, filled):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
     height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
     overwritten), the transitions per height, float32 (``transitions``, as m), and the
-    copies completed, with the initial nodes' (or None) in their dtype.
+    copies completed, with the initial nodes' (or None) in their dtype. Unless ``filled``, the
+    float32 nodes and transitions are only what the up-sweep reads of them (float_rows,
+    transitions).
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
     nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
@@ -200,8 +212,8 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 
 @triton.jit
-def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, H, K, V, NI, height,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
+def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, float_rows, H, K, V, NI,
+              height, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
               STORE_TRANS: tl.constexpr, PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
     columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
@@ -209,7 +221,8 @@ def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, t
     trans_ops, this height's transitions; X from node_copy, and the initial node), in their
     dtype, half the bytes of the float32 tree's. The node goes over its right child N_r, the
     same slot's row of ``nodes`` (by slot), which only this program reads; no parent of the
-    launch is a left child of it (those have exactly ``height`` ones)."""
+    launch is a left child of it (those have exactly ``height`` ones). In float32 only parents
+    p < float_rows (the function of that name)."""
     DT: tl.constexpr = node_copy.dtype.element_ty  # the products' operands: the copies' dtype
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
@@ -226,7 +239,7 @@ def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, t
             x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
             acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
         acc += tile_of(nodes, right, K, V, rm, rn, False)
-        store_tile(nodes, right, K, V, rm, rn, acc)
+        store_tile(nodes, right, K, V, rm, rn, acc, p < float_rows)
         store_tile(node_copy, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
@@ -348,8 +361,8 @@ class UpSweep(torch.autograd.Function):
             tr = transitions(up.count, H, K, m.device, filled)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
-                            trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init,
-                            STORE_TRANS=filled, PREC=prec, num_warps=warps,
+                            trans_copies[h + 1], float_rows(plan.layout, h + 1, filled), H, K, V, NI, h, BM=BM,
+                            BN=BN, BK=BK, HAS_INIT=has_init, STORE_TRANS=filled, PREC=prec, num_warps=warps,
                             maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
         ctx.mark_dirty(u)
