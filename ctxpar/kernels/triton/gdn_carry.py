@@ -117,7 +117,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
     ck = rk[None, :] < K
     q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0)  # in the nodes' dtype
     tile_mask = valid[:, None] & (rv[None, :] < V)
-    acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0)
+    acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0).to(tl.float32)
     for height in range(0, heights):
         if reads_at(c, height, c0, HAS_INIT):
             if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
@@ -243,12 +243,12 @@ def _tiles(K, V):
 
 
 class CarryReads(torch.autograd.Function):
-    """o [rows, H, V] float32 (the chunk stage's output), qt [S, H, C, K] (in the copies' dtype, as
+    """o [rows, H, V] (the chunk stage's output, in the output's dtype), qt [S, H, C, K] (in the copies' dtype, as
     its gradient), lam_slots [S, H, C, L'],
     init [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), the output's dtype,
     then the up-sweep's nodes (by slot) and trans[0..] -> o plus the reads of every height,
     [rows, H, V] in that dtype: the op's output, with no gather or cast after. Taking o in spares
-    an add; o's gradient is the output's (autograd casts it to float32 for the chunk stage)."""
+    an add; o's gradient is the output's."""
 
     @staticmethod
     def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, dtype, *tree):

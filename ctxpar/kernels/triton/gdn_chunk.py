@@ -21,8 +21,11 @@ scaled copy of q: S = (Q K^T) * scale * Gam with Q K^T exact in float32, and Qt'
 copy (q * scale in q's dtype, which rounds it in bf16) and its backward's multiply took 0.50 ms of
 48.87 in the profile at 128K tokens, H=16, K=V=128 on an H200 (session 22's; UNMEASURED since).
 
-Outputs are float32 (M only where asked, gdn_tree.transitions): the intra output in token rows
-[rows, H, V], where the reads add to it and store the op's output (no gather out of the slot grid);
+Outputs are float32 (M only where asked, gdn_tree.transitions) but two: the intra output in token
+rows [rows, H, V], where the reads add to it and store the op's output (no gather out of the slot
+grid), in v's dtype, the output's (UNMEASURED, for the next GPU A/B: in float32 it was 1 GB
+written and read at 128K tokens, H=16, V=128, and its gradient, the output's in bf16, was cast to
+float32 for the backward, which rounds it to bf16 again; 0.44 ms in session 22's profile);
 Qt [S, H, C, K] (padded rows zero; in the tree copies' dtype, bf16 for half-precision inputs: the
 reads round it so, and it is all they take of it: 1 GB written and read where 2 were at 128K
 tokens, H=16, K=128, and the op on an H200 48.83 -> 48.40 ms, peak 16.20 -> 15.70 GiB; H=6, K=192,
@@ -270,7 +273,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
             tl.store(square_tile(p_out, i, h, H, C), pairs)
         pairs *= intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
         o = mma(pairs, vt.to(tl.float32), tl.float32, PREC)
-        tl.store(row_tile(o_out, rows, H, h, V, rv), o, mask=valid[:, None] & (rv[None, :] < V))
+        tl.store(row_tile(o_out, rows, H, h, V, rv), o.to(o_out.dtype.element_ty),
+                 mask=valid[:, None] & (rv[None, :] < V))
     else:
         rc = (tile - nv) * BK + tl.arange(0, BK)
         decay_in = tl.where(valid, tl.exp(gl), 0.0)[:, None]
@@ -291,18 +295,18 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
 
 def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled):
     """q, k [rows, Hk, K] (q times ``scale`` is the query); v [rows, H, V]; g, beta [rows, H];
-    lam [rows, H, L]; tree_rows [S] the
-    row of each slot's U and M -> (o_intra [rows, H, V], Qt [S, H, C, K], U [S, H, K, V],
-    M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but Qt, in the dtype of the tree's
-    copies (gdn_tree.tree_copies), the reads' operands. Also stores U and M at the same rows of
-    those copies, whose height 0 they are. Unless ``filled``, M in float32 is a stand-in and U
-    holds only the rows the up-sweep adds to (gdn_tree.transitions, float_rows)."""
+    lam [rows, H, L]; tree_rows [S] the row of each slot's U and M -> (o_intra [rows, H, V],
+    Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but
+    o_intra, in v's dtype, and Qt, in the dtype of the tree's copies (gdn_tree.tree_copies), the
+    reads' operands. Also stores U and M at the same rows of those copies, whose height 0 they
+    are. Unless ``filled``, M in float32 is a stand-in and U holds only the rows the up-sweep adds
+    to (gdn_tree.transitions, float_rows)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
-    R, H, K, V, L = v.shape[0], v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
+    H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
-    o, qt = torch.empty(R, H, V, **f32), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
+    o, qt = torch.empty_like(v), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
     u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
     m = transitions(S, H, K, v.device, filled)
     pairs = torch.empty_like(inv)

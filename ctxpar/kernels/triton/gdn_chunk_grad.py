@@ -239,7 +239,7 @@ def decay_grad_kernel(dg_in, dg, docs, slot_doc, slot_chunk, H, C: tl.constexpr)
 
 
 def chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, d_o, d_qt, d_u, d_m, layout, prec, tree_rows):
-    """Gradients of gdn_chunk.chunk_stage's outputs (float32, each in its output's layout: d_o in
+    """Gradients of gdn_chunk.chunk_stage's outputs (each in its output's dtype and layout: d_o in
     token rows, dU, dM at rows tree_rows; inv, pairs its N and P) -> dq, dk [rows, Hk, K] (float32
     where Hk < H, else in q's dtype), dv [rows, H, V] in v's dtype, dg, dbeta [rows, H], dlam
     [rows, H, L] (levels <= log2 C), float32."""

@@ -134,7 +134,7 @@ def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, node_c
     real = rows < o.shape[0]  # the others are padded positions
     u = u.index_add(0, tree_rows, carried)
     node_copy[tree_rows] = u[tree_rows].to(node_copy.dtype)
-    return o.index_add(0, rows[real], torch.stack(reads).transpose(1, 2)[real]), u
+    return o.index_add(0, rows[real], torch.stack(reads).transpose(1, 2)[real].to(o.dtype)), u
 
 
 def _last_chunk_columns(layout, grid, inputs, log_c):
