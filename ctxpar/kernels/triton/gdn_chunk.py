@@ -19,13 +19,17 @@ results/2026-12-02-h200-gdn-session20.json). The second kernel, one program per 
 The queries are q times the op's scale, taken in here (and in the backward) rather than by a
 scaled copy of q: S = (Q K^T) * scale * Gam with Q K^T exact in float32, and Qt's columns. The
 copy (q * scale in q's dtype, which rounds it in bf16) and its backward's multiply took 0.50 ms of
-48.87 in the profile at 128K tokens, H=16, K=V=128 on an H200 (session 22's; UNMEASURED since).
+48.87 in a profile at 128K tokens, H=16, K=V=128 on an H200; without them the op went 47.40 ->
+46.95 ms and its peak 15.70 -> 15.20 GiB (H=6, K=192, V=384: 59.76 -> 59.23 ms;
+results/2026-12-02-h200-gdn-session23.json).
 
 Outputs are float32 (M only where asked, gdn_tree.transitions) but two: the intra output in token
 rows [rows, H, V], where the reads add to it and store the op's output (no gather out of the slot
-grid), in v's dtype, the output's (UNMEASURED, for the next GPU A/B: in float32 it was 1 GB
-written and read at 128K tokens, H=16, V=128, and its gradient, the output's in bf16, was cast to
-float32 for the backward, which rounds it to bf16 again; 0.44 ms in session 22's profile);
+grid), in v's dtype, the output's: in float32 it was 1 GB written and read at 128K tokens, H=16,
+V=128, and its gradient, the output's in bf16, was cast to float32 for the backward, which rounds
+it to bf16 again (0.44 ms in a profile). The op on an H200 went 46.24 -> 45.22 ms (H=6, K=192,
+V=384: 58.54 -> 57.31), o's bf16 error against float64 1.93e-3 -> 2.20e-3 (tests/precision_gdn.py;
+the A/B's other changes leave the output's arithmetic as it was; results/2026-12-02-h200-gdn-session23.json);
 Qt [S, H, C, K] (padded rows zero; in the tree copies' dtype, bf16 for half-precision inputs: the
 reads round it so, and it is all they take of it: 1 GB written and read where 2 were at 128K
 tokens, H=16, K=128, and the op on an H200 48.83 -> 48.40 ms, peak 16.20 -> 15.70 GiB; H=6, K=192,
@@ -311,9 +315,10 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     m = transitions(S, H, K, v.device, filled)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
-    # V tiles of 128 (UNMEASURED, for the next GPU A/B; 64 before): at K = V = 128 three programs a
-    # slot and head where there were four, each loading q, k and N and taking Q K^T again; sm_90,
-    # Triton 3.6: 255 registers, 16 bytes of spills, 88 KiB of shared memory (64: 250, 8, 64 KiB).
+    # V tiles of 128 (64 before): at K = V = 128 three programs a slot and head where there were
+    # four, each loading q, k and N and taking Q K^T again; sm_90, Triton 3.6: 255 registers, 16
+    # bytes of spills, 88 KiB of shared memory (64: 250, 8, 64 KiB). The op at 128K tokens on an
+    # H200 47.40 -> 46.37 ms (H=6, K=192, V=384: 59.76 -> 58.22; results/2026-12-02-h200-gdn-session23.json).
     BK, BV = min(64, KP), min(128, triton.next_power_of_2(V))
     tables = (layout.docs, layout.slot_doc, layout.slot_chunk)
     unit_inverse_kernel[(S, H)](k, g, beta, inv, *tables, H, k.shape[1], K, C=C, KP=KP, PREC=prec,

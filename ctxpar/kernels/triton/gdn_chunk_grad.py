@@ -60,7 +60,10 @@ from ctxpar.kernels.triton.gdn_tree import tile_of
 # (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
 # swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
 NUM_STAGES = 1
-TILE = 64  # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps (UNSWEPT)
+# tile_grad's V and K tiles, state_grad's rows of E, the loops' steps. Not swept; tile_grad's V tiles
+# 128 wide at 8 warps (222 registers, no spills, sm_90) took the op at 128K tokens on an H200 from
+# 45.81 to 48.44 ms (H=16, K=V=128; results/2026-12-02-h200-gdn-session23.json).
+TILE = 64
 # pairs_grad's warps (measured as finish_grad's). With E still in it, 8 (against 4) took the op from
 # 159.4 to 152.8 ms at 128K tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1
 # to 96.9 at K = V = 128 (results/2026-12-01-h200-gdn-session18-configs.json); without E
