@@ -238,12 +238,11 @@ def _tiles(K, V):
 
 
 class CarryReads(torch.autograd.Function):
-    """o [rows, H, V] (the chunk stage's output, in the output's dtype), qt [S, H, C, K] (in the copies' dtype, as
-    its gradient), lam_slots [S, H, C, L'],
-    init [N, H, NI, K, V] or None, the up-sweep's copies (gdn_tree.up_sweep), the output's dtype,
-    then the up-sweep's nodes (by slot) and trans[0..] -> o plus the reads of every height,
-    [rows, H, V] in that dtype: the op's output, with no gather or cast after. Taking o in spares
-    an add; o's gradient is the output's."""
+    """o [rows, H, V] (the chunk stage's output, in the output's dtype), qt [S, H, C, K] (in the
+    copies' dtype, as its gradient), lam_slots [S, H, C, L'], init [N, H, NI, K, V] or None, the
+    up-sweep's copies (gdn_tree.up_sweep), the output's dtype, then the up-sweep's nodes (by slot)
+    and trans[0..] -> o plus the reads of every height, [rows, H, V] in that dtype: the op's
+    output, with no gather or cast after. Taking o in spares an add; o's gradient is the output's."""
 
     @staticmethod
     def forward(ctx, o, qt, lam_slots, init, plan, log_c, prec, copies, dtype, *tree):

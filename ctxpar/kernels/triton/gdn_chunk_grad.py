@@ -275,7 +275,6 @@ def chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, d_o, d_qt, d_u, 
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, scale, H, Hk, K,
-        V, L,
-        SHARED=shared, **shape)
+        V, L, SHARED=shared, **shape)
     decay_grad_kernel[(S, H)](dg_in, dg, *tables[:3], H, C=C)
     return dq, dk, dv, dg, dbeta, dlam
