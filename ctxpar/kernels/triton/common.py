@@ -255,6 +255,13 @@ def row_tile(ptr, rows, heads, head, width, cols):
 
 
 @triton.jit
+def token_tile(x, rows, valid, H, h, N, cols):
+    """Columns cols of head h of x [rows, H, N] at a chunk's token rows (chunk_rows), in x's
+    dtype; zeros at padded rows and columns."""
+    return tl.load(row_tile(x, rows, H, h, N, cols), mask=valid[:, None] & (cols[None, :] < N), other=0.0)
+
+
+@triton.jit
 def group_tiles(q, k, rows, qk_mask, HK, group, K, rk):
     """The chunk's q, k tiles [C, KP] of its q/k group, as the backward stages read them; padded
     rows and columns load as zero."""

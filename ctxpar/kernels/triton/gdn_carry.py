@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at, row_tile, slot_info
+from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at, row_tile, slot_info, token_tile
 
 # Swept on an H200 at 128K tokens (bf16, H=16, K=V=128; the reads' fwd+bwd): chain_grad with one
 # stage 24.7 ms, three 29.7 (two programs per SM where three stages' buffers left one); 8 warps
@@ -80,12 +80,6 @@ def node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HA
         o_init = ((n * H + h) * NI + height).to(tl.int64) * K * V
         x += tl.load(init + o_init + tile, mask=mask & (in_slots == 0) & (height < NI), other=0.0)
     return x
-
-
-@triton.jit
-def token_tile(x, rows, valid, H, h, N, cols):
-    """Columns cols of head h of x [rows, H, N] at the chunk's token rows; zeros where padded."""
-    return tl.load(row_tile(x, rows, H, h, N, cols), mask=valid[:, None] & (cols[None, :] < N), other=0.0)
 
 
 @triton.jit

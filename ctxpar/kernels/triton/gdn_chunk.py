@@ -57,7 +57,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent)
+                                          mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent,
+                                          token_tile)
 from ctxpar.kernels.triton.gdn_tree import float_rows, transitions
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
@@ -95,12 +96,6 @@ def chunk_blocks(g, beta, c, token_start, t0, length, h, H, C: tl.constexpr):
 
 
 @triton.jit
-def chunk_columns(x, rows, valid, HK, group, K, cols):
-    """Columns cols of q or k at token rows (group's head), in their dtype; padded rows and columns zero."""
-    return tl.load(row_tile(x, rows, HK, group, K, cols), mask=valid[:, None] & (cols[None, :] < K), other=0.0)
-
-
-@triton.jit
 def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
     """A = diag(beta) strict(K K^T * Gam) on and below the diagonal, as block rows of [BLOCK, BLOCK]
     float32 blocks (entry i: A_i0 .. A_ii); zero at padded positions. The k k^T products run in
@@ -115,7 +110,7 @@ def lower_blocks(k, blocks, HK, group, K, NB: tl.constexpr, KP: tl.constexpr, PR
         cols = k0 + tl.arange(0, BK)
         ks = ()
         for i in tl.static_range(NB):
-            ks += (chunk_columns(k, blocks[i][0], blocks[i][1], HK, group, K, cols),)
+            ks += (token_tile(k, blocks[i][0], blocks[i][1], HK, group, K, cols),)
         step = ()
         for i in tl.static_range(NB):
             row = ()
@@ -184,8 +179,8 @@ def unit_inverse(a, NB: tl.constexpr):
 @triton.jit
 def qk_columns(q, k, rows, valid, HK, group, K, cols):
     """Columns cols of the chunk's q and k rows (group's head), float32, padded rows and columns zero."""
-    return (chunk_columns(q, rows, valid, HK, group, K, cols).to(tl.float32),
-            chunk_columns(k, rows, valid, HK, group, K, cols).to(tl.float32))
+    return (token_tile(q, rows, valid, HK, group, K, cols).to(tl.float32),
+            token_tile(k, rows, valid, HK, group, K, cols).to(tl.float32))
 
 
 @triton.jit
@@ -265,11 +260,11 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     nv = tl.cdiv(V, BV)
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
-        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        vt = token_tile(v, rows, valid, H, h, V, rv)
         pseudo = mma_f32(ut, vt, DT, PREC) * e_out
         for k0 in range(0, K, BK):  # U = Kt^T (T V), BK rows at a time
             rk = k0 + tl.arange(0, BK)
-            u = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
+            u = mma_f32(tl.trans(token_tile(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
             store_tile(u_out, node, K, V, rk, rv, u, tree_row < float_rows)
             store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
@@ -290,7 +285,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         w *= e_out
         for k0 in range(0, K, BK):  # M = e^G_C I - Kt^T W, BK rows at a time
             rk = k0 + tl.arange(0, BK)
-            m = mma_f32(tl.trans(chunk_columns(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
+            m = mma_f32(tl.trans(token_tile(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
             m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - m
             if STORE_M:
                 store_tile(m_out, node, K, K, rk, rc, m)

@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
-                                          mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent)
-from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, chunk_columns, qk_columns, square_tile
+                                          mma_f32, num_warps, put, row_tile, slot_info, tiles_adjacent, token_tile)
+from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, qk_columns, square_tile
 from ctxpar.kernels.triton.gdn_tree import tile_of
 
 # No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
@@ -86,7 +86,7 @@ def kt_times(k, src, rows, valid, e_out, node, HK, group, K, N, cols, C: tl.cons
     acc = tl.zeros([C, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        kt = chunk_columns(k, rows, valid, HK, group, K, rk)
+        kt = token_tile(k, rows, valid, HK, group, K, rk)
         acc += mma_f32(kt, tile_of(src, node, K, N, rk, cols, False), DT, PREC)
     return acc * e_out[:, None]
 
@@ -111,7 +111,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
     p = tl.load(square_tile(pairs, i, h, H, C))
     if t < nv:  # dv = (P * lam)^T dO + T^T (Kt dU)
         rv = t * BV + tl.arange(0, BV)
-        d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        d_o = token_tile(do, rows, valid, H, h, V, rv)
         kt_du = kt_times(k, du, rows, valid, e_out, node, HK, group, K, V, rv, C, BK, BV, DT, PREC)
         scaled = p * intra_scales(lam, rows, valid, local_levels(C, LOG_C), H, h, L, C, LOG_C)
         d_v = mma_f32(tl.trans(scaled), d_o, DT, PREC) + mma_f32(tl.trans(ut), kt_du, DT, PREC)
@@ -151,22 +151,24 @@ def state_grad_kernel(k, v, g, beta, inv, du, dm, dk, dg_in, d_tt, docs, slot_do
     r, rb = tl.arange(0, C), t * BK + tl.arange(0, BK)
     head = (i * H + h).to(tl.int64)
     node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
+    # chunk_decays' G and G_C without its beta, loaded after E's loops: loaded with the decays it
+    # stayed live through them (sm_90, Triton 3.6, K = V = 128: 193 registers against 174)
     gl = local_decay(g, rows, valid, H, h)
     total = tl.sum(tl.where(r == C - 1, gl, 0.0))
     e_in, e_out = tl.where(valid, tl.exp(gl), 0.0), tl.where(valid, tl.exp(total - gl), 0.0)
     e = tl.zeros([BK, C], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
-        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        vt = token_tile(v, rows, valid, H, h, V, rv)
         e += mma_f32(tile_of(du, node, K, V, rb, rv, False), tl.trans(vt), DT, PREC)
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
         d_m = tile_of(dm, node, K, K, rb, rc, False)
-        e -= mma_f32(d_m, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
+        e -= mma_f32(d_m, tl.trans(token_tile(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     bt = tl.load(beta + rows * H + h, mask=valid, other=0.0).to(tl.float32)
     ut = tl.load(square_tile(inv, i, h, H, C)) * bt[None, :]
     mask = valid[:, None] & (rb[None, :] < K)
-    kc = chunk_columns(k, rows, valid, HK, group, K, rb).to(tl.float32)
+    kc = token_tile(k, rows, valid, HK, group, K, rb).to(tl.float32)
     d_kout = mma_f32(ut, tl.trans(e), DT, PREC)
     tl.atomic_add(square_tile(d_tt, i, h, H, C), mma_f32(kc, e, DT, PREC) * e_out[:, None], sem="relaxed")
     # G's share: Kt = e^(G_C - G) K, its -G rows and the chunk end's G_C.
@@ -192,8 +194,8 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dla
     dov = tl.zeros([C, C], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         rv = vb * BV + tl.arange(0, BV)
-        vt = tl.load(row_tile(v, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
-        d_o = tl.load(row_tile(do, rows, H, h, V, rv), mask=valid[:, None] & (rv[None, :] < V), other=0.0)
+        vt = token_tile(v, rows, valid, H, h, V, rv)
+        d_o = token_tile(do, rows, valid, H, h, V, rv)
         dov += mma(d_o, tl.trans(vt), v.dtype.element_ty, PREC)  # dO: the output's gradient, in v's dtype
     gl, total, bt = chunk_decays(g, beta, rows, valid, h, H, C)
     gam = intra_decay(gl, valid, C)
@@ -211,7 +213,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dla
     for kb in range(0, tl.cdiv(K, BK)):
         rc = kb * BK + tl.arange(0, BK)
         d_qc = tl.load(dqt + (head * C + r[:, None]) * K + rc[None, :], mask=rc[None, :] < K, other=0.0)
-        d_acc -= mma_f32(d_qc, tl.trans(chunk_columns(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
+        d_acc -= mma_f32(d_qc, tl.trans(token_tile(k, rows, valid, HK, group, K, rc)), DT, PREC) * e_in[None, :]
     d_t = mma_f32(tl.trans(s), d_acc, DT, PREC) + tl.load(square_tile(d_tt, i, h, H, C))
     d_s = mma_f32(d_acc, tl.trans(ut), DT, PREC)
 
