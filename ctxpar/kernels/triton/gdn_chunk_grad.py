@@ -70,6 +70,11 @@ TILE = 64
 # (state_grad) it spills 416 bytes a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and
 # 8 took the op from 78.2 to 76.8 ms there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
 PAIRS_WARPS = 8
+# pairs_grad's steps over V and K (UNMEASURED, for the next GPU A/B; TILE, 64, before): one step at
+# K = V = 128 where there were two of each loop's loads and products; sm_90, Triton 3.6, bf16, 255
+# registers: no spills at K = V = 128 and 8 bytes at K = 192, V = 384 (64: 24 bytes at both), 48
+# KiB of shared memory (32); float32 inputs 4.2 KB of spills (5.7).
+PAIRS_STEP = 128
 
 
 @triton.jit
@@ -271,7 +276,8 @@ def chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, d_o, d_qt, d_u, 
                                                      num_warps=num_warps(q.dtype), num_stages=NUM_STAGES)
     pairs_grad_kernel[(S, H)](q, k, v, g, beta, lam, inv, pairs, d_o, d_qt, d_m, dbeta, dlam, dg_in, d_tt, d_kk2,
                               *tables, scale, H, Hk, K, V, L, KP=KP, num_stages=NUM_STAGES,
-                              **{**shape, "num_warps": PAIRS_WARPS})
+                              **{**shape, "BK": min(PAIRS_STEP, KP), "BV": min(PAIRS_STEP, triton.next_power_of_2(V)),
+                                 "num_warps": PAIRS_WARPS})
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, scale, H, Hk, K,
