@@ -2,9 +2,10 @@
 the context-parallel op (torchrun, one process per GPU), the top kernels per rank by total time.
 
     python3 benchmarks/profile_step.py --variant mamba2 --t 131072                 # one GPU
+    python3 benchmarks/profile_step.py --variant gdn --t 32768 --batch 4           # bench_ops' 8K x 4
     torchrun --nproc_per_node 2 benchmarks/profile_step.py --variant mamba2 --t 1048576 --cp
 
-Prints a table per rank and writes $OUT/profile_<variant>_<T>[_cp]_rank<r>.json (kernel name,
+Prints a table per rank and writes $OUT/profile_<variant>_<T>[x<batch>][_cp]_rank<r>.json (kernel name,
 calls, total and mean microseconds; the compute stream's span, idle time and longest gaps: on a
 CP rank, its waits for the others). Inputs and the step are bench_cp's, so the figures line up.
 """
@@ -29,6 +30,7 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="mamba2", choices=["mamba2", "gdn"])
     p.add_argument("--t", type=int, default=131072, help="total tokens (split over the ranks with --cp)")
+    p.add_argument("--batch", type=int, default=1, help="sequences the tokens are split into (one GPU)")
     p.add_argument("--cp", action="store_true", help="context parallel over the torchrun world")
     p.add_argument("--scheme", default="allgather")
     p.add_argument("--top", type=int, default=20)
@@ -102,8 +104,12 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(device)
     cp = CPContext(dist.group.WORLD) if args.cp else None
-    inputs = make_inputs(args.variant, args.t // world, device, seed=rank)
-    run = step_fn(args.variant, inputs, num_levels(args.t), "auto", cp)
+    if args.t % (world * args.batch) or (args.cp and args.batch > 1):
+        raise SystemExit(f"--t {args.t} must split into {world} ranks x {args.batch} sequences (--batch without --cp)")
+    length = args.t // (world * args.batch)
+    inputs = [x.reshape(args.batch, length, *x.shape[2:]) if x is not None else None
+              for x in make_inputs(args.variant, args.t // world, device, seed=rank)]
+    run = step_fn(args.variant, inputs, num_levels(args.t // args.batch), "auto", cp)
     for _ in range(2):  # compile and warm the caches
         run()
     torch.cuda.synchronize()
@@ -113,7 +119,8 @@ def main():
         run()
         torch.cuda.synchronize()
     rows, idle = kernel_table(prof), stream_gaps(prof, top=5)
-    name = f"profile_{args.variant}_{args.t}{'_cp' if args.cp else ''}_rank{rank}"
+    batch = f"x{args.batch}" if args.batch > 1 else ""
+    name = f"profile_{args.variant}_{args.t}{batch}{'_cp' if args.cp else ''}_rank{rank}"
     with open(os.path.join(os.environ.get("OUT", "."), name + ".json"), "w") as f:
         json.dump({"kernels": rows, "compute_stream": idle}, f, indent=1)
     total = sum(r["total_us"] for r in rows)
