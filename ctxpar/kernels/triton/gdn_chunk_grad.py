@@ -70,10 +70,12 @@ TILE = 64
 # (state_grad) it spills 416 bytes a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and
 # 8 took the op from 78.2 to 76.8 ms there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
 PAIRS_WARPS = 8
-# pairs_grad's steps over V and K (UNMEASURED, for the next GPU A/B; TILE, 64, before): one step at
-# K = V = 128 where there were two of each loop's loads and products; sm_90, Triton 3.6, bf16, 255
-# registers: no spills at K = V = 128 and 8 bytes at K = 192, V = 384 (64: 24 bytes at both), 48
-# KiB of shared memory (32); float32 inputs 4.2 KB of spills (5.7).
+# pairs_grad's steps over V and K (TILE, 64, before): one step at K = V = 128 where there were two of
+# each loop's loads and products; sm_90, Triton 3.6, bf16, 255 registers: no spills at K = V = 128
+# and 8 bytes at K = 192, V = 384 (64: 24 bytes at both), 48 KiB of shared memory (32); float32
+# inputs 4.2 KB of spills (5.7). The op on an H200 at 128K tokens: 43.42 -> 42.77 ms (H=16,
+# K=V=128), 56.30 -> 55.89 (H=6, K=192, V=384); 8K x 4, H=16: 10.15 -> 10.00
+# (results/2026-12-02-h200-gdn-session24.json).
 PAIRS_STEP = 128
 
 
