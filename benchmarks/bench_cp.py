@@ -112,8 +112,8 @@ class NullTransport:
         return 0
 
 
-def make_inputs(variant, T, device, seed):
-    s = SHAPES[variant]
+def make_inputs(variant, T, device, seed, shape=None):
+    s = shape or SHAPES[variant]
     gen = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, device=device, generator=gen)  # noqa: E731
     q, k = rand(1, T, s["Hk"], s["K"]), rand(1, T, s["Hk"], s["K"])

@@ -3,10 +3,11 @@ the context-parallel op (torchrun, one process per GPU), the top kernels per ran
 
     python3 benchmarks/profile_step.py --variant mamba2 --t 131072                 # one GPU
     python3 benchmarks/profile_step.py --variant gdn --t 32768 --batch 4           # bench_ops' 8K x 4
+    python3 benchmarks/profile_step.py --variant gdn --t 524288 --heads 6 --k 192 --v 384   # the paper's shape
     torchrun --nproc_per_node 2 benchmarks/profile_step.py --variant mamba2 --t 1048576 --cp
 
-Prints a table per rank and writes $OUT/profile_<variant>_<T>[x<batch>][_cp]_rank<r>.json (kernel name,
-calls, total and mean microseconds; the compute stream's span, idle time and longest gaps: on a
+Prints a table per rank and writes $OUT/profile_<variant>_<T>[x<batch>][_h<H>_k<K>_v<V>][_cp]_rank<r>.json
+(kernel name, calls, total and mean microseconds; the compute stream's span, idle time and longest gaps: on a
 CP rank, its waits for the others). Inputs and the step are bench_cp's, so the figures line up.
 """
 
@@ -31,6 +32,9 @@ def parse():
     p.add_argument("--variant", default="mamba2", choices=["mamba2", "gdn"])
     p.add_argument("--t", type=int, default=131072, help="total tokens (split over the ranks with --cp)")
     p.add_argument("--batch", type=int, default=1, help="sequences the tokens are split into (one GPU)")
+    p.add_argument("--heads", type=int, help="H (and Hk) instead of bench_cp's shape; with --k and --v")
+    p.add_argument("--k", type=int)
+    p.add_argument("--v", type=int)
     p.add_argument("--cp", action="store_true", help="context parallel over the torchrun world")
     p.add_argument("--scheme", default="allgather")
     p.add_argument("--top", type=int, default=20)
@@ -104,11 +108,14 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(device)
     cp = CPContext(dist.group.WORLD) if args.cp else None
+    if args.heads and not (args.k and args.v):
+        raise SystemExit("--heads takes --k and --v with it")
     if args.t % (world * args.batch) or (args.cp and args.batch > 1):
         raise SystemExit(f"--t {args.t} must split into {world} ranks x {args.batch} sequences (--batch without --cp)")
     length = args.t // (world * args.batch)
+    shape = dict(H=args.heads, Hk=args.heads, K=args.k, V=args.v) if args.heads else None
     inputs = [x.reshape(args.batch, length, *x.shape[2:]) if x is not None else None
-              for x in make_inputs(args.variant, args.t // world, device, seed=rank)]
+              for x in make_inputs(args.variant, args.t // world, device, rank, shape)]
     run = step_fn(args.variant, inputs, num_levels(args.t // args.batch), "auto", cp)
     for _ in range(2):  # compile and warm the caches
         run()
@@ -120,7 +127,8 @@ def main():
         torch.cuda.synchronize()
     rows, idle = kernel_table(prof), stream_gaps(prof, top=5)
     batch = f"x{args.batch}" if args.batch > 1 else ""
-    name = f"profile_{args.variant}_{args.t}{batch}{'_cp' if args.cp else ''}_rank{rank}"
+    tag = f"_h{args.heads}_k{args.k}_v{args.v}" if args.heads else ""
+    name = f"profile_{args.variant}_{args.t}{batch}{tag}{'_cp' if args.cp else ''}_rank{rank}"
     with open(os.path.join(os.environ.get("OUT", "."), name + ".json"), "w") as f:
         json.dump({"kernels": rows, "compute_stream": idle}, f, indent=1)
     total = sum(r["total_us"] for r in rows)
