@@ -103,27 +103,43 @@ def rows_of(ptr, item, K, rc, rk):
 @triton.jit
 def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets, rank, read_row, docs, slot_doc,
                  slot_chunk, out, qs, H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr,
-                 BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, CARRY_FIRST: tl.constexpr,
+                 PREC: tl.constexpr):
     i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, c, token_start, t0, length, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
-    rc, rk, rv = tl.arange(0, C), tl.arange(0, KP), vt * BV + tl.arange(0, BV)
+    rc, rk = tl.arange(0, C), tl.arange(0, KP)
     ck = rk[None, :] < K
     q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0)  # in the nodes' dtype
-    tile_mask = valid[:, None] & (rv[None, :] < V)
-    acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0).to(tl.float32)
-    for height in range(0, heights):
-        if reads_at(c, height, c0, HAS_INIT):
-            if KEEP_Q and vt == 0:  # each read's Q, kept for the backward
+    if CARRY_FIRST:  # Q down all the bits once, each read's kept in qs, for every V tile below
+        for height in range(0, heights):
+            if reads_at(c, height, c0, HAS_INIT):
                 tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
-            in_slots, slot = node_at(c, height, c0, first)
-            item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
-            node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
-            w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
-            acc += w[:, None] * tl.dot(q, node, input_precision=PREC)
-            if carries(c, height, in_slots):
-                q = tl.dot(q, square(trans, trans_item, K, rk), input_precision=PREC).to(q.dtype)
-    tl.store(row_tile(out, rows, H, h, V, rv), acc.to(out.dtype.element_ty), mask=tile_mask)
+                in_slots, slot = node_at(c, height, c0, first)
+                if carries(c, height, in_slots):
+                    _, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
+                    q = tl.dot(q, square(trans, trans_item, K, rk), input_precision=PREC).to(q.dtype)
+        tl.debug_barrier()  # the kept rows, stored by the program's other threads, are read below
+    for v0 in range(vt * BV, V if CARRY_FIRST else vt * BV + 1, BV):  # one V tile, or all of them
+        rv = v0 + tl.arange(0, BV)
+        tile_mask = valid[:, None] & (rv[None, :] < V)
+        acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0).to(tl.float32)
+        qj = q
+        for height in range(0, heights):
+            if reads_at(c, height, c0, HAS_INIT):
+                kept = rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk)
+                if CARRY_FIRST:
+                    qj = tl.load(kept, mask=ck, other=0.0)
+                elif KEEP_Q and vt == 0:  # each read's Q, kept for the backward
+                    tl.store(kept, qj, mask=ck)
+                in_slots, slot = node_at(c, height, c0, first)
+                item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
+                node = node_tile(nodes, init, item, in_slots, n, h, height, H, NI, K, V, rk, rv, HAS_INIT)
+                w = tl.load(lam + i * lam_s0 + h * lam_s1 + rc * lam_s2 + LEVEL0 + height)
+                acc += w[:, None] * tl.dot(qj, node, input_precision=PREC)
+                if not CARRY_FIRST and carries(c, height, in_slots):
+                    qj = tl.dot(qj, square(trans, trans_item, K, rk), input_precision=PREC).to(qj.dtype)
+        tl.store(row_tile(out, rows, H, h, V, rv), acc.to(out.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -252,14 +268,15 @@ class CarryReads(torch.autograd.Function):
         KP, BV, _ = _tiles(K, V)
         out = o.new_empty(o.shape, dtype=dtype)
         keep = any(ctx.needs_input_grad)  # no backward to come (no_grad, inference): nothing to keep
-        qs = qt.new_empty(plan.num_reads if keep else 0, H, C, K, dtype=node_ops.dtype)
+        carry_first = triton.cdiv(V, BV) > 1
+        qs = qt.new_empty(plan.num_reads if keep or carry_first else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
-        reads_kernel[(S, H, triton.cdiv(V, BV))](
+        reads_kernel[(S, H, 1 if carry_first else triton.cdiv(V, BV))](
             o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, out, qs, H, K, V, 1 if init is None else init.shape[2],
-            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, KEEP_Q=keep, PREC=prec,
-            num_warps=carry_warps(K))
+            layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, KEEP_Q=keep,
+            CARRY_FIRST=carry_first, PREC=prec, num_warps=carry_warps(K))
         # The float32 tree comes in for its gradients only: the kernels read the up-sweep's copies,
         # which its backward keeps too (one storage), and nothing keeps the float32 heights. The
         # carried queries are kept instead of qt: the backward would make them again (at 128K tokens,
