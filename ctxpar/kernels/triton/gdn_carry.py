@@ -236,7 +236,7 @@ def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d
     count = layout.segments.shape[0] if has_init else layout.segments_in_slots
     for of_trans, partner, grads, N, runs in ((False, d_out, d_nodes, d_nodes.shape[-1], count),
                                                (True, dqs, d_trans, K, layout.segments_in_slots)):
-        BK, BN = min(triton.next_power_of_2(K), NODE_TILE), min(triton.next_power_of_2(N), NODE_TILE)
+        BK, BN = triton.next_power_of_2(K), min(triton.next_power_of_2(N), NODE_TILE)
         if runs:
             node_grad_kernel[(runs, H, triton.cdiv(K, BK) * triton.cdiv(N, BN))](
                 qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
