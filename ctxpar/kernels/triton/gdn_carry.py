@@ -51,6 +51,10 @@ from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at
 # programs an SM (maxnreg 168; 250-254 registers, two, uncapped) took the op at 128K tokens from
 # 61.4 to 62.7 ms (results/2026-12-02-h200-gdn-session20.json).
 CHAIN_STAGES = 1
+# node_grad's N tile; its K tile is the whole padded K (two 128-wide tiles at K = 192, the second
+# half empty, loaded dO and the kept dQ twice a run): the op at H=6, K=192, V=384 on an H200 from
+# 248.3 to 236.6 ms at 512K tokens, 56.41 to 54.13 at 128K (sm_90, Triton 3.6, bf16, 8 warps: 230
+# registers, no spills, 96 KiB shared, against 174 and 64; results/2026-12-02-h200-gdn-session24.json).
 NODE_TILE = 128
 
 
@@ -268,6 +272,11 @@ class CarryReads(torch.autograd.Function):
         KP, BV, _ = _tiles(K, V)
         out = o.new_empty(o.shape, dtype=dtype)
         keep = any(ctx.needs_input_grad)  # no backward to come (no_grad, inference): nothing to keep
+        # Where V takes several V tiles (K = 192, V = 384: three), a program per V tile carried Q
+        # again (Q T at K padded to 256) and loaded every transition: one program per (slot, head)
+        # carrying Q first took the op (H200, H=6) from 248.3 to 236.4 ms at 512K tokens, 56.41
+        # to 54.43 at 128K (results/2026-12-02-h200-gdn-session24.json). It keeps the Q's without a
+        # backward to come too.
         carry_first = triton.cdiv(V, BV) > 1
         qs = qt.new_empty(plan.num_reads if keep or carry_first else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
