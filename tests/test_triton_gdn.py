@@ -266,8 +266,8 @@ def test_backward_keeps_the_trees_copies_not_its_float32_heights():
 
 @pytest.mark.parametrize("V", [16, 160])  # 160: two of the reads' V tiles, so they carry Q first, kept anyway
 def test_forward_without_autograd_matches_the_training_forward(V):
-    """Under no_grad the reads keep nothing for a backward (no carried queries stored): the output
-    is the same as with gradients on."""
+    """Under no_grad the reads keep nothing for a backward (no carried queries stored but where
+    they carry Q first): the output is the same as with gradients on."""
     q, k, v, g, beta, lam = make_inputs(1, 120, 2, 1, 16, V, 8, dtype=torch.float32)
     with torch.no_grad():
         inference, _ = chunked(q, k, v, g, beta, lam, [(0, 0, 120)], chunk_size=C)

@@ -109,13 +109,13 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
                  slot_chunk, out, qs, H, K, V, NI, heights, LEVEL0, C: tl.constexpr, KP: tl.constexpr,
                  BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_Q: tl.constexpr, CARRY_FIRST: tl.constexpr,
                  PREC: tl.constexpr):
-    i, h, vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, h = tl.program_id(0), tl.program_id(1)
     n, c, token_start, t0, length, c0, _, first = slot_info(docs, slot_doc, slot_chunk, i)
     rows, valid = chunk_rows(c, token_start, t0, length, C)
     rc, rk = tl.arange(0, C), tl.arange(0, KP)
     ck = rk[None, :] < K
     q = tl.load(rows_of(qt, i * H + h, K, rc, rk), mask=ck, other=0.0)  # in the nodes' dtype
-    if CARRY_FIRST:  # Q down all the bits once, each read's kept in qs, for every V tile below
+    if CARRY_FIRST:  # V past one tile: Q down all the bits once, each read's kept in qs, for every V tile
         for height in range(0, heights):
             if reads_at(c, height, c0, HAS_INIT):
                 tl.store(rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk), q, mask=ck)
@@ -124,7 +124,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
                     _, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
                     q = tl.dot(q, square(trans, trans_item, K, rk), input_precision=PREC).to(q.dtype)
         tl.debug_barrier()  # the kept rows, stored by the program's other threads, are read below
-    for v0 in range(vt * BV, V if CARRY_FIRST else vt * BV + 1, BV):  # one V tile, or all of them
+    for v0 in range(0, V if CARRY_FIRST else 1, BV):  # every V tile, or the one there is
         rv = v0 + tl.arange(0, BV)
         tile_mask = valid[:, None] & (rv[None, :] < V)
         acc = tl.load(row_tile(o, rows, H, h, V, rv), mask=tile_mask, other=0.0).to(tl.float32)
@@ -134,7 +134,7 @@ def reads_kernel(o, qt, lam, lam_s0, lam_s1, lam_s2, nodes, trans, init, offsets
                 kept = rows_of(qs, tl.load(read_row + i * heights + height) * H + h, K, rc, rk)
                 if CARRY_FIRST:
                     qj = tl.load(kept, mask=ck, other=0.0)
-                elif KEEP_Q and vt == 0:  # each read's Q, kept for the backward
+                elif KEEP_Q:  # each read's Q, kept for the backward
                     tl.store(kept, qj, mask=ck)
                 in_slots, slot = node_at(c, height, c0, first)
                 item, trans_item = tree_items(offsets, rank, height, slot, in_slots, H, h)
@@ -280,7 +280,7 @@ class CarryReads(torch.autograd.Function):
         carry_first = triton.cdiv(V, BV) > 1
         qs = qt.new_empty(plan.num_reads if keep or carry_first else 0, H, C, K, dtype=node_ops.dtype)
         layout = plan.layout
-        reads_kernel[(S, H, 1 if carry_first else triton.cdiv(V, BV))](
+        reads_kernel[(S, H)](
             o.contiguous(), qt, lam_slots, *lam_slots.stride()[:3], node_ops, trans_ops,
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, out, qs, H, K, V, 1 if init is None else init.shape[2],
