@@ -132,7 +132,7 @@ def tile_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, du, dm, d_sg, d
         d_q = (d_qc * e_in[:, None] + mma_f32(sg, kc, DT, PREC)) * scale  # q's, not the query's
         d_k = d_kd * e_in[:, None] + mma_f32(kk2, kc, DT, PREC) + mma_f32(tl.trans(sg), qc, DT, PREC)
         if not SHARED:  # these columns' one writer: state_grad's share in, the inputs' dtype out
-            d_k += tl.load(row_tile(dk_state, rows, HK, group, K, rc), mask=col_mask, other=0.0)
+            d_k += token_tile(dk_state, rows, valid, HK, group, K, rc)
         put(row_tile(dq, rows, HK, group, K, rc), d_q.to(dq.dtype.element_ty), col_mask, SHARED)
         put(row_tile(dk, rows, HK, group, K, rc), d_k.to(dk.dtype.element_ty), col_mask, SHARED)
 
