@@ -32,7 +32,7 @@ from ctxpar.cp.plan import ENDED, Layout, Piece, Span, layout
 from ctxpar.cp.summary import Shape, Summary, compact, join, to_state
 from ctxpar.cp.transport import DistTransport, SimGroup, SimTransport
 from ctxpar.kernels import FenwickState, log_linear_gdn, log_linear_mamba2
-from ctxpar.kernels.inputs import canonicalize
+from ctxpar.kernels.inputs import canonicalize, scaled
 from ctxpar.kernels.torch_chunked import DEFAULT_CHUNK
 
 
@@ -236,7 +236,7 @@ def _state_dtype(c) -> torch.dtype:
 def _inputs(c, piece: Piece):
     """Canonical q, k, v, g, beta of one piece, [R, n, ...]."""
     cut = lambda x: None if x is None else x[:, piece.start : piece.end]  # noqa: E731
-    return cut(c.q) * c.scale, cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
+    return scaled(cut(c.q), c.scale), cut(c.k), cut(c.v), cut(c.g), cut(c.beta)
 
 
 def _user_state(state: FenwickState, piece: Piece, cu_seqlens) -> FenwickState:

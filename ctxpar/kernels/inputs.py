@@ -34,6 +34,11 @@ class Canonical:
     scale: float = 1.0  # the queries are q * scale
 
 
+def scaled(q, scale):
+    """The queries q * scale; q itself where scale is 1 (no copy)."""
+    return q if scale == 1.0 else q * scale
+
+
 def canonicalize(q, k, v, g, beta, level_scales, scale, initial_state, cu_seqlens, *, default_scale, native=False):
     """Check every input (clear errors, one rule each) and return the canonical form."""
     if initial_state is not None and not isinstance(initial_state, FenwickState):

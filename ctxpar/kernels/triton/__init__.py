@@ -41,7 +41,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         from ctxpar.kernels.triton.gdn_function import chunked as run
 
         return run(q, k, v, g, beta, lam, spans, initial_state, output_final_state, scale=scale, **kwargs)
+    from ctxpar.kernels.inputs import scaled
     from ctxpar.kernels.triton.function import chunked as run
 
-    return run(q if scale == 1.0 else q * scale, k, v, g, beta, lam, spans, initial_state, output_final_state,
-               **kwargs)
+    return run(scaled(q, scale), k, v, g, beta, lam, spans, initial_state, output_final_state, **kwargs)
