@@ -9,7 +9,7 @@ value, on the same inputs: the op's forward+backward median ms and the largest r
 of its output and gradients from the defaults' (tiling moves bf16 rounding a little; a value that
 computes something else shows as a large one).
 
-    python benchmarks/sweep_gdn.py gdn_chunk_grad.PAIRS_WARPS=4 gdn_carry.CHAIN_STAGES=2
+    python benchmarks/sweep_gdn.py gdn_chunk_grad.PAIRS_WARPS=8 gdn_carry.WIDE_CHAIN_STAGES=1
     SHAPES=16x128x128,6x192x384 GDN_TS=8192,131072 python benchmarks/sweep_gdn.py gdn_tree.STEP=64
 
 Writes $OUT/sweep_gdn.json after every row and prints a table last. Without a GPU

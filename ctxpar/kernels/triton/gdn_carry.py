@@ -51,6 +51,11 @@ from ctxpar.kernels.triton.common import chunk_rows, doc_info, node_at, reads_at
 # programs an SM (maxnreg 168; 250-254 registers, two, uncapped) took the op at 128K tokens from
 # 61.4 to 62.7 ms (results/2026-12-02-h200-gdn-session20.json).
 CHAIN_STAGES = 1
+# Where K pads past 128 (K = 192) chain_grad takes two stages. Swept alone on an H200 at 8K tokens x 4
+# (bf16): the op 11.39 -> 11.29 ms at H=6, K=192, V=384, but 9.98 -> 10.14 at H=16, K=V=128; on top
+# of gdn_chunk_grad's two stages and 4 pairs warps, at both shapes: 11.21 -> 11.08 ms at H=6 (128K
+# tokens 50.67 -> 50.28), 9.68 -> 9.84 at H=16 (results/2026-12-02-h200-gdn-session25.json).
+WIDE_CHAIN_STAGES = 2
 # node_grad's N tile; its K tile is the whole padded K (two 128-wide tiles at K = 192, the second
 # half empty, loaded dO and the kept dQ twice a run): the op at H=6, K=192, V=384 on an H200 from
 # 248.3 to 236.6 ms at 512K tokens, 56.41 to 54.13 at 128K (sm_90, Triton 3.6, bf16, 8 warps: 230
@@ -313,7 +318,8 @@ class CarryReads(torch.autograd.Function):
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, WHOLE_V=V <= BV,
-            num_warps=carry_warps(K), num_stages=CHAIN_STAGES)
+            num_warps=carry_warps(K),
+            num_stages=WIDE_CHAIN_STAGES if triton.next_power_of_2(K) > 128 else CHAIN_STAGES)
         d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
         for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):
             for lo, hi in ranges:

@@ -56,10 +56,12 @@ from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales,
 from ctxpar.kernels.triton.gdn_chunk import chunk_decays, chunk_grams, qk_columns, square_tile
 from ctxpar.kernels.triton.gdn_tree import tile_of
 
-# No multi-buffered loads in state_grad's and pairs_grad's tile loops, which run a few steps only
-# (set when finish_grad's also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256; not
-# swept since). state_grad takes 48 KiB of shared memory so, 96 with Triton's default stages.
-NUM_STAGES = 1
+# Double-buffered loads in state_grad's and pairs_grad's tile loops (one stage was set when
+# finish_grad also loaded [K, 64] float32 tiles of dU and dM, 64 KB each at K = 256). Swept alone on
+# an H200 at 8K tokens x 4 (bf16): the op 9.98 -> 9.86 ms at H=16, K=V=128, 11.39 -> 11.31 at H=6,
+# K=192, V=384; with PAIRS_WARPS = 4 (from 8) too: 10.00 -> 9.68 and 11.35 -> 11.21 ms, and at 128K
+# tokens 42.73 -> 41.42 and 51.49 -> 50.67 (results/2026-12-02-h200-gdn-session25.json).
+NUM_STAGES = 2
 # tile_grad's V and K tiles, state_grad's rows of E, the loops' steps. Not swept; tile_grad's V tiles
 # 128 wide at 8 warps (222 registers, no spills, sm_90) took the op at 128K tokens on an H200 from
 # 45.81 to 48.44 ms (H=16, K=V=128; results/2026-12-02-h200-gdn-session23.json).
@@ -69,7 +71,10 @@ TILE = 64
 # to 96.9 at K = V = 128 (results/2026-12-01-h200-gdn-session18-configs.json); without E
 # (state_grad) it spills 416 bytes a thread at 8 warps against 1152 at 4 (sm_90, K = V = 128), and
 # 8 took the op from 78.2 to 76.8 ms there (benchmarks/results/2026-12-01-h200-gdn-session19-ab2.json).
-PAIRS_WARPS = 8
+# With PAIRS_STEP 128 and two stages, 4 is faster again (NUM_STAGES above; alone at 8K x 4: 9.98 ->
+# 9.83 ms at H=16, 11.39 -> 11.35 at H=6) though it spills 440 bytes a thread at K = V = 128 and 448
+# at K = 192 (sm_90, Triton 3.6, bf16, two stages: 64 KiB of shared memory).
+PAIRS_WARPS = 4
 # pairs_grad's steps over V and K (TILE, 64, before): one step at K = V = 128 where there were two of
 # each loop's loads and products; sm_90, Triton 3.6, bf16, 255 registers: no spills at K = V = 128
 # and 8 bytes at K = 192, V = 384 (64: 24 bytes at both), 48 KiB of shared memory (32); float32
