@@ -19,6 +19,7 @@ and (6, 192, 384), per-head q/k, T in GDN_TS (default 8K with B = 4, 32K, 128K, 
     ONLY=ctxpar_triton_gdn,ctxpar_torch_gdn,fla_gated_delta_rule python benchmarks/bench_ops.py   # the GDN rows alone
 """
 
+import functools
 import json
 import os
 import time
@@ -99,7 +100,7 @@ def run_case(name, T, make, call, heads=H):
         fwd_bwd = fwd_bwd_step(call, inputs, do)
         fwd_bwd()
         with torch.no_grad():
-            fwd = median_ms(lambda: call(*inputs), warmup=10, rep=100)
+            fwd = median_ms(functools.partial(call, *inputs), warmup=10, rep=100)
         fb = median_ms(fwd_bwd, warmup=10, rep=100)
         row.update(fwd_ms=fwd, fwdbwd_ms=fb, fwdbwd_Mtok_s=B * T / fb / 1e3, fwd_Mtok_s=B * T / fwd / 1e3,
                    peak_GiB=peak_gib(fwd_bwd))
