@@ -56,6 +56,7 @@ CHAIN_STAGES = 1
 # of gdn_chunk_grad's two stages and 4 pairs warps, at both shapes: 11.21 -> 11.08 ms at H=6 (128K
 # tokens 50.67 -> 50.28), 9.68 -> 9.84 at H=16 (results/2026-12-02-h200-gdn-session25.json).
 WIDE_CHAIN_STAGES = 2
+READ_STAGES = NODE_STAGES = 3  # the reads' and node_grad's pipeline stages: Triton's default, not swept
 # node_grad's N tile; its K tile is the whole padded K (two 128-wide tiles at K = 192, the second
 # half empty, loaded dO and the kept dQ twice a run): the op at H=6, K=192, V=384 on an H200 from
 # 248.3 to 236.6 ms at 512K tokens, 56.41 to 54.13 at 128K (sm_90, Triton 3.6, bf16, 8 warps: 230
@@ -251,7 +252,7 @@ def node_grads(qs, dqs, d_out, lam_slots, plan, log_c, prec, d_nodes, d_trans, d
                 qs, partner, lam_slots, *lam_slots.stride()[:3], plan.read_row, layout.segments, layout.docs,
                 plan.node_offsets, plan.rank, grads, grads if d_init is None else d_init, H, K, N, NI,
                 layout.heights, log_c + 1, C=C, BK=BK, BN=BN, SEGMENT=layout.segment, OF_TRANS=of_trans,
-                HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K))
+                HAS_INIT=has_init, PREC=prec, num_warps=carry_warps(K), num_stages=NODE_STAGES)
 
 
 def _tiles(K, V):
@@ -290,7 +291,7 @@ class CarryReads(torch.autograd.Function):
             node_ops if init is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, out, qs, H, K, V, 1 if init is None else init.shape[2],
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=init is not None, KEEP_Q=keep,
-            CARRY_FIRST=carry_first, PREC=prec, num_warps=carry_warps(K))
+            CARRY_FIRST=carry_first, PREC=prec, num_warps=carry_warps(K), num_stages=READ_STAGES)
         # The float32 tree comes in for its gradients only: the kernels read the up-sweep's copies,
         # which its backward keeps too (one storage), and nothing keeps the float32 heights. The
         # carried queries are kept instead of qt: the backward would make them again (at 128K tokens,

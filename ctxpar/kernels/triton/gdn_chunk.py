@@ -72,6 +72,7 @@ from ctxpar.kernels.triton.gdn_tree import float_rows, transitions
 # 3.2 / 2.9 / 8.3 / 7.8 ms at H=16, K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
 INVERSE_WARPS = 1
 BLOCK = tl.constexpr(16)  # rows of the inverse's diagonal blocks: the smallest tile tl.dot takes
+CHUNK_STAGES = 3  # gdn_chunk_kernel's pipeline stages: Triton's default, not swept
 
 
 @triton.jit
@@ -325,5 +326,5 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows,
                            float_rows(layout, 0, filled), scale, H, k.shape[1], K, V, L, C=C,
                            LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=filled, PREC=prec,
-                           num_warps=num_warps(q.dtype))
+                           num_warps=num_warps(q.dtype), num_stages=CHUNK_STAGES)
     return o, qt, u, m, inv, pairs

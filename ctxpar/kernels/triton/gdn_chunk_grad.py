@@ -66,6 +66,7 @@ NUM_STAGES = 2
 # 128 wide at 8 warps (222 registers, no spills, sm_90) took the op at 128K tokens on an H200 from
 # 45.81 to 48.44 ms (H=16, K=V=128; results/2026-12-02-h200-gdn-session23.json).
 TILE = 64
+TILE_STAGES = 3  # tile_grad's pipeline stages: Triton's default, not swept
 # pairs_grad's warps (measured as finish_grad's). With E still in it, 8 (against 4) took the op from
 # 159.4 to 152.8 ms at 128K tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1
 # to 96.9 at K = V = 128 (results/2026-12-01-h200-gdn-session18-configs.json); without E
@@ -288,6 +289,6 @@ def chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, d_o, d_qt, d_u, 
     d_sg = d_tt  # pairs_grad replaced each tile
     tile_grad_kernel[(S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)](
         q, k, v, g, beta, lam, inv, pairs, *grads, d_sg, d_kk2, dq, dk, dk_state, dv, dg_in, *tables, scale, H, Hk, K,
-        V, L, SHARED=shared, **shape)
+        V, L, SHARED=shared, num_stages=TILE_STAGES, **shape)
     decay_grad_kernel[(S, H)](dg_in, dg, *tables[:3], H, C=C)
     return dq, dk, dv, dg, dbeta, dlam

@@ -314,6 +314,7 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d
 # benchmarks/results/2026-11-30-h200-sweep_gdn_bmm.json) 128 x 128 tiles with 32-wide steps and
 # 8 warps 184.3 ms, 64 x 64 215.9, 128 x 64 194.3, 64-wide steps 215.7 / 251.5.
 TILE, STEP, NUM_WARPS = 128, 32, 8
+STAGES = 3  # the up-sweep kernels' pipeline stages: Triton's default, not swept
 
 
 def _tiles(K, V):
@@ -363,7 +364,7 @@ class UpSweep(torch.autograd.Function):
             up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
                             trans_copies[h + 1], float_rows(plan.layout, h + 1, filled), H, K, V, NI, h, BM=BM,
                             BN=BN, BK=BK, HAS_INIT=has_init, STORE_TRANS=filled, PREC=prec, num_warps=warps,
-                            maxnreg=_register_cap(node_ops.dtype, warps))
+                            num_stages=STAGES, maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
         ctx.mark_dirty(u)
         ctx.mark_non_differentiable(node_ops, trans_ops)
@@ -392,7 +393,8 @@ class UpSweep(torch.autograd.Function):
             up_grad_kernel[(up.count * H * (kv + 2 * kk),)](
                 node_ops, trans[h], node_ops if init is None else init, up.left, up.doc, d_nodes, d_trans[h + 1],
                 d_trans[h], node_ops if d_init is None else d_init, H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
-                HAS_INIT=has_init, PREC=prec, num_warps=warps, maxnreg=_register_cap(node_ops.dtype, warps))
+                HAS_INIT=has_init, PREC=prec, num_warps=warps, num_stages=STAGES,
+                maxnreg=_register_cap(node_ops.dtype, warps))
         return d_nodes, d_trans[0], d_init, None, None, None, None, None
 
 
