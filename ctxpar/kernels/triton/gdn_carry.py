@@ -54,7 +54,9 @@ CHAIN_STAGES = 1
 # Where K pads past 128 (K = 192) chain_grad takes two stages. Swept alone on an H200 at 8K tokens x 4
 # (bf16): the op 11.39 -> 11.29 ms at H=6, K=192, V=384, but 9.98 -> 10.14 at H=16, K=V=128; on top
 # of gdn_chunk_grad's two stages and 4 pairs warps, at both shapes: 11.21 -> 11.08 ms at H=6 (128K
-# tokens 50.67 -> 50.28), 9.68 -> 9.84 at H=16 (results/2026-12-02-h200-gdn-session25.json).
+# tokens 50.67 -> 50.28), 9.68 -> 9.84 at H=16. With K past 128 only, against one stage everywhere
+# and gdn_chunk_grad's settings before, in one lease: 11.40 -> 11.12 ms at H=6 (FLA's chunk_gated_delta_rule
+# 4.45), 10.00 -> 9.69 at H=16 (results/2026-12-02-h200-gdn-session25.json).
 WIDE_CHAIN_STAGES = 2
 READ_STAGES = NODE_STAGES = 3  # the reads' and node_grad's pipeline stages: Triton's default, not swept
 # node_grad's N tile; its K tile is the whole padded K (two 128-wide tiles at K = 192, the second
