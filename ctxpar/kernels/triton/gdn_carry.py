@@ -321,8 +321,7 @@ class CarryReads(torch.autograd.Function):
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, WHOLE_V=V <= BV,
-            num_warps=carry_warps(K),
-            num_stages=WIDE_CHAIN_STAGES if triton.next_power_of_2(K) > 128 else CHAIN_STAGES)
+            num_warps=carry_warps(K), num_stages=WIDE_CHAIN_STAGES if KP > 128 else CHAIN_STAGES)
         d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
         for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):
             for lo, hi in ranges:
