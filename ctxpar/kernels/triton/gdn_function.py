@@ -84,7 +84,8 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     filled = has_init or output_final_state
     o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, filled)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
-    lam_slots = grid.tokens(F.pad(flam.float(), (0, max(0, log_c + 1 + layout.heights - flam.shape[-1]))))
+    width = _slot_levels(max(log_c + 1 + layout.heights, flam.shape[-1]))
+    lam_slots = grid.tokens(F.pad(flam.float(), (0, width - flam.shape[-1])))
 
     buckets = init = None
     if has_init:
@@ -108,6 +109,15 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     repeats its shapes every step, and building them costs host time and many small copies."""
     layout = build_layout(list(spans), list(starts), length, chunk, READ_RUN, device)
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
+
+
+def _slot_levels(levels):
+    """Levels of the slot grid's lambda rows (at least ``levels``): one more where rows of float32 lambdas would fill whole
+    16-byte vectors, which send PyTorch's gathers (the grid's, both ways) to a kernel with one block
+    per row, a few threads of it busy: on an H200 at 32K tokens, H=16 (16 levels, 64-byte rows) 0.63
+    ms of the op's 11.0 (results/2026-12-02-h200-gdn-session24.json), against 0.30 ms at 128K (18
+    levels, 72-byte rows, the element-wise gather) for 4x the rows (...-session22.json)."""
+    return levels + (levels % 4 == 0)
 
 
 def _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, node_copy):
