@@ -112,11 +112,14 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
 
 
 def _slot_levels(levels):
-    """Levels of the slot grid's lambda rows (at least ``levels``): one more where rows of float32 lambdas would fill whole
-    16-byte vectors, which send PyTorch's gathers (the grid's, both ways) to a kernel with one block
-    per row, a few threads of it busy: on an H200 at 32K tokens, H=16 (16 levels, 64-byte rows) 0.63
-    ms of the op's 11.0 (results/2026-12-02-h200-gdn-session24.json), against 0.30 ms at 128K (18
-    levels, 72-byte rows, the element-wise gather) for 4x the rows (...-session22.json)."""
+    """Levels of the slot grid's lambda rows (at least ``levels``): one more where rows of float32
+    lambdas would fill whole 16-byte vectors, which send PyTorch's gathers (the grid's, both ways)
+    to a kernel with one block per row, a few threads of it busy: on an H200 at 32K tokens, H=16
+    (16 levels, 64-byte rows) 0.63 ms of the op's 11.0 (results/2026-12-02-h200-gdn-session24.json),
+    against 0.30 ms at 128K (18 levels, 72-byte rows, the element-wise gather) for 4x the rows
+    (...-session22.json). The padded level took the op (bf16, same run) from 10.74 to 10.22 ms at
+    32K tokens and from 180.85 to 173.16 at 512K (20 levels) for H=16, K=V=128, and from 12.20 to
+    12.00 and 219.97 to 218.30 for H=6, K=192, V=384 (results/2026-12-02-h200-gdn-session26.json)."""
     return levels + (levels % 4 == 0)
 
 
