@@ -40,9 +40,11 @@ def _bf16() -> None:
     -> bf16 casts truncated where the GPU rounds to nearest even (and the interpreter's own
     round-to-nearest-even mode loses the carry into the exponent: 0.5 off), and integer or bool
     -> bf16 casts kept the integer as the bits (True became 1e-40, not 1): every cast to bf16
-    goes through float32 and rounds to nearest even here, and casts from bf16 start from float32."""
+    goes through float32 and rounds to nearest even here, and casts from bf16 start from float32.
+    bf16 atomic adds, which it refuses, are emulated."""
     import numpy as np
     import triton.language as tl
+    from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
@@ -87,7 +89,21 @@ def _bf16() -> None:
 
         return run
 
+    def create_atomic_rmw(self, op, ptr, val, mask, *rest):
+        """bf16 atomic adds, which the interpreter refuses ("Unsupported data type"): a load, an add
+        in float32 and a store, atomic here since the interpreter runs one program at a time (a
+        block must not hold one address twice: it never does in ctxpar's kernels)."""
+        if val.dtype.scalar != tl.bfloat16:
+            return rmw(self, op, ptr, val, mask, *rest)
+        if op != ir.ATOMIC_OP.FADD:
+            raise ValueError(f"bf16 atomic {op} in the interpreter: only adds are emulated")
+        old = self.create_masked_load(ptr, mask, None, None, None, False)
+        self.create_masked_store(ptr, binary_op(self, old, val, np.add), mask, None, None)
+        return old
+
+    rmw = builder.create_atomic_rmw
     builder.create_dot, builder.cast_impl, builder.binary_op = create_dot, cast_impl, binary_op
+    builder.create_atomic_rmw = create_atomic_rmw
     interpreter.ReduceOps.sum = in_float32(interpreter.ReduceOps.sum)
     interpreter.ScanOps.cumsum = in_float32(interpreter.ScanOps.cumsum)
     builder._bf16_as_on_gpu = True

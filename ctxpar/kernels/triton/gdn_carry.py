@@ -300,7 +300,7 @@ class CarryReads(torch.autograd.Function):
         # H=16, K=128: 2.9 GB, which the backward held anyway).
         ctx.save_for_backward(lam_slots, init, node_ops, trans_ops, init_ops, qs)
         ctx.plan, ctx.log_c, ctx.prec = plan, log_c, prec
-        ctx.qt_shape = qt.shape
+        ctx.qt_shape, ctx.grad_dtype = qt.shape, tree[0].dtype  # gdn_tree.gradient_dtype
         return out
 
     @staticmethod
@@ -322,7 +322,8 @@ class CarryReads(torch.autograd.Function):
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, WHOLE_V=V <= BV,
             num_warps=carry_warps(K), num_stages=WIDE_CHAIN_STAGES if KP > 128 else CHAIN_STAGES)
-        d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device) for x in (node_ops, trans_ops))
+        d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device, dtype=ctx.grad_dtype)
+                            for x in (node_ops, trans_ops))
         for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):
             for lo, hi in ranges:
                 grads[lo:hi] = 0

@@ -59,7 +59,7 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent,
                                           token_tile)
-from ctxpar.kernels.triton.gdn_tree import float_rows, transitions
+from ctxpar.kernels.triton.gdn_tree import float_rows, gradient_dtype, transitions
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -299,8 +299,8 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but
     o_intra, in v's dtype, and Qt, in the dtype of the tree's copies (gdn_tree.tree_copies), the
     reads' operands. Also stores U and M at the same rows of those copies, whose height 0 they
-    are. Unless ``filled``, M in float32 is a stand-in and U holds only the rows the up-sweep adds
-    to (gdn_tree.transitions, float_rows)."""
+    are. Unless ``filled``, M is a stand-in in the gradients' dtype and U holds only the rows the
+    up-sweep adds to (gdn_tree.gradient_dtype, transitions, float_rows)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
@@ -308,7 +308,7 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty_like(v), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
     u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
-    m = transitions(S, H, K, v.device, filled)
+    m = transitions(S, H, K, v.device, filled, gradient_dtype(filled, copies[0].dtype))
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     # V tiles of 128 (64 before): at K = V = 128 three programs a slot and head where there were

@@ -238,7 +238,7 @@ def pairs_grad_kernel(q, k, v, g, beta, lam, inv, pairs, do, dqt, dm, dbeta, dla
 
     # Decays: pairs (row sum - column sum of dGam * Gam) and G_C's trace of dM (M = e^G_C I - ...),
     # into dg_in beside tile_grad's and state_grad's in/out scalings.
-    d_trace = tl.sum(tl.load(dm + node * K * K + rk * (K + 1), mask=rk < K, other=0.0))
+    d_trace = tl.sum(tl.load(dm + node * K * K + rk * (K + 1), mask=rk < K, other=0.0).to(tl.float32))
     z = bt[:, None] * d_a * kk * gam + d_s * s
     d_gl = tl.sum(z, 1) - tl.sum(z, 0) + tl.where(r == C - 1, tl.exp(total) * d_trace, 0.0)
     tl.atomic_add(dg_in + head * C + r, d_gl, sem="relaxed")

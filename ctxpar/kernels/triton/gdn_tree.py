@@ -146,16 +146,33 @@ def tree_copies(plan, H, K, V, dtype, device):
             torch.empty(plan.num_nodes, H, K, K, device=device, dtype=dtype))
 
 
-def transitions(count, H, K, device, filled):
-    """[count, H, K, K] float32 transitions of one height. Unless ``filled`` (where an initial or
-    a final state asks for them), a stand-in, one row of NaNs expanded, that no kernel writes: the
-    kernels read the copies, and the float32 transitions then only give their gradients a shape.
+def gradient_dtype(filled, copies_dtype):
+    """The dtype of the tree's gradients (of U, M, the nodes and transitions). float32 where
+    ``filled``: the float32 tree is then read by torch ops (an initial or a final state), and
+    autograd casts a gradient to its tensor's dtype. Else the copies' (bf16 for half-precision
+    inputs): the float32 tree is then only stand-ins (``stand_in``) and the up-sweep's float32
+    rows, which nothing outside reads, so the gradients are free to take the dtype the kernels
+    read their operands in, half the bytes of float32 in every kernel that stores, adds into or
+    reads them (node_grad, up_grad, the chunk stage's backward)."""
+    return torch.float32 if filled else copies_dtype
+
+
+def stand_in(shape, dtype, device):
+    """A tensor of ``shape`` that only gives a gradient its shape and dtype: one row of NaNs
+    expanded (no kernel reads or writes it)."""
+    return torch.full((1, *shape[1:]), float("nan"), device=device, dtype=dtype).expand(shape)
+
+
+def transitions(count, H, K, device, filled, dtype):
+    """[count, H, K, K] transitions of one height, float32 where ``filled`` (where an initial or
+    a final state asks for them); else a stand-in of ``dtype`` (gradient_dtype): the kernels
+    read the copies, and the float32 transitions then only give their gradients a shape.
     At 128K tokens, H=16, K=128 the filled ones are 4.3 GB written: the op on an H200 went 48.83 ->
     47.72 ms without them (H=6, K=192, V=384: 60.68 -> 59.98; results/2026-12-02-h200-gdn-session22.json);
     its peak, in the backward, stayed 16.20 GiB."""
     if filled:
         return torch.empty(count, H, K, K, device=device)
-    return torch.full((1, H, K, K), float("nan"), device=device).expand(count, H, K, K)
+    return stand_in((count, H, K, K), dtype, device)
 
 
 def float_rows(layout, h, filled):
@@ -168,16 +185,17 @@ def float_rows(layout, h, filled):
     return layout.at_least[h] if filled else layout.at_least[h + 1]
 
 
-def up_sweep(u, m, init, plan, prec, copies, filled):
+def up_sweep(u, m, init, plan, prec, copies, filled, floats):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
     height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
-    overwritten), the transitions per height, float32 (``transitions``, as m), and the
-    copies completed, with the initial nodes' (or None) in their dtype. Unless ``filled``, the
-    float32 nodes and transitions are only what the up-sweep reads of them (float_rows,
-    transitions).
+    overwritten), the transitions per height (``transitions``, as m), and the copies completed,
+    with the initial nodes' (or None) in their dtype. Unless ``filled``, the float32 nodes and
+    transitions are only what the up-sweep reads of them (float_rows, transitions), and where the
+    gradients are not float32 (gradient_dtype) u and the nodes are stand-ins and the float32
+    rows are ``floats`` (the chunk stage's; else None).
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, *copies)
+    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, floats, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
     return nodes, trans, (node_ops, trans_ops, init_ops)
 
@@ -343,15 +361,17 @@ class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (bf16
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
     each. The nodes are by slot: u is overwritten, height by height, with each slot's top node
-    (marked dirty), and its gradient is every node of the slot's (see the module docstring).
+    (marked dirty; where the gradients are not float32, u is a stand-in and its float32 rows are
+    ``floats``), and its gradient is every node of the slot's (see the module docstring).
     Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns them
     too, for the reads (no gradients). The backward needs only the tree, and reads it from those
     copies, so nothing keeps the float32 tree (34 GB at 512K tokens, H=16, K=V=128, when every
     height's nodes were kept; the bf16 copies are half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec, filled, node_ops, trans_ops):
+    def forward(ctx, u, m, init, plan, prec, filled, floats, node_ops, trans_ops):
         trans = [m]
+        rows = u if floats is None else floats  # the float32 nodes the kernels write
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
@@ -359,14 +379,15 @@ class UpSweep(torch.autograd.Function):
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         trans_copies = trans_ops.split(plan.sizes)
         for h, up in enumerate(plan.up):
-            tr = transitions(up.count, H, K, m.device, filled)
+            tr = transitions(up.count, H, K, m.device, filled, m.dtype)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
+            up_kernel[grid](rows, node_ops, trans_copies[h], rows if init is None else init, up.left, up.doc, tr,
                             trans_copies[h + 1], float_rows(plan.layout, h + 1, filled), H, K, V, NI, h, BM=BM,
                             BN=BN, BK=BK, HAS_INIT=has_init, STORE_TRANS=filled, PREC=prec, num_warps=warps,
                             num_stages=STAGES, maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
-        ctx.mark_dirty(u)
+        if floats is None:
+            ctx.mark_dirty(u)  # else a stand-in, returned as it came
         ctx.mark_non_differentiable(node_ops, trans_ops)
         ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
         ctx.save_for_backward(init, node_ops, trans_ops)
@@ -395,7 +416,7 @@ class UpSweep(torch.autograd.Function):
                 d_trans[h], node_ops if d_init is None else d_init, H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
                 HAS_INIT=has_init, PREC=prec, num_warps=warps, num_stages=STAGES,
                 maxnreg=_register_cap(node_ops.dtype, warps))
-        return d_nodes, d_trans[0], d_init, None, None, None, None, None
+        return d_nodes, d_trans[0], d_init, None, None, None, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
