@@ -284,8 +284,7 @@ def gdn_stage_times(T):
     log_c = C.bit_length() - 1
     pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
     lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
-    floats, u = u, F.stand_in(u.shape, m.dtype, DEV)  # as ChunkStage hands them on (gdn_tree.gradient_dtype)
-    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2], False, floats.clone())
+    nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2], False)  # u: a stand-in
     tree = [x.requires_grad_() for x in (nodes, *trans)]
     qt.requires_grad_()
 
@@ -299,8 +298,7 @@ def gdn_stage_times(T):
             "layout, grid, tree plan (host)": ms(plan),
             "chunk stage": ms(lambda: F.chunk_stage(q, k, v, g, beta, lam, scale, layout, "tf32", tree_plan.rank,
                                                     copies[:2], False)),
-            "up-sweep (and a clone of U's float32 rows, which it overwrites)": ms(
-                lambda: F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2], False, floats.clone())),
+            "up-sweep": ms(lambda: F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2], False)),
             "reads": ms(reads),
             "chunk stage backward": ms(lambda: F.chunk_stage_grads(q, k, v, g, beta, lam, scale, inv, pairs, *grads,
                                                                    layout, "tf32", tree_plan.rank)),

@@ -221,7 +221,7 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
     copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
     for copy, x in zip(copies, (u, m)):  # height 0: the chunk stage's rows
         copy[:NC] = x[order].detach()
-    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies, True, None)
+    nodes, trans, copies = up_sweep(u[order], m[order], init, plan, "ieee", copies, True)
     ours = CarryReads.apply(o_intra, qt, lam, init, plan, log_c, "ieee", copies, torch.float32, nodes, *trans)
 
     per_chunk = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [S, H, ...] -> [1, H, NC, ...]
@@ -243,13 +243,12 @@ def test_tree_matches_torch_chunked(K, V):                  # and node_grad's ti
         assert rel_err(a, b) < 1e-5, name
 
 
-def test_backward_keeps_the_trees_copies_not_its_float32_heights():
-    """bf16 inputs: the graph keeps the tree for the backward as the bf16 copies, joined over the
-    heights (one [nodes, H, K, V] and one [nodes, H, K, K]), and no float32 tensor shaped like a
-    tree height ([rows, H, K, V] or [rows, H, K, K]); the float32 tree, twice the copies' bytes,
-    lives only through the forward. The nodes' copy is by slot, one top node each. Without
-    states in or out the backward makes no such float32 tensor either: the tree's gradients are
-    bf16 (gdn_tree.gradient_dtype)."""
+def test_bf16_tree_without_states_has_no_float32_copy():
+    """bf16 inputs, no states in or out: the graph keeps the tree for the backward as the bf16
+    copies, joined over the heights (one [nodes, H, K, V] and one [nodes, H, K, K]), and neither
+    the forward nor the backward makes a float32 tensor shaped like a tree height ([rows, H, K, V]
+    or [rows, H, K, K]): no float32 tree, twice the copies' bytes, and bf16 gradients of it
+    (gdn_tree.gradient_dtype). The nodes' copy is by slot, one top node each."""
     from ctxpar.kernels.triton.gdn_tree import TreePlan
     from ctxpar.kernels.triton.layout import build_layout
 
@@ -257,20 +256,20 @@ def test_backward_keeps_the_trees_copies_not_its_float32_heights():
     q, k, v, g, beta, lam = (x.float() if i == 3 else x.to(torch.bfloat16).requires_grad_()
                              for i, x in enumerate(make_inputs(1, T, H, H, K, V, 9)))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x), Made() as forward:
         o, _ = chunked(q, k, v, g.requires_grad_(), beta, lam, [(0, 0, T)], chunk_size=C)
-    plan = TreePlan(build_layout([(0, 0, T)], [0], T, C, 1, DEVICE), DEVICE)
-    tree_heights = ((H, K, V), (H, K, K))
-    tree_shaped = [x for x in saved if x.dim() == 4 and tuple(x.shape[1:]) in tree_heights]
-    assert not [x.shape for x in tree_shaped if x.dtype == torch.float32]
-    assert {(tuple(x.shape), x.dtype) for x in tree_shaped} == {((plan.layout.num_slots, H, K, V), torch.bfloat16),
-                                                               ((plan.num_nodes, H, K, K), torch.bfloat16)}
-    with Made() as made:
+    with Made() as backward:
         o.sum().backward()  # the kept copies are enough for it
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v, g, beta, lam))
-    assert not [x.shape for x in made.tensors if x.dtype == torch.float32 and tuple(x.shape[1:]) in tree_heights]
-    assert {(tuple(x.shape), x.dtype) for x in made.tensors if tuple(x.shape[1:]) in tree_heights} >= {
-        ((plan.layout.num_slots, H, K, V), torch.bfloat16), ((plan.num_nodes, H, K, K), torch.bfloat16)}
+    plan = TreePlan(build_layout([(0, 0, T)], [0], T, C, 1, DEVICE), DEVICE)
+    copies = {((plan.layout.num_slots, H, K, V), torch.bfloat16), ((plan.num_nodes, H, K, K), torch.bfloat16)}
+
+    def shaped(tensors):
+        return {(tuple(x.shape), x.dtype) for x in tensors if tuple(x.shape[1:]) in ((H, K, V), (H, K, K))}
+
+    assert shaped(saved) == copies
+    assert not [s for s in shaped(forward.tensors + backward.tensors) if s[1] == torch.float32]
+    assert shaped(backward.tensors) >= copies  # the gradients
 
 
 class Made(TorchDispatchMode):
@@ -363,7 +362,7 @@ def test_up_sweep_backward_stores_the_right_children():
     leaves = [x.requires_grad_() for x in (u, m)]
     copies = tree_copies(plan, H, K, V, torch.float32, DEVICE)
     copies[0][:S], copies[1][:S] = u.detach(), m.detach()
-    nodes, trans, _ = up_sweep(u.clone(), m, None, plan, "ieee", copies, True, None)  # the nodes overwrite theirs
+    nodes, trans, _ = up_sweep(u.clone(), m, None, plan, "ieee", copies, True)  # the nodes overwrite theirs
     outputs = [nodes, *trans]
     incoming = [torch.randn_like(x) for x in outputs]
     for h, (lo, hi) in enumerate(plan.right_children):

@@ -23,7 +23,7 @@ copy (q * scale in q's dtype, which rounds it in bf16) and its backward's multip
 46.95 ms and its peak 15.70 -> 15.20 GiB (H=6, K=192, V=384: 59.76 -> 59.23 ms;
 results/2026-12-02-h200-gdn-session23.json).
 
-Outputs are float32 (M only where asked, gdn_tree.transitions) but two: the intra output in token
+Outputs are float32 (U and M only where asked, gdn_tree.gradient_dtype) but two: the intra output in token
 rows [rows, H, V], where the reads add to it and store the op's output (no gather out of the slot
 grid), in v's dtype, the output's: in float32 it was 1 GB written and read at 128K tokens, H=16,
 V=128, and its gradient, the output's in bf16, was cast to float32 for the backward, which rounds
@@ -59,7 +59,7 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent,
                                           token_tile)
-from ctxpar.kernels.triton.gdn_tree import float_rows, gradient_dtype, transitions
+from ctxpar.kernels.triton.gdn_tree import gradient_dtype, stand_in, transitions
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -242,9 +242,8 @@ def unit_inverse_kernel(k, g, beta, inv_out, docs, slot_doc, slot_chunk, H, HK, 
 
 @triton.jit
 def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_out, u_copy, m_copy, docs,
-                     slot_doc, slot_chunk, tree_rows, float_rows, scale, H, HK, K, V, L, C: tl.constexpr,
-                     LOG_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_M: tl.constexpr,
-                     PREC: tl.constexpr):
+                     slot_doc, slot_chunk, tree_rows, scale, H, HK, K, V, L, C: tl.constexpr, LOG_C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, FILLED: tl.constexpr, PREC: tl.constexpr):
     i, h, tile = tiles_adjacent(H, tl.cdiv(V, BV) + tl.cdiv(K, BK))
     DT: tl.constexpr = q.dtype.element_ty  # the products' operands (mma_f32)
     n, c, token_start, t0, length, c0, c_last, first = slot_info(docs, slot_doc, slot_chunk, i)
@@ -266,7 +265,8 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
         for k0 in range(0, K, BK):  # U = Kt^T (T V), BK rows at a time
             rk = k0 + tl.arange(0, BK)
             u = mma_f32(tl.trans(token_tile(k, rows, valid, HK, group, K, rk)), pseudo, DT, PREC)
-            store_tile(u_out, node, K, V, rk, rv, u, tree_row < float_rows)
+            if FILLED:
+                store_tile(u_out, node, K, V, rk, rv, u)
             store_tile(u_copy, node, K, V, rk, rv, u)
         pairs = mma(scores, ut, tl.float32, PREC)
         if tile == 0:
@@ -288,7 +288,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
             rk = k0 + tl.arange(0, BK)
             m = mma_f32(tl.trans(token_tile(k, rows, valid, HK, group, K, rk)), w, DT, PREC)
             m = tl.where(rk[:, None] == rc[None, :], tl.exp(total), 0.0) - m
-            if STORE_M:
+            if FILLED:
                 store_tile(m_out, node, K, K, rk, rc, m)
             store_tile(m_copy, node, K, K, rk, rc, m)
 
@@ -299,16 +299,17 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     Qt [S, H, C, K], U [S, H, K, V], M [S, H, K, K], N [S, H, C, C], P [S, H, C, C]), float32 but
     o_intra, in v's dtype, and Qt, in the dtype of the tree's copies (gdn_tree.tree_copies), the
     reads' operands. Also stores U and M at the same rows of those copies, whose height 0 they
-    are. Unless ``filled``, M is a stand-in in the gradients' dtype and U holds only the rows the
-    up-sweep adds to (gdn_tree.gradient_dtype, transitions, float_rows)."""
+    are. Unless ``filled``, U and M in float32 are stand-ins in the gradients' dtype: the copies
+    alone hold them (gdn_tree.gradient_dtype)."""
     S, C = layout.num_slots, layout.chunk
     if C % BLOCK.value:
         raise ValueError(f"the GDN chunk stage inverts in blocks of {BLOCK.value} rows: chunk {C} is not a multiple")
     H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty_like(v), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
-    u, inv = torch.empty(S, H, K, V, **f32), torch.empty(S, H, C, C, **f32)
-    m = transitions(S, H, K, v.device, filled, gradient_dtype(filled, copies[0].dtype))
+    inv, grads = torch.empty(S, H, C, C, **f32), gradient_dtype(filled, copies[0].dtype)
+    u = torch.empty(S, H, K, V, **f32) if filled else stand_in((S, H, K, V), grads, v.device)
+    m = transitions(S, H, K, v.device, filled, grads)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     # V tiles of 128 (64 before): at K = V = 128 three programs a slot and head where there were
@@ -324,7 +325,7 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     # an H200; results/2026-12-02-h200-gdn-session20.json).
     grid = (S * H * (triton.cdiv(V, BV) + triton.cdiv(K, BK)),)
     gdn_chunk_kernel[grid](q, k, v, g, beta, lam, inv, qt, u, m, o, pairs, *copies, *tables, tree_rows,
-                           float_rows(layout, 0, filled), scale, H, k.shape[1], K, V, L, C=C,
-                           LOG_C=C.bit_length() - 1, BK=BK, BV=BV, STORE_M=filled, PREC=prec,
+                           scale, H, k.shape[1], K, V, L, C=C, LOG_C=C.bit_length() - 1, BK=BK, BV=BV,
+                           FILLED=filled, PREC=prec,
                            num_warps=num_warps(q.dtype), num_stages=CHUNK_STAGES)
     return o, qt, u, m, inv, pairs

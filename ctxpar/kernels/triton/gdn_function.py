@@ -32,7 +32,7 @@ from ctxpar.kernels.triton.gdn_carry import CarryReads
 from ctxpar.kernels.triton.gdn_chunk import chunk_stage
 from ctxpar.kernels.triton.gdn_chunk_grad import chunk_stage_grads
 from ctxpar.kernels.triton.gdn_grid import SlotGrid
-from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, operand_dtype, stand_in, tree_copies, up_sweep
+from ctxpar.kernels.triton.gdn_tree import TreePlan, carried_node, operand_dtype, tree_copies, up_sweep
 from ctxpar.kernels.triton.layout import build_layout
 
 DEFAULT_CHUNK = 64
@@ -42,25 +42,17 @@ READ_RUN = 32  # most readers of a node per node-gradient program (gdn_carry.py)
 class ChunkStage(torch.autograd.Function):
     """gdn_chunk.chunk_stage, backward gdn_chunk_grad.chunk_stage_grads (with the forward's N and P).
     ``copies`` (the tree's, no gradients) get height 0 stored; U and M in float32 whole only if
-    ``filled`` (chunk_stage). -> (o, Qt, U, M, floats): where the tree's gradients are not
-    float32 (gdn_tree.gradient_dtype), U is a stand-in in their dtype and its float32 rows come
-    apart as ``floats``, no gradient (for the up-sweep); else U is those rows, and floats None."""
+    ``filled`` (chunk_stage), else stand-ins in the gradients' dtype (gdn_tree.gradient_dtype)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled):
         o, qt, u, m, inv, pairs = chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, filled)
         ctx.save_for_backward(q, k, v, g, beta, lam, inv, pairs, tree_rows)
         ctx.layout, ctx.prec, ctx.scale = layout, prec, scale
-        if m.dtype == u.dtype:
-            return o, qt, u, m, None
-        # No zeros for floats' gradient (tree-sized): the other four always come, from the reads'
-        # and the up-sweep's backwards.
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(u)
-        return o, qt, stand_in(u.shape, m.dtype, u.device), m, u
+        return o, qt, u, m
 
     @staticmethod
-    def backward(ctx, d_o, d_qt, d_u, d_m, _):
+    def backward(ctx, d_o, d_qt, d_u, d_m):
         *inputs, inv, pairs, tree_rows = ctx.saved_tensors
         grads = chunk_stage_grads(*inputs, ctx.scale, inv, pairs, d_o, d_qt, d_u, d_m, ctx.layout, ctx.prec, tree_rows)
         return (*(d.to(x.dtype) for d, x in zip(grads, inputs)), None, None, None, None, None, None)
@@ -90,7 +82,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     # The float32 nodes and transitions are read whole only by an initial state's glue and the final
     # state (else only what the up-sweep needs of them); u and m come in tree order.
     filled = has_init or output_final_state
-    o, qt, u, m, floats = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, filled)
+    o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, filled)
     # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
     width = _slot_levels(max(log_c + 1 + layout.heights, flam.shape[-1]))
     lam_slots = grid.tokens(F.pad(flam.float(), (0, width - flam.shape[-1])))
@@ -100,7 +92,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
         buckets = initial_state.buckets.float()
         init = buckets[:, :, log_c:]
         o, u = _first_chunk_glue(o, u, m, qt, lam_slots, buckets, plan, grid, log_c, copies[0])
-    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies, filled, floats)
+    nodes, trans, copies = up_sweep(u, m, init, plan, prec, copies, filled)
     out = CarryReads.apply(o, qt, lam_slots, init, plan, log_c, prec, copies, fv.dtype, nodes, *trans)
     out = out.reshape(B, T, H, V).to(out_dtype)  # a cast for float64 inputs only
     if not output_final_state:

@@ -150,10 +150,10 @@ def gradient_dtype(filled, copies_dtype):
     """The dtype of the tree's gradients (of U, M, the nodes and transitions). float32 where
     ``filled``: the float32 tree is then read by torch ops (an initial or a final state), and
     autograd casts a gradient to its tensor's dtype. Else the copies' (bf16 for half-precision
-    inputs): the float32 tree is then only stand-ins (``stand_in``) and the up-sweep's float32
-    rows, which nothing outside reads, so the gradients are free to take the dtype the kernels
-    read their operands in, half the bytes of float32 in every kernel that stores, adds into or
-    reads them (node_grad, up_grad, the chunk stage's backward)."""
+    inputs): there is then no float32 tree, only stand-ins (``stand_in``) that carry the
+    gradients, so these take the dtype the kernels read their operands in, half the bytes of
+    float32 in every kernel that stores, adds into or reads them (node_grad, up_grad, the chunk
+    stage's backward)."""
     return torch.float32 if filled else copies_dtype
 
 
@@ -175,27 +175,16 @@ def transitions(count, H, K, device, filled, dtype):
     return stand_in((count, H, K, K), dtype, device)
 
 
-def float_rows(layout, h, filled):
-    """How many of height h's nodes (by_height order, a prefix) are stored in float32: all where
-    ``filled`` (an initial or a final state reads them), else only those the up-sweep adds into a
-    parent, the right children of height h + 1, rows [0, at_least[h + 1]): the kernels read the
-    copies, and every other node's float32 row is left unwritten: at 128K tokens, H=16, K=V=128,
-    about half of the float32 U and nodes, 2.1 of 4.3 GB written, and the op on an H200 46.24 ->
-    45.59 ms (H=6, K=192, V=384: 58.54 -> 58.12; results/2026-12-02-h200-gdn-session23.json)."""
-    return layout.at_least[h] if filled else layout.at_least[h + 1]
-
-
-def up_sweep(u, m, init, plan, prec, copies, filled, floats):
+def up_sweep(u, m, init, plan, prec, copies, filled):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
     height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
     overwritten), the transitions per height (``transitions``, as m), and the copies completed,
-    with the initial nodes' (or None) in their dtype. Unless ``filled``, the float32 nodes and
-    transitions are only what the up-sweep reads of them (float_rows, transitions), and where the
-    gradients are not float32 (gradient_dtype) u and the nodes are stand-ins and the float32
-    rows are ``floats`` (the chunk stage's; else None).
+    with the initial nodes' (or None) in their dtype. Unless ``filled`` there is no float32 tree:
+    u, the nodes and the transitions are stand-ins in the gradients' dtype (gradient_dtype,
+    transitions), and the parents add their right children from the copies.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
-    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, floats, *copies)
+    nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
     return nodes, trans, (node_ops, trans_ops, init_ops)
 
@@ -230,17 +219,17 @@ def left_tile(nodes, trans, init, left, doc, h, height, H, NI, K, V, r, c, OF_TR
 
 
 @triton.jit
-def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, float_rows, H, K, V, NI,
-              height, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
-              STORE_TRANS: tl.constexpr, PREC: tl.constexpr):
+def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, trans_copy, H, K, V, NI, height,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr, FILLED: tl.constexpr,
+              PREC: tl.constexpr):
     """Parent p's node T_r @ X + N_r (a [BM, BN] tile of V columns) or transition T_r @ T_l (of K
-    columns), X the left child (left_tile), stored in float32 and in the copies' dtype; one
-    program per (parent, head, tile), tiles adjacent. The products read the copies (T_r from
+    columns), X the left child (left_tile), stored in the copies' dtype and, FILLED, in float32;
+    one program per (parent, head, tile), tiles adjacent. The products read the copies (T_r from
     trans_ops, this height's transitions; X from node_copy, and the initial node), in their
     dtype, half the bytes of the float32 tree's. The node goes over its right child N_r, the
-    same slot's row of ``nodes`` (by slot), which only this program reads; no parent of the
-    launch is a left child of it (those have exactly ``height`` ones). In float32 only parents
-    p < float_rows (the function of that name)."""
+    same slot's row of the nodes (by slot), which only this program reads (from the float32
+    nodes where FILLED, else from the copy); no parent of the launch is a left child of it (those
+    have exactly ``height`` ones)."""
     DT: tl.constexpr = node_copy.dtype.element_ty  # the products' operands: the copies' dtype
     node_cols = tl.cdiv(V, BN)
     cols = node_cols + tl.cdiv(K, BN)
@@ -256,8 +245,11 @@ def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, t
             rk = k0 + tl.arange(0, BK)
             x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, False, False, HAS_INIT)
             acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
-        acc += tile_of(nodes, right, K, V, rm, rn, False)
-        store_tile(nodes, right, K, V, rm, rn, acc, p < float_rows)
+        if FILLED:
+            acc += tile_of(nodes, right, K, V, rm, rn, False)
+            store_tile(nodes, right, K, V, rm, rn, acc)
+        else:
+            acc += tile_of(node_copy, right, K, V, rm, rn, False)
         store_tile(node_copy, right, K, V, rm, rn, acc)
     else:
         rn = (j - node_cols) * BN + tl.arange(0, BN)
@@ -265,7 +257,7 @@ def up_kernel(nodes, node_copy, trans_ops, init, left_idx, doc_idx, trans_out, t
             rk = k0 + tl.arange(0, BK)
             x = left_tile(node_copy, trans_ops, init, left, doc, h, height, H, NI, K, V, rk, rn, True, False, HAS_INIT)
             acc = tl.dot(tile_of(trans_ops, right, K, K, rm, rk, False).to(DT), x.to(DT), acc, input_precision=PREC)
-        if STORE_TRANS:
+        if FILLED:
             store_tile(trans_out, right, K, K, rm, rn, acc)
         store_tile(trans_copy, right, K, K, rm, rn, acc)
 
@@ -361,17 +353,16 @@ class UpSweep(torch.autograd.Function):
     """parent = M_right @ left + right, M_parent = M_right @ M_left, one launch per height (bf16
     tensor cores for half-precision inputs); the backward walks the heights top down, one launch
     each. The nodes are by slot: u is overwritten, height by height, with each slot's top node
-    (marked dirty; where the gradients are not float32, u is a stand-in and its float32 rows are
-    ``floats``), and its gradient is every node of the slot's (see the module docstring).
+    (marked dirty; unless ``filled`` a stand-in, and the copies alone hold the nodes), and its
+    gradient is every node of the slot's (see the module docstring).
     Completes the tree's copies (tree_copies: the chunk stage stored height 0) and returns them
     too, for the reads (no gradients). The backward needs only the tree, and reads it from those
     copies, so nothing keeps the float32 tree (34 GB at 512K tokens, H=16, K=V=128, when every
     height's nodes were kept; the bf16 copies are half that)."""
 
     @staticmethod
-    def forward(ctx, u, m, init, plan, prec, filled, floats, node_ops, trans_ops):
+    def forward(ctx, u, m, init, plan, prec, filled, node_ops, trans_ops):
         trans = [m]
-        rows = u if floats is None else floats  # the float32 nodes the kernels write
         H, K, V = u.shape[1], u.shape[2], u.shape[3]
         BM, BN, BK, warps = _tiles(K, V)
         NI = 1 if init is None else init.shape[2]
@@ -381,12 +372,12 @@ class UpSweep(torch.autograd.Function):
         for h, up in enumerate(plan.up):
             tr = transitions(up.count, H, K, m.device, filled, m.dtype)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
-            up_kernel[grid](rows, node_ops, trans_copies[h], rows if init is None else init, up.left, up.doc, tr,
-                            trans_copies[h + 1], float_rows(plan.layout, h + 1, filled), H, K, V, NI, h, BM=BM,
-                            BN=BN, BK=BK, HAS_INIT=has_init, STORE_TRANS=filled, PREC=prec, num_warps=warps,
-                            num_stages=STAGES, maxnreg=_register_cap(node_ops.dtype, warps))
+            up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
+                            trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init,
+                            FILLED=filled, PREC=prec, num_warps=warps, num_stages=STAGES,
+                            maxnreg=_register_cap(node_ops.dtype, warps))
             trans.append(tr)
-        if floats is None:
+        if filled:
             ctx.mark_dirty(u)  # else a stand-in, returned as it came
         ctx.mark_non_differentiable(node_ops, trans_ops)
         ctx.set_materialize_grads(False)  # the copies' gradients: None, not tree-sized zeros
@@ -416,7 +407,7 @@ class UpSweep(torch.autograd.Function):
                 d_trans[h], node_ops if d_init is None else d_init, H, K, V, NI, h, BM=BM, BN=BN, BK=BK,
                 HAS_INIT=has_init, PREC=prec, num_warps=warps, num_stages=STAGES,
                 maxnreg=_register_cap(node_ops.dtype, warps))
-        return d_nodes, d_trans[0], d_init, None, None, None, None, None, None
+        return d_nodes, d_trans[0], d_init, None, None, None, None, None
 
 
 def carried_node(nodes, trans, init, plan, n, ce, h):
