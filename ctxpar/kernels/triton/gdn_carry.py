@@ -58,7 +58,11 @@ CHAIN_STAGES = 1
 # and gdn_chunk_grad's settings before, in one lease: 11.40 -> 11.12 ms at H=6 (FLA's chunk_gated_delta_rule
 # 4.45), 10.00 -> 9.69 at H=16 (results/2026-12-02-h200-gdn-session25.json).
 WIDE_CHAIN_STAGES = 2
-READ_STAGES = NODE_STAGES = 3  # the reads' and node_grad's pipeline stages: Triton's default, not swept
+# The reads' and node_grad's pipeline stages, Triton's default. Swept on an H200 at 8K tokens x 4 (bf16),
+# the op at H=16, K=V=128 and H=6, K=192, V=384 from 9.68 and 11.14 ms: reads 1 / 2 9.70 / 9.68 and
+# 11.10 / 11.13; node_grad 1 / 2 9.74 / 9.69 and 11.28 / 11.15 (results/2026-12-02-h200-gdn-session26.json,
+# before the bf16 tree gradients).
+READ_STAGES = NODE_STAGES = 3
 # node_grad's N tile; its K tile is the whole padded K (two 128-wide tiles at K = 192, the second
 # half empty, loaded dO and the kept dQ twice a run): the op at H=6, K=192, V=384 on an H200 from
 # 248.3 to 236.6 ms at 512K tokens, 56.41 to 54.13 at 128K (sm_90, Triton 3.6, bf16, 8 warps: 230

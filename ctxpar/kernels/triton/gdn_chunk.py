@@ -67,12 +67,17 @@ from ctxpar.kernels.triton.gdn_tree import gradient_dtype, stand_in, transitions
 # Compiled for sm_90 (Triton 3.6, bf16, K = 128), 1 / 2 / 4 warps issue about 9.2K / 15.3K /
 # 26.5K instructions a program (loops at their trip counts) at 255 / 222 / 190 registers a thread
 # (1 warp spills 8 bytes): one warp issues the fewest and keeps 8 programs an SM resident to 4
-# and 2. Measured at 1 only (the module docstring), not swept. The C-step substitution over
+# and 2. Swept on an H200 at 8K tokens x 4 (bf16): 2 and 4 warps took the op from 9.98 to 10.07 and
+# 10.24 ms at H=16, K=V=128 (H=6, K=192, V=384: 11.39 -> 11.43, 11.49;
+# results/2026-12-02-h200-gdn-session25.json). The C-step substitution over
 # [C, C] tiles this replaced was swept on an H200 at 128K tokens (bf16): 1 / 2 / 4 / 8 warps took
 # 3.2 / 2.9 / 8.3 / 7.8 ms at H=16, K=128 and 3.2 / 1.2 / 3.1 / 4.6 ms at H=6, K=192.
 INVERSE_WARPS = 1
 BLOCK = tl.constexpr(16)  # rows of the inverse's diagonal blocks: the smallest tile tl.dot takes
-CHUNK_STAGES = 3  # gdn_chunk_kernel's pipeline stages: Triton's default, not swept
+# gdn_chunk_kernel's pipeline stages, Triton's default. Swept on an H200 at 8K tokens x 4 (bf16): 1 and 2
+# took the op from 9.68 to 9.74 and 9.76 ms at H=16, K=V=128 (H=6, K=192, V=384: 11.14 -> 11.20,
+# 11.21; results/2026-12-02-h200-gdn-session26.json, before the bf16 tree gradients).
+CHUNK_STAGES = 3
 
 
 @triton.jit

@@ -66,7 +66,10 @@ NUM_STAGES = 2
 # 128 wide at 8 warps (222 registers, no spills, sm_90) took the op at 128K tokens on an H200 from
 # 45.81 to 48.44 ms (H=16, K=V=128; results/2026-12-02-h200-gdn-session23.json).
 TILE = 64
-TILE_STAGES = 3  # tile_grad's pipeline stages: Triton's default, not swept
+# tile_grad's pipeline stages, Triton's default. Swept on an H200 at 8K tokens x 4 (bf16): 1 and 2 took the
+# op from 9.68 to 9.62 and 9.73 ms at H=16, K=V=128 (H=6, K=192, V=384: 11.14 -> 11.15, 11.22;
+# results/2026-12-02-h200-gdn-session26.json, before the bf16 tree gradients): within a run's spread, left at 3.
+TILE_STAGES = 3
 # pairs_grad's warps (measured as finish_grad's). With E still in it, 8 (against 4) took the op from
 # 159.4 to 152.8 ms at 128K tokens where K pads to 256 (H=6, K=192, V=384, an H200) and from 91.1
 # to 96.9 at K = V = 128 (results/2026-12-01-h200-gdn-session18-configs.json); without E

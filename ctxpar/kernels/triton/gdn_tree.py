@@ -329,7 +329,11 @@ def up_grad_kernel(nodes, trans, init, left_idx, doc_idx, d_nodes, d_parent_m, d
 # benchmarks/results/2026-11-30-h200-sweep_gdn_bmm.json) 128 x 128 tiles with 32-wide steps and
 # 8 warps 184.3 ms, 64 x 64 215.9, 128 x 64 194.3, 64-wide steps 215.7 / 251.5.
 TILE, STEP, NUM_WARPS = 128, 32, 8
-STAGES = 3  # the up-sweep kernels' pipeline stages: Triton's default, not swept
+# The up-sweep kernels' pipeline stages, Triton's default. Swept on an H200 at 8K tokens x 4 (bf16): 2 took
+# the op from 9.68 to 10.09 ms at H=16, K=V=128 and 4 to 9.61 (H=6, K=192, V=384: 11.14 -> 11.90,
+# 11.00; results/2026-12-02-h200-gdn-session26.json, one median each, before the bf16 tree gradients); 4 is not
+# merged: not repeated, nor run through the GPU tests.
+STAGES = 3
 
 
 def _tiles(K, V):
