@@ -106,6 +106,24 @@ def test_half_precision_inputs(dtype, hk, V):
                          chunk_size=C)
 
 
+def test_half_precision_nodes_read_by_several_runs(monkeypatch):
+    """bf16, no states: a node read by several runs of readers (READ_RUN 2: heights >= 2 here, of
+    10 chunks) takes their shares as bf16 atomic adds into the tree's gradients (gdn_carry.node_grad,
+    gdn_tree.gradient_dtype); they match the float64 oracle as above."""
+    from ctxpar.kernels.triton import gdn_function
+
+    T = 160
+    monkeypatch.setattr(gdn_function, "READ_RUN", 2)
+    gdn_function._tables.cache_clear()  # tables cached with the other run length
+    try:
+        layout = gdn_function.build_layout([(0, 0, T)], [0], T, C, gdn_function.READ_RUN, DEVICE)
+        assert (layout.segments[:, 1] >= 2).any()  # heights whose node several runs read
+        check_half_precision(chunked, make_inputs(1, T, 2, 2, 16, 32, 9), [(0, 0, T)], None, False, torch.bfloat16,
+                             1e-2, 2e-2, chunk_size=C)
+    finally:
+        gdn_function._tables.cache_clear()
+
+
 def test_float32_and_torch_backend_agree():
     q, k, v, g, beta, lam = make_inputs(1, 96, 2, 2, 16, 16, 8, dtype=torch.float32)
     spans = [(0, 0, 96)]

@@ -312,9 +312,9 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     H, K, V, L = v.shape[1], k.shape[2], v.shape[2], lam.shape[2]
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty_like(v), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
-    inv, grads = torch.empty(S, H, C, C, **f32), gradient_dtype(filled, copies[0].dtype)
-    u = torch.empty(S, H, K, V, **f32) if filled else stand_in((S, H, K, V), grads, v.device)
-    m = transitions(S, H, K, v.device, filled, grads)
+    inv, grad_dtype = torch.empty(S, H, C, C, **f32), gradient_dtype(filled, copies[0].dtype)
+    u = torch.empty(S, H, K, V, **f32) if filled else stand_in((S, H, K, V), grad_dtype, v.device)
+    m = transitions(S, H, K, v.device, filled, grad_dtype)
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     # V tiles of 128 (64 before): at K = V = 128 three programs a slot and head where there were
