@@ -282,8 +282,7 @@ def gdn_stage_times(T):
     copies = F.tree_copies(tree_plan, heads, k.shape[-1], v.shape[-1], F.operand_dtype(q.dtype), DEV)
     o, qt, u, m, inv, pairs = F.chunk_stage(q, k, v, g, beta, lam, scale, layout, "tf32", tree_plan.rank, copies, False)
     log_c = C.bit_length() - 1
-    pad = max(0, log_c + 1 + layout.heights - lam.shape[-1])
-    lam_slots = grid.tokens(torch.nn.functional.pad(lam.float(), (0, pad)))
+    lam_slots = F.slot_lambdas(lam, grid, layout, log_c)
     nodes, trans, copies = F.up_sweep(u, m, None, tree_plan, "tf32", copies[:2], False)  # u: a stand-in
     tree = [x.requires_grad_() for x in (nodes, *trans)]
     qt.requires_grad_()

@@ -83,9 +83,7 @@ def chunked(q, k, v, g, beta, lam, spans, initial_state=None, output_final_state
     # state (else only what the up-sweep needs of them); u and m come in tree order.
     filled = has_init or output_final_state
     o, qt, u, m = ChunkStage.apply(fq, fk, fv, fg, fb, flam, scale, layout, prec, plan.rank, copies, filled)
-    # Levels past the lambdas given weigh only padded positions; zeros keep every gather in range.
-    width = _slot_levels(max(log_c + 1 + layout.heights, flam.shape[-1]))
-    lam_slots = grid.tokens(F.pad(flam.float(), (0, width - flam.shape[-1])))
+    lam_slots = slot_lambdas(flam, grid, layout, log_c)
 
     buckets = init = None
     if has_init:
@@ -109,6 +107,13 @@ def _tables(spans, starts, rows, length, chunk, heads, qk_heads, device):
     repeats its shapes every step, and building them costs host time and many small copies."""
     layout = build_layout(list(spans), list(starts), length, chunk, READ_RUN, device)
     return layout, SlotGrid(layout, rows, heads, qk_heads, device), TreePlan(layout, device)
+
+
+def slot_lambdas(lam, grid, layout, log_c):
+    """lam [rows, H, L] -> [S, H, C, L'] float32 in the slot grid, the reads' weights. Levels past
+    the lambdas given weigh only padded positions: zeros keep every gather in range."""
+    width = _slot_levels(max(log_c + 1 + layout.heights, lam.shape[-1]))
+    return grid.tokens(F.pad(lam.float(), (0, width - lam.shape[-1])))
 
 
 def _slot_levels(levels):
