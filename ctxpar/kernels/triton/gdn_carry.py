@@ -70,12 +70,17 @@ READ_STAGES = NODE_STAGES = 3
 NODE_TILE = 128
 
 
+def wide(K: int) -> bool:
+    """K pads past 128 (K = 192 to 256), where the carry kernels take other launch settings."""
+    return triton.next_power_of_2(K) > 128
+
+
 def carry_warps(K: int) -> int:
     """Warps of the reads, chain_grad and node_grad: 4, as swept above at K = 128 (8 took the op
     from 91.1 to 95.9 ms there); 8 where K pads to 256 (K = 192), where at 4 the reads and chain_grad
     spill 0.8 and 1.6 KB a thread on sm_90 and the op (H=6, K=192, V=384, 128K tokens) took 159.4 ms
     against 149.1 at 8 (results/2026-12-01-h200-gdn-session18-configs.json)."""
-    return 8 if triton.next_power_of_2(K) > 128 else 4
+    return 8 if wide(K) else 4
 
 
 @triton.jit
@@ -325,7 +330,7 @@ class CarryReads(torch.autograd.Function):
             node_ops if init_ops is None else init_ops, plan.node_offsets, plan.rank, plan.read_row, layout.docs,
             layout.slot_doc, layout.slot_chunk, qs, dqs, d_qt, d_lam, *d_lam.stride()[:3], H, K, V, NI,
             layout.heights, log_c + 1, C=C, KP=KP, BV=BV, HAS_INIT=has_init, PREC=prec, WHOLE_V=V <= BV,
-            num_warps=carry_warps(K), num_stages=WIDE_CHAIN_STAGES if KP > 128 else CHAIN_STAGES)
+            num_warps=carry_warps(K), num_stages=WIDE_CHAIN_STAGES if wide(K) else CHAIN_STAGES)
         d_nodes, d_trans = (torch.empty(x.shape, device=d_out.device, dtype=ctx.grad_dtype)
                             for x in (node_ops, trans_ops))
         for grads, ranges in zip((d_nodes, d_trans), plan.zero_ranges):

@@ -59,7 +59,7 @@ import triton.language as tl
 from ctxpar.kernels.triton.common import (chunk_rows, intra_decay, intra_scales, local_decay, local_levels, mma,
                                           mma_f32, num_warps, row_tile, slot_info, store_tile, tiles_adjacent,
                                           token_tile)
-from ctxpar.kernels.triton.gdn_tree import gradient_dtype, stand_in, transitions
+from ctxpar.kernels.triton.gdn_tree import float_tree, gradient_dtype
 
 # Warps of the inverse's programs: its tiles are 16 x 16, one warp holds one at 8 values a thread,
 # and more warps mostly repeat the same work (each computes the 16-row tensor-core products, and
@@ -260,8 +260,7 @@ def gdn_chunk_kernel(q, k, v, g, beta, lam, inv, qt_out, u_out, m_out, o_out, p_
     scores = chunk_grams(q, k, rows, valid, HK, group, K, C, BK, PREC, False)[0] * (intra_decay(gl, valid, C) * scale)
     e_out = tl.where(valid, tl.exp(total - gl), 0.0)[:, None]  # Kt = e^(G_C - G) K: onto Kt's partners
     head = (i * H + h).to(tl.int64)
-    tree_row = tl.load(tree_rows + i)
-    node = (tree_row * H + h).to(tl.int64)
+    node = (tl.load(tree_rows + i) * H + h).to(tl.int64)
     nv = tl.cdiv(V, BV)
     if tile < nv:
         rv = tile * BV + tl.arange(0, BV)
@@ -313,8 +312,7 @@ def chunk_stage(q, k, v, g, beta, lam, scale, layout, prec, tree_rows, copies, f
     f32 = dict(device=v.device, dtype=torch.float32)
     o, qt = torch.empty_like(v), torch.empty(S, H, C, K, device=v.device, dtype=copies[0].dtype)
     inv, grad_dtype = torch.empty(S, H, C, C, **f32), gradient_dtype(filled, copies[0].dtype)
-    u = torch.empty(S, H, K, V, **f32) if filled else stand_in((S, H, K, V), grad_dtype, v.device)
-    m = transitions(S, H, K, v.device, filled, grad_dtype)
+    u, m = (float_tree(shape, filled, grad_dtype, v.device) for shape in ((S, H, K, V), (S, H, K, K)))
     pairs = torch.empty_like(inv)
     KP = triton.next_power_of_2(K)
     # V tiles of 128 (64 before): at K = V = 128 three programs a slot and head where there were

@@ -168,26 +168,24 @@ def stand_in(shape, dtype, device):
     return torch.full((1, *shape[1:]), float("nan"), device=device, dtype=dtype).expand(shape)
 
 
-def transitions(count, H, K, device, filled, dtype):
-    """[count, H, K, K] transitions of one height, float32 where ``filled`` (where an initial or
-    a final state asks for them); else a stand-in of ``dtype`` (gradient_dtype): the kernels
-    read the copies, and the float32 transitions then only give their gradients a shape.
-    At 128K tokens, H=16, K=128 the filled ones are 4.3 GB written: the op on an H200 went 48.83 ->
-    47.72 ms without them (H=6, K=192, V=384: 60.68 -> 59.98; results/2026-12-02-h200-gdn-session22.json);
-    its peak, in the backward, stayed 16.20 GiB."""
-    if filled:
-        return torch.empty(count, H, K, K, device=device)
-    return stand_in((count, H, K, K), dtype, device)
+def float_tree(shape, filled, dtype, device):
+    """Float32 tree rows of ``shape`` (U, M, the nodes, a height's transitions) where ``filled``
+    (where an initial or a final state asks for them); else a stand-in of ``dtype``
+    (gradient_dtype): the kernels read the copies, and the float32 tree then only gives its
+    gradients a shape. At 128K tokens, H=16, K=128 the filled transitions are 4.3 GB written: the
+    op on an H200 went 48.83 -> 47.72 ms without them (H=6, K=192, V=384: 60.68 -> 59.98;
+    results/2026-12-02-h200-gdn-session22.json); its peak, in the backward, stayed 16.20 GiB."""
+    return torch.empty(shape, device=device) if filled else stand_in(shape, dtype, device)
 
 
 def up_sweep(u, m, init, plan, prec, copies, filled):
     """Chunk end states u [S, H, K, V] and transitions m [S, H, K, K], in by_height order (row
     plan.rank[i] for slot i: the chunk stage writes them so), and ``copies`` (tree_copies) with
     height 0 stored -> (nodes, trans, copies): every slot's top node [S, H, K, V] (u itself,
-    overwritten), the transitions per height (``transitions``, as m), and the copies completed,
+    overwritten), the transitions per height (``float_tree``, as m), and the copies completed,
     with the initial nodes' (or None) in their dtype. Unless ``filled`` there is no float32 tree:
     u, the nodes and the transitions are stand-ins in the gradients' dtype (gradient_dtype,
-    transitions), and the parents add their right children from the copies.
+    float_tree), and the parents add their right children from the copies.
     init: [N, H, NI, K, V] initial-state nodes (height h at index h) or None."""
     nodes, *trans, node_ops, trans_ops = UpSweep.apply(u, m, init, plan, prec, filled, *copies)
     init_ops = None if init is None else init.detach().to(node_ops.dtype).contiguous()
@@ -379,7 +377,7 @@ class UpSweep(torch.autograd.Function):
         has_init = init is not None and NI > 0  # a document starting inside its first chunk has none
         trans_copies = trans_ops.split(plan.sizes)
         for h, up in enumerate(plan.up):
-            tr = transitions(up.count, H, K, m.device, filled, m.dtype)
+            tr = float_tree((up.count, H, K, K), filled, m.dtype, m.device)
             grid = (up.count * H * triton.cdiv(K, BM) * (triton.cdiv(V, BN) + triton.cdiv(K, BN)),)
             up_kernel[grid](u, node_ops, trans_copies[h], u if init is None else init, up.left, up.doc, tr,
                             trans_copies[h + 1], H, K, V, NI, h, BM=BM, BN=BN, BK=BK, HAS_INIT=has_init,
